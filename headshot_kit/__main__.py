@@ -1,0 +1,3 @@
+from headshot_kit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,323 @@
+"""Settings for every stage, and the named presets that bundle them.
+
+One dataclass per stage (`PrepareConfig`, `TrainConfig`, `GenerateConfig`, `EvaluateConfig`).
+The notebooks and the CLI build the same objects; a preset is just a named set of them. Every
+default carries a comment saying why it is what it is. Nothing heavy is imported here, so the
+configs can be built and checked before torch or dlib are loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HUB_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+HUB_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+HUB_SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
+
+
+class ConfigError(ValueError):
+    """A setting is wrong or conflicts with another; the message says what to change."""
+
+
+@dataclass
+class PrepareConfig:
+    # 512 is SD 1.5's native resolution; SDXL presets raise it to 1024.
+    resolution: int = 512
+    # A rare token the tokenizer splits into few pieces, so the LoRA can bind the face to it
+    # without overwriting a common word (DreamBooth paper, section 4.1).
+    token: str = "ohwx"
+    # The class noun: the prior the model already has for "a photo of a person".
+    class_name: str = "person"
+    # Side of the square crop as a multiple of dlib's face box (eyebrows to chin): 2.4 frames
+    # head and shoulders, the framing of a professional headshot.
+    crop_scale: float = 2.4
+    # Move the crop centre down by this fraction of the face box so the shoulders fit.
+    crop_shift_down: float = 0.25
+    # Faces are found on a copy whose long side is at most this; 12 MP photos stay fast.
+    detect_max_side: int = 1024
+    # One upsampling pass lets dlib's HOG detector find faces down to about 40 px.
+    detect_upsample: int = 1
+    # dlib's own same-person threshold for its 128-d descriptor (dlib.net face_recognition).
+    identity_threshold: float = 0.6
+
+    def caption(self) -> str:
+        return f"a photo of {self.token} {self.class_name}"
+
+
+@dataclass
+class TrainConfig:
+    # A hub id (downloaded on Colab) or a local diffusers folder; "tiny-sd15" is built locally.
+    model: str = HUB_SD15
+    # Which model family module drives the training step: "sd15" or "sdxl".
+    family: str = "sd15"
+    # SD 1.5 was trained at 512 px; training elsewhere costs likeness.
+    resolution: int = 512
+    # diffusers' DreamBooth LoRA examples use 500-1000 steps for a face; 800 is the middle.
+    steps: int = 800
+    batch_size: int = 1
+    # Accumulation gives a larger effective batch without more GPU memory.
+    grad_accum: int = 1
+    # diffusers' train_dreambooth_lora.py default for SD 1.5.
+    lr: float = 5e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    # diffusers' default LoRA rank; a low rank also limits the face bleeding onto others.
+    rank: int = 4
+    # alpha = rank keeps the LoRA scale at 1.0, so lr means the same at every rank.
+    alpha: int | None = None
+    lora_dropout: float = 0.0
+    # The UNet attention projections: what diffusers' DreamBooth LoRA script adapts.
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # bitsandbytes 8-bit AdamW: optimizer state in 1 byte instead of 8 per parameter.
+    optimizer: str = "adamw8bit"
+    # bitsandbytes keeps tensors smaller than this in 32-bit state (its own default).
+    optimizer_min_8bit_size: int = 4096
+    adam_weight_decay: float = 1e-2
+    # "auto": fp16 on a T4 (no bf16 there), bf16 where the GPU has it, fp32 on the CPU.
+    mixed_precision: str = "auto"
+    # Trades about 30% more compute for far less activation memory: what makes a T4 fit.
+    gradient_checkpointing: bool = True
+    # Encode every photo once; the VAE then leaves the GPU.
+    cache_latents: bool = True
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    # Where the run's checkpoints go (e.g. a Google Drive folder on Colab); "" = <out>/checkpoints.
+    checkpoint_dir: str = ""
+    # Save a resumable checkpoint every N steps (0 = only at the end).
+    checkpoint_every: int = 0
+    # Log the loss every N steps to metrics.csv.
+    log_every: int = 1
+    device: str = "auto"
+
+    @property
+    def lora_alpha(self) -> int:
+        return self.alpha if self.alpha is not None else self.rank
+
+
+@dataclass
+class GenerateConfig:
+    model: str = HUB_SD15
+    family: str = "sd15"
+    # Style names from headshot_kit/data/styles.yaml; empty = every style.
+    styles: list[str] = field(default_factory=lambda: ["corporate", "creative", "executive"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    # 30 DPM-Solver++ steps is where SD 1.5 stops improving visibly.
+    steps: int = 30
+    # 7.0 is the usual SD 1.5 guidance: strong prompt adherence without burnt colours.
+    guidance: float = 7.0
+    # 1.0 applies the LoRA as trained; lower it if every face looks the same.
+    lora_scale: float = 1.0
+    resolution: int = 512
+    token: str = "ohwx"
+    class_name: str = "person"
+    scheduler: str = "dpmpp-karras"
+    device: str = "auto"
+
+
+@dataclass
+class EvaluateConfig:
+    # Which face embedder scores likeness; "dlib" works offline.
+    embedder: str = "dlib"
+    # Upsampling pass so small generated faces are still found.
+    detect_upsample: int = 1
+    # Face descriptors are computed on a copy whose long side is at most this.
+    detect_max_side: int = 1024
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str
+    prepare: PrepareConfig
+    train: TrainConfig
+    generate: GenerateConfig
+    evaluate: EvaluateConfig
+    # True when the model must come from the hub (Colab); False for locally built models.
+    needs_download: bool
+
+
+def _tiny() -> Preset:
+    model = "tiny-sd15"
+    return Preset(
+        name="tiny",
+        description="A tiny SD-1.5-architecture model built locally: runs offline on a CPU in "
+        "seconds. It shows the plumbing, not pretty pictures.",
+        # 256 px keeps faces large enough for dlib to find again in the prepared crops.
+        prepare=PrepareConfig(resolution=256),
+        train=TrainConfig(
+            model=model, resolution=64, steps=30, lr=1e-3, rank=4,
+            # The tiny model's LoRA tensors are far below bitsandbytes' 4096-element floor;
+            # quantise them anyway so the 8-bit path is the one that runs.
+            optimizer_min_8bit_size=0,
+            # On the CPU checkpointing only costs time: the tiny model has no memory to save.
+            gradient_checkpointing=False,
+        ),
+        generate=GenerateConfig(model=model, resolution=64, steps=4, seeds=[0, 1]),
+        evaluate=EvaluateConfig(),
+        needs_download=False,
+    )
+
+
+def _sd15_t4() -> Preset:
+    return Preset(
+        name="sd15-t4",
+        description="Stable Diffusion 1.5, LoRA on a free Colab T4 (16 GB).",
+        prepare=PrepareConfig(resolution=512),
+        train=TrainConfig(model=HUB_SD15, family="sd15", resolution=512),
+        generate=GenerateConfig(model=HUB_SD15, family="sd15", resolution=512),
+        evaluate=EvaluateConfig(),
+        needs_download=True,
+    )
+
+
+def _sdxl_t4() -> Preset:
+    return Preset(
+        name="sdxl-t4",
+        description="Stable Diffusion XL base 1.0, LoRA on a free Colab T4 (16 GB): 1024 px, "
+        "8-bit Adam, checkpointing, fp16 with the fp16-fix VAE.",
+        prepare=PrepareConfig(resolution=1024),
+        # Hugging Face's SDXL DreamBooth LoRA T4 notebook: 1024 px, lr 1e-4, 500 steps,
+        # gradient accumulation 3.
+        train=TrainConfig(model=HUB_SDXL, family="sdxl", resolution=1024, lr=1e-4, steps=500,
+                          grad_accum=3),
+        generate=GenerateConfig(model=HUB_SDXL, family="sdxl", resolution=1024, guidance=5.0),
+        evaluate=EvaluateConfig(),
+        needs_download=True,
+    )
+
+
+PRESETS = {"tiny": _tiny, "sd15-t4": _sd15_t4, "sdxl-t4": _sdxl_t4}
+
+
+def get_preset(name: str) -> Preset:
+    """A fresh copy of the named preset (callers may change it freely)."""
+    if name not in PRESETS:
+        raise ConfigError(f"Unknown preset {name!r}: choose one of {', '.join(PRESETS)}.")
+    return PRESETS[name]()
+
+
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{what} is {value!r}; choose one of {', '.join(choices)}.")
+
+
+def validate_train(cfg: TrainConfig) -> TrainConfig:
+    """Reject settings that cannot work, before any model is loaded."""
+    _check_choice(cfg.family, ("sd15", "sdxl"), "family")
+    _check_choice(cfg.optimizer, ("adamw8bit", "adamw"), "optimizer")
+    _check_choice(cfg.mixed_precision, ("auto", "no", "fp16", "bf16"), "mixed_precision")
+    _check_choice(cfg.lr_scheduler, ("constant", "constant_with_warmup", "linear", "cosine"),
+                  "lr_scheduler")
+    if cfg.steps < 1:
+        raise ConfigError(f"steps is {cfg.steps}; train for at least 1 step.")
+    if cfg.resolution % 8:
+        raise ConfigError(f"resolution is {cfg.resolution}; use a multiple of 8 (e.g. 512).")
+    if cfg.rank < 1:
+        raise ConfigError(f"rank is {cfg.rank}; a LoRA needs rank 1 or more (4 is usual).")
+    if cfg.lr <= 0:
+        raise ConfigError(f"lr is {cfg.lr}; the learning rate must be positive (e.g. 1e-4).")
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise ConfigError("batch_size and grad_accum must both be 1 or more.")
+    if cfg.device == "cpu" and cfg.mixed_precision == "fp16":
+        raise ConfigError("mixed_precision='fp16' needs a GPU; on the CPU use 'no' or 'auto'.")
+    return cfg
+
+
+def validate_generate(cfg: GenerateConfig) -> GenerateConfig:
+    _check_choice(cfg.family, ("sd15", "sdxl"), "family")
+    if cfg.resolution % 8:
+        raise ConfigError(f"resolution is {cfg.resolution}; use a multiple of 8 (e.g. 512).")
+    if cfg.steps < 1:
+        raise ConfigError(f"steps is {cfg.steps}; use at least 1 sampling step (30 is usual).")
+    if not cfg.seeds:
+        raise ConfigError("seeds is empty; give at least one seed, e.g. [0, 1, 2, 3].")
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Any) -> str:
+    """A short, stable fingerprint of a config, to tell runs apart in tables."""
+    text = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def save_config(cfg: Any, path: str | Path, **extra: Any) -> Path:
+    """Write the resolved config next to a run's results, so results trace to settings."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"config_type": type(cfg).__name__, **to_dict(cfg), **extra}
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def update_config(cfg: Any, overrides: dict[str, Any], source: str = "settings") -> Any:
+    """A copy of `cfg` with `overrides` applied; unknown names are rejected with the valid ones.
+
+    Values arriving as strings (from the command line) are converted to the field's type.
+    """
+    names = {f.name: f for f in dataclasses.fields(cfg)}
+    changes = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in names:
+            raise ConfigError(f"{source}: {type(cfg).__name__} has no setting {key!r}; "
+                              f"valid settings: {', '.join(sorted(names))}.")
+        current = getattr(cfg, key)
+        if isinstance(value, str) and not isinstance(current, str):
+            value = _parse_like(value, current, key, source)
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes)
+
+
+def _parse_like(text: str, current: Any, key: str, source: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, (list, tuple)):
+            items = [t.strip() for t in text.split(",") if t.strip()]
+            if current and isinstance(current[0], int):
+                items = [int(t) for t in items]
+            return type(current)(items)
+        if current is None:
+            return int(text)
+    except ValueError:
+        raise ConfigError(f"{source}: {key}={text!r} is not a valid "
+                          f"{type(current).__name__}.") from None
+    return text
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or YAML settings file into a plain dict (sections: prepare/train/...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist; check the path.")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # both parsers raise their own error types
+        raise ConfigError(f"Config file {path} could not be read: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of settings.")
+    return data

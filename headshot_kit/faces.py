@@ -1,0 +1,127 @@
+"""Faces, found and described offline with dlib.
+
+The prepare stage (which face to crop, is this photo someone else?) and the evaluate stage (does
+the headshot look like you?) both stand on this module, so they measure identity the same way.
+
+dlib comes from the `dlib-bin` wheel and its model files from `face-recognition-models` (CC0).
+That package's `__init__` imports `pkg_resources`, which recent setuptools no longer ships, so
+its folder is located with `importlib.util.find_spec` and the package is never imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# dlib's published threshold for its ResNet descriptor: distances below it are the same person
+# (99.38% on LFW, http://dlib.net/face_recognition.py.html).
+DLIB_SAME_PERSON_DISTANCE = 0.6
+EMBEDDER_NAME = "dlib-resnet-128"
+
+
+class FaceModelsMissing(RuntimeError):
+    pass
+
+
+@dataclass
+class Face:
+    """One detected face, in the coordinates of the image it was found in."""
+
+    box: tuple[int, int, int, int]  # left, top, right, bottom
+    score: float  # detector confidence (HOG SVM margin); higher is surer
+    landmarks: np.ndarray  # 5 x 2: right eye (2 points), left eye (2 points), nose base
+
+    @property
+    def width(self) -> int:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> int:
+        return self.box[3] - self.box[1]
+
+    @property
+    def area(self) -> int:
+        return self.width * self.height
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return ((self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2)
+
+
+def models_dir() -> Path:
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise FaceModelsMissing(
+            "The dlib face model files are missing: run `pip install face-recognition-models`.")
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
+
+
+@lru_cache(maxsize=1)
+def _dlib():
+    try:
+        import dlib
+    except ImportError as exc:
+        raise FaceModelsMissing(
+            "dlib is not installed: run `pip install dlib-bin` (a prebuilt wheel).") from exc
+    folder = models_dir()
+    detector = dlib.get_frontal_face_detector()
+    shape5 = dlib.shape_predictor(str(folder / "shape_predictor_5_face_landmarks.dat"))
+    encoder = dlib.face_recognition_model_v1(
+        str(folder / "dlib_face_recognition_resnet_model_v1.dat"))
+    return dlib, detector, shape5, encoder
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
+def detect_faces(image: Image.Image, upsample: int = 1, max_side: int = 1024) -> list[Face]:
+    """All faces in `image`, largest first, in the image's own pixel coordinates.
+
+    Detection runs on a copy whose long side is at most `max_side` (a 12 MP photo would take
+    seconds at full size); boxes and landmarks are scaled back.
+    """
+    dlib, detector, shape5, _ = _dlib()
+    scale = min(1.0, max_side / max(image.size))
+    small = image if scale == 1.0 else image.resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+        Image.Resampling.BILINEAR)
+    pixels = to_rgb_array(small)
+    rects, scores, _ = detector.run(pixels, upsample, 0.0)
+    faces = []
+    for rect, score in zip(rects, scores):
+        shape = shape5(pixels, rect)
+        points = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64) / scale
+        box = tuple(int(round(v / scale)) for v in (rect.left(), rect.top(), rect.right(),
+                                                     rect.bottom()))
+        faces.append(Face(box=box, score=float(score), landmarks=points))
+    faces.sort(key=lambda f: f.area, reverse=True)
+    return faces
+
+
+def describe_face(image: Image.Image, face: Face, jitter: int = 0) -> np.ndarray:
+    """dlib's 128-d identity descriptor of `face` (Euclidean distance < 0.6: same person)."""
+    dlib, _, shape5, encoder = _dlib()
+    pixels = to_rgb_array(image)
+    rect = dlib.rectangle(*face.box)
+    shape = shape5(pixels, rect)
+    return np.array(encoder.compute_face_descriptor(pixels, shape, jitter), dtype=np.float64)
+
+
+def face_distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)))
+
+
+def distance_to_similarity(distance: float | np.ndarray) -> float | np.ndarray:
+    """Map a dlib distance onto a 0-1 likeness where dlib's threshold 0.6 lands on 0.5.
+
+    Linear, so it keeps the distance's ordering: 0 is identical, 1.2 and beyond is 0.
+    """
+    return np.clip(1.0 - np.asarray(distance) / (2 * DLIB_SAME_PERSON_DISTANCE), 0.0, 1.0)
