@@ -1,0 +1,130 @@
+"""The `headshot-kit` command: the notebooks' stages from a terminal.
+
+Each subcommand builds the same config objects as the notebooks: a preset, then a config file's
+section for that stage (`--config settings.yaml`), then `--set name=value` pairs and the named
+flags. Wrong settings stop the command before any model is loaded, with a sentence saying what
+to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import PRESETS, ConfigError, get_preset, load_config_file, update_config
+from .models import ModelUnavailable
+
+
+def _stage_config(args, stage: str, flags: dict):
+    """The preset's config for `stage`, then the config file, then --set, then flags."""
+    cfg = getattr(get_preset(args.preset), stage)
+    if getattr(args, "config", None):
+        data = load_config_file(args.config)
+        cfg = update_config(cfg, data.get(stage, {}), source=f"{args.config} [{stage}]")
+    pairs = {}
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: write it as name=value, e.g. --set rank=8.")
+        key, value = item.split("=", 1)
+        pairs[key.strip()] = value.strip()
+    cfg = update_config(cfg, pairs, source="--set")
+    return update_config(cfg, flags, source="command line")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="named settings: tiny (offline CPU), sd15-t4, sdxl-t4 (Colab T4)")
+    p.add_argument("--config", help="a YAML or JSON file with prepare/train/generate/evaluate "
+                   "sections of settings")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="override one setting of this stage (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headshot-kit",
+        description="Turn 5-20 selfies into professional headshots, and score them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="check, crop and caption selfies into a dataset")
+    p.add_argument("--photos", required=True, help="a folder, a .zip, or one image file")
+    p.add_argument("--out", required=True, help="the dataset folder to write")
+    _common(p)
+
+    p = sub.add_parser("train", help="fine-tune a LoRA on a prepared dataset")
+    p.add_argument("--data", required=True, help="the prepare stage's output folder")
+    p.add_argument("--out", required=True, help="the folder for the LoRA and its records")
+    p.add_argument("--steps", type=int, help="training steps (overrides the preset)")
+    _common(p)
+
+    p = sub.add_parser("generate", help="render headshots with a trained LoRA")
+    p.add_argument("--lora", help="the train stage's output folder (omit for the base model)")
+    p.add_argument("--out", required=True, help="the folder for the images")
+    p.add_argument("--styles", nargs="+", help="style names (default: the preset's)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the preset's)")
+    p.add_argument("-n", type=int, dest="n", help="number of seeds per style (0..n-1)")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="score likeness, quality and consistency")
+    p.add_argument("--references", required=True, help="photos of the person (e.g. the "
+                   "prepared dataset's images/ folder)")
+    p.add_argument("--images", required=True, help="the generate stage's output folder")
+    p.add_argument("--out", required=True, help="the folder for the scores")
+    _common(p)
+
+    p = sub.add_parser("demo", help="run all four stages on the bundled sample photos")
+    p.add_argument("--out", default="results/demo", help="where every artifact goes")
+    p.add_argument("--photos", help="photos to use instead of the bundled samples")
+    p.add_argument("--notebooks", action="store_true",
+                   help="run the four stage notebooks headless instead of the library calls")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    return parser
+
+
+def run(args) -> int:
+    if args.command == "prepare":
+        from .prepare import prepare_photos
+
+        cfg = _stage_config(args, "prepare", {})
+        result = prepare_photos(args.photos, args.out, cfg)
+        for line in result.advice:
+            print(line)
+        print(f"{result.n_used} photos prepared in {args.out} (report: {args.out}/report.csv)")
+    elif args.command == "train":
+        from .train import train_lora
+
+        cfg = _stage_config(args, "train", {"steps": args.steps})
+        result = train_lora(args.data, args.out, cfg)
+        print(f"LoRA written to {result.lora_path}")
+    elif args.command == "generate":
+        from .generate import generate_pack
+
+        seeds = list(range(args.n)) if args.n else args.seeds
+        cfg = _stage_config(args, "generate", {"styles": args.styles, "seeds": seeds})
+        result = generate_pack(args.lora, args.out, cfg)
+        print(f"{len(result.manifest)} images written to {result.out_dir} (grid: grid.png)")
+    elif args.command == "evaluate":
+        from .evaluate import evaluate_images
+
+        cfg = _stage_config(args, "evaluate", {})
+        result = evaluate_images(args.references, args.images, args.out, cfg)
+        print(result.headline)
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, preset=args.preset, photos=args.photos, notebooks=args.notebooks)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, FileNotFoundError, ModelUnavailable) as exc:
+        print(f"headshot-kit {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

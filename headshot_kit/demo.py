@@ -1,0 +1,91 @@
+"""The whole workbench on the bundled sample photos: prepare, train, generate, evaluate.
+
+`run_demo` runs the four stages either as library calls or by executing the four stage
+notebooks headless with papermill, so the notebooks a learner opens are the ones proven to run.
+Each stage reads the previous stage's folder under one work folder:
+
+    <out>/prepared/   dataset, report.csv, contact sheet        (01_prepare)
+    <out>/lora/       pytorch_lora_weights.safetensors, metrics  (02_finetune)
+    <out>/headshots/  images/, manifest.csv, grid.png            (03_generate)
+    <out>/scores/     scores.csv, summary.csv, plots             (04_evaluate)
+    <out>/notebooks/  the executed notebooks (with --notebooks)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .config import get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "data" / "samples"
+NOTEBOOKS = ROOT / "notebooks"
+STAGE_NOTEBOOKS = ("01_prepare.ipynb", "02_finetune.ipynb", "03_generate.ipynb",
+                   "04_evaluate.ipynb")
+
+
+def stage_dirs(workdir: str | Path) -> dict[str, Path]:
+    workdir = Path(workdir)
+    return {"prepared": workdir / "prepared", "lora": workdir / "lora",
+            "headshots": workdir / "headshots", "scores": workdir / "scores"}
+
+
+def _photos(photos: str | Path | None) -> Path:
+    path = Path(photos) if photos else SAMPLES
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no photos there. Pass --photos with a folder of "
+                                "selfies (the bundled samples live in data/samples/ of a "
+                                "checkout of the project).")
+    return path
+
+
+def run_stages(out: str | Path, preset: str = "tiny", photos: str | Path | None = None):
+    """The four stages as library calls; returns the evaluate stage's result."""
+    from .evaluate import evaluate_images
+    from .generate import generate_pack
+    from .prepare import prepare_photos
+    from .train import train_lora
+
+    p, dirs = get_preset(preset), stage_dirs(out)
+    prepared = prepare_photos(_photos(photos), dirs["prepared"], p.prepare)
+    for line in prepared.advice:
+        print(line)
+    train_lora(dirs["prepared"], dirs["lora"], p.train)
+    generate_pack(dirs["lora"], dirs["headshots"], p.generate)
+    result = evaluate_images(dirs["prepared"] / "images", dirs["headshots"], dirs["scores"],
+                             p.evaluate, run_id=f"demo-{preset}")
+    print(result.headline)
+    return result
+
+
+def run_notebooks(out: str | Path, preset: str = "tiny", photos: str | Path | None = None,
+                  notebooks: tuple[str, ...] = STAGE_NOTEBOOKS,
+                  notebook_dir: Path = NOTEBOOKS) -> list[Path]:
+    """Execute the stage notebooks in order with papermill; returns the executed copies."""
+    import papermill
+
+    out = Path(out).resolve()
+    executed_dir = out / "notebooks"
+    executed_dir.mkdir(parents=True, exist_ok=True)
+    params = {"preset": preset, "workdir": str(out), "photos": str(_photos(photos).resolve())}
+    done = []
+    for name in notebooks:
+        start = time.perf_counter()
+        target = executed_dir / name
+        papermill.execute_notebook(str(notebook_dir / name), str(target), parameters=params,
+                                   kernel_name="python3", cwd=str(notebook_dir),
+                                   progress_bar=False)
+        print(f"{name}: ran in {time.perf_counter() - start:.0f} s -> {target}")
+        done.append(target)
+    return done
+
+
+def run_demo(out: str | Path = "results/demo", preset: str = "tiny",
+             photos: str | Path | None = None, notebooks: bool = False):
+    start = time.perf_counter()
+    if notebooks:
+        run_notebooks(out, preset, photos)
+    else:
+        run_stages(out, preset, photos)
+    print(f"Demo finished in {time.perf_counter() - start:.0f} s; everything is in {out}/")
