@@ -44,6 +44,56 @@ class PrepareConfig:
     detect_upsample: int = 1
     # dlib's own same-person threshold for its 128-d descriptor (dlib.net face_recognition).
     identity_threshold: float = 0.6
+    # Sample Obama photos lie 0.17-0.25 from their centroid; from 0.5 the likeness is doubtful.
+    identity_warn: float = 0.5
+    # Refused unread above this: a 60 MP JPEG is ~30 MB; a zip entry inflating past it is a bomb.
+    max_file_mb: int = 200
+    # Refused before decoding above this (decompression bombs); above 108 MP phone cameras.
+    max_pixels: int = 120_000_000
+    # Below this no face is findable: dlib's HOG window is 80 px, 40 px after one upsampling.
+    min_image_side: int = 40
+    # Photos are decoded to a long side of at most this x resolution (JPEG draft): 12 MP at 1/2.
+    work_side_factor: float = 3.5
+    # Tightest framing (x the face box) before grey padding; tighter loses hair and chin.
+    min_crop_scale: float = 1.8
+    # A face box more than this fraction outside the photo is cut off (obama_partial_face: 0.23).
+    max_face_outside: float = 0.1
+    # Enlarging the crop by up to 20% is invisible after LANCZOS; beyond it, warn.
+    upscale_warn: float = 1.2
+    # Enlarging more than 2x trains the model on blur: the face is too small.
+    upscale_fail: float = 2.0
+    # Laplacian/intensity variance on the face at 128 px: samples 0.09-0.28, blur sigma 2: 0.022.
+    sharpness_warn: float = 0.035
+    # Gaussian blur sigma 4 on obama2.jpg's 262 px face scores 0.006: clearly unusable.
+    sharpness_fail: float = 0.012
+    # Mean face luminance (0-255): samples 108-147, obama2 at half exposure 61.
+    dark_warn: float = 55.0
+    # Obama2 at 0.2x exposure scores 24: features lost in noise once brightened.
+    dark_fail: float = 30.0
+    # Fraction of face pixels with a channel >= 250: samples 0.3-1.7%, +1 stop 69%.
+    clipped_warn: float = 0.05
+    clipped_fail: float = 0.2
+    # (p95-p5)/(p95+p5) of face luminance: samples 0.44-0.71, contrast 0.3x scores 0.28.
+    contrast_warn: float = 0.3
+    # Approximate yaw from the 5 landmarks; beyond this the far eye is hidden (dlib's HOG: ~40).
+    yaw_warn_deg: float = 35.0
+    # Head tilt beyond this makes the model learn tilted heads.
+    roll_warn_deg: float = 20.0
+    # Photos within this yaw count as facing the camera (for the variety advice).
+    frontal_yaw_deg: float = 10.0
+    # Eye-region / cheek luminance: samples 0.75-0.77, painted sunglasses 0.33.
+    eyes_warn: float = 0.5
+    eyes_fail: float = 0.4
+    # Differing bits of a 64-bit difference hash: a re-saved copy 0, distinct photos 25-37.
+    duplicate_hash_bits: int = 10
+    # dlib distance of the same face in two files: re-saved copy 0.02, distinct photos >= 0.25.
+    duplicate_face_distance: float = 0.1
+    # Fewer usable photos than this gets advice: DreamBooth recipes use 5-20 photos.
+    min_photos: int = 5
+    # More than this adds training time without adding likeness.
+    max_photos: int = 30
+    # Rotate each photo so the eyes are level before cropping (off: tilt is part of variety).
+    align_roll: bool = False
 
     def caption(self) -> str:
         return f"a photo of {self.token} {self.class_name}"
@@ -86,12 +136,45 @@ class TrainConfig:
     cache_latents: bool = True
     max_grad_norm: float = 1.0
     seed: int = 0
+    # Min-SNR-gamma loss weighting (Hang et al. 2023): converges faster; HF's SDXL DreamBooth
+    # notebook uses 5. None = plain MSE.
+    snr_gamma: float | None = 5.0
+    # Offset noise lets the model make darker and brighter pictures than mid-grey; 0 = off,
+    # 0.05-0.1 is the usual range.
+    noise_offset: float = 0.0
+    # A LoRA on the text encoder(s) too: helps likeness for faces (DreamBooth paper), costs
+    # memory because captions are then encoded at every step.
+    train_text_encoder: bool = False
+    # Prior preservation (DreamBooth): also train on generated "a photo of a person" images so
+    # the LoRA does not turn every person into you.
+    prior_preservation: bool = False
+    class_prompt: str = "a photo of a person"
+    # diffusers' DreamBooth default; the paper used 200 x (number of photos).
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    # Where generated class images are kept and reused; "" = a cache shared by runs of a model.
+    class_dir: str = ""
+    # Sampling steps for class images: quality matters less than variety here.
+    class_image_steps: int = 25
     # Where the run's checkpoints go (e.g. a Google Drive folder on Colab); "" = <out>/checkpoints.
     checkpoint_dir: str = ""
     # Save a resumable checkpoint every N steps (0 = only at the end).
-    checkpoint_every: int = 0
-    # Log the loss every N steps to metrics.csv.
-    log_every: int = 1
+    checkpoint_every: int = 100
+    # Older checkpoints are deleted beyond this many: Google Drive's free 15 GB fills fast.
+    checkpoints_keep: int = 2
+    # Continue from the latest checkpoint in checkpoint_dir when there is one.
+    resume: bool = True
+    # Render validation images every N steps (0 = never) so over-fitting shows while training.
+    validate_every: int = 0
+    validation_prompts: tuple[str, ...] = (
+        "a photo of {subject}, corporate headshot, navy background",
+        "a photo of {subject}, smiling, outdoors")
+    validation_seeds: tuple[int, ...] = (0,)
+    validation_steps: int = 25
+    # Skip a step whose loss is NaN/inf; stop after this many in a row (the run has diverged).
+    max_bad_steps: int = 5
+    # The subject words the captions use; validation prompts fill {subject} with them.
+    subject: str = "ohwx person"
     device: str = "auto"
 
     @property
@@ -133,6 +216,13 @@ class EvaluateConfig:
     detect_upsample: int = 1
     # Face descriptors are computed on a copy whose long side is at most this.
     detect_max_side: int = 1024
+    # CLIP for a photo-vs-render score and CLIP-T prompt adherence (DreamBench); downloads on
+    # Colab, skipped with a note where it cannot load; "" turns CLIP off.
+    clip_model: str = "openai/clip-vit-base-patch32"
+    # The headline names this many most-alike images: about what a user keeps from 40.
+    best_n: int = 8
+    # CLIP (and ArcFace/FaceNet) run on the GPU when there is one; dlib always uses the CPU.
+    device: str = "auto"
 
 
 @dataclass
@@ -164,6 +254,7 @@ def _tiny() -> Preset:
             optimizer_min_8bit_size=0,
             # On the CPU checkpointing only costs time: the tiny model has no memory to save.
             gradient_checkpointing=False,
+            checkpoint_every=10, num_class_images=4, class_image_steps=4, validation_steps=4,
         ),
         generate=GenerateConfig(model=model, resolution=64, steps=4, seeds=[0, 1]),
         evaluate=EvaluateConfig(),
@@ -231,6 +322,11 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"lr is {cfg.lr}; the learning rate must be positive (e.g. 1e-4).")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise ConfigError("batch_size and grad_accum must both be 1 or more.")
+    if cfg.prior_preservation and cfg.num_class_images < 1:
+        raise ConfigError("prior_preservation needs num_class_images >= 1 (100 is usual).")
+    if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
+        raise ConfigError(f"snr_gamma is {cfg.snr_gamma}; use a positive value (5 is usual) "
+                          "or None to switch min-SNR weighting off.")
     if cfg.device == "cpu" and cfg.mixed_precision == "fp16":
         raise ConfigError("mixed_precision='fp16' needs a GPU; on the CPU use 'no' or 'auto'.")
     return cfg
@@ -252,8 +348,9 @@ def to_dict(cfg: Any) -> dict:
 
 
 def config_hash(cfg: Any) -> str:
-    """A short, stable fingerprint of a config, to tell runs apart in tables."""
-    text = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    """A short, stable fingerprint of a config (or a dict of settings), to tell runs apart."""
+    data = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -287,6 +384,8 @@ def update_config(cfg: Any, overrides: dict[str, Any], source: str = "settings")
 
 
 def _parse_like(text: str, current: Any, key: str, source: str) -> Any:
+    if text.lower() in ("none", "null"):
+        return None
     try:
         if isinstance(current, bool):
             if text.lower() in ("1", "true", "yes", "on"):

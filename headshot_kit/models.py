@@ -13,15 +13,16 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import HUB_SDXL_FP16_VAE
+from .families import get_family
 from .storage import atomic_dir
 
-TINY_MODELS = ("tiny-sd15",)
+# Each tiny model is the named family's architecture, shrunk.
+TINY_MODELS = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
 # Bumped whenever the tiny architecture changes, so stale caches are rebuilt.
 TINY_VERSION = 1
 
@@ -84,77 +85,21 @@ def pick_dtype(device: str, mixed_precision: str = "auto") -> torch.dtype:
 # The tiny offline models
 
 
-def _byte_vocab() -> tuple[dict[str, int], list[str]]:
-    """A byte-level CLIP vocabulary without merges: every word spells out in characters.
-
-    CLIP's own tokenizer files are a download; this small one keeps the same tokenizer class
-    and special tokens, so prompts flow through the real code path.
-    """
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(161, 173)) + list(
-        range(174, 256))
-    chars, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            chars.append(256 + extra)
-            extra += 1
-    symbols = [chr(c) for c in chars]
-    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, []
-
-
-def build_tiny_sd15(folder: Path, seed: int = 0) -> Path:
-    """Build the tiny SD-1.5-architecture pipeline into `folder` (fixed seed: same weights)."""
-    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    vocab, merges = _byte_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    torch.manual_seed(seed)
-    # SD 1.5's layout (cross-attention down/up blocks, a mid block, 4 latent channels, a VAE
-    # that downsamples 8x) at a width a CPU trains in seconds.
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=8, norm_num_groups=8)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-        block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"]))
-    # SD 1.5's own noise schedule, so the training code sees the real timestep distribution.
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=unet, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
-    (folder / "headshot_kit_tiny.json").write_text(json.dumps(
-        {"name": "tiny-sd15", "version": TINY_VERSION, "seed": seed}) + "\n")
-    return folder
-
-
-_TINY_BUILDERS = {"tiny-sd15": build_tiny_sd15}
-
-
 def ensure_tiny_model(name: str = "tiny-sd15", root: Path | None = None) -> Path:
     """The folder of a tiny model, built on first use (about a second) and reused after."""
-    if name not in _TINY_BUILDERS:
-        raise ModelUnavailable(f"No tiny model called {name!r}; choose one of {TINY_MODELS}.")
+    if name not in TINY_MODELS:
+        raise ModelUnavailable(f"No tiny model called {name!r}; choose one of "
+                               f"{', '.join(TINY_MODELS)}.")
     folder = (root or cache_dir()) / name
     marker = folder / "headshot_kit_tiny.json"
     if marker.is_file() and json.loads(marker.read_text()).get("version") == TINY_VERSION:
         return folder
     quiet_libraries()
+    seed = 0
     with atomic_dir(folder) as tmp:
-        _TINY_BUILDERS[name](tmp)
+        get_family(TINY_MODELS[name]).build_tiny(tmp, seed=seed)
+        (tmp / "headshot_kit_tiny.json").write_text(json.dumps(
+            {"name": name, "version": TINY_VERSION, "seed": seed}) + "\n")
     return folder
 
 
@@ -162,29 +107,15 @@ def ensure_tiny_model(name: str = "tiny-sd15", root: Path | None = None) -> Path
 # Families and loading
 
 
-@dataclass(frozen=True)
-class Family:
-    name: str
-    pipeline_class: str
-    # Text encoders whose LoRA the family supports (SDXL has two).
-    text_encoders: tuple[str, ...]
-
-
-FAMILIES = {
-    "sd15": Family("sd15", "StableDiffusionPipeline", ("text_encoder",)),
-    "sdxl": Family("sdxl", "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2")),
-}
-
-
 def resolve_model(model: str) -> str:
     """A local folder for tiny models, the folder itself for paths, else the hub id unchanged."""
-    if model in _TINY_BUILDERS:
+    if model in TINY_MODELS:
         return str(ensure_tiny_model(model))
     return model
 
 
 def is_hub_id(model: str) -> bool:
-    return model not in _TINY_BUILDERS and not Path(model).exists()
+    return model not in TINY_MODELS and not Path(model).exists()
 
 
 def load_pipeline(model: str, family: str = "sd15", *, device: str = "cpu",
@@ -198,11 +129,11 @@ def load_pipeline(model: str, family: str = "sd15", *, device: str = "cpu",
     import diffusers
 
     quiet_libraries()
-    if family not in FAMILIES:
-        raise ModelUnavailable(f"Unknown model family {family!r}; choose one of "
-                               f"{', '.join(FAMILIES)}.")
+    try:
+        cls = getattr(diffusers, get_family(family).pipeline_class)
+    except ValueError as exc:
+        raise ModelUnavailable(str(exc)) from None
     source = resolve_model(model)
-    cls = getattr(diffusers, FAMILIES[family].pipeline_class)
     kwargs = {"dtype": dtype, "low_cpu_mem_usage": True}
     if family == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
