@@ -56,6 +56,8 @@ class PrepareConfig:
     work_side_factor: float = 3.5
     # Tightest framing (x the face box) before grey padding; tighter loses hair and chin.
     min_crop_scale: float = 1.8
+    # A crop more than this fraction grey padding teaches the model grey borders: skip it.
+    padding_fail: float = 0.3
     # A face box more than this fraction outside the photo is cut off (obama_partial_face: 0.23).
     max_face_outside: float = 0.1
     # Enlarging the crop by up to 20% is invisible after LANCZOS; beyond it, warn.

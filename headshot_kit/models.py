@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import warnings
+from urllib.parse import urlparse
 from pathlib import Path
 
 import torch
@@ -114,6 +116,21 @@ def resolve_model(model: str) -> str:
     return model
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers. Offline, from_pretrained retries for up to a
+    minute before failing, so loaders ask first and then read the local cache only."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def is_hub_id(model: str) -> bool:
     return model not in TINY_MODELS and not Path(model).exists()
 
@@ -135,6 +152,8 @@ def load_pipeline(model: str, family: str = "sd15", *, device: str = "cpu",
         raise ModelUnavailable(str(exc)) from None
     source = resolve_model(model)
     kwargs = {"dtype": dtype, "low_cpu_mem_usage": True}
+    if is_hub_id(model) and not hub_reachable():
+        kwargs["local_files_only"] = True  # a model cached earlier still loads offline
     if family == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if fp16_fix_vae is None:

@@ -645,7 +645,8 @@ def write_model_card(out: Path, cfg: TrainConfig, result: TrainResult, n_images:
     """README.md beside the weights: what the LoRA is, how it was made, how to use it."""
     final = result.metrics["loss"].dropna()
     rows = "\n".join(f"| {k} | {v} |" for k, v in to_dict(cfg).items())
-    samples = "\n![validation images](validation.png)\n" if (out / "validation.png").is_file() else ""
+    has_grid = (out / "validation.png").is_file()
+    samples = "\n![validation images](validation.png)\n" if has_grid else ""
     text = f"""---
 base_model: {cfg.model}
 library_name: diffusers

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tests never use the network: hub loads fail at once instead of retrying for half a minute.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
@@ -24,8 +28,6 @@ def obama_photos() -> list[Path]:
 @pytest.fixture(scope="session", autouse=True)
 def _model_cache(tmp_path_factory):
     """Build tiny models into a per-session folder: tests never touch a user's cache."""
-    import os
-
     os.environ.setdefault("HEADSHOT_KIT_CACHE", str(tmp_path_factory.mktemp("models")))
 
 

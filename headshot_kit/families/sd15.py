@@ -23,7 +23,7 @@ class SD15:
     def build_tiny(self, folder: Path, seed: int = 0) -> None:
         """SD 1.5's layout (cross-attention down/up blocks, a mid block, 4 latent channels, a
         VAE that downsamples 8x) at a width a CPU trains in seconds."""
-        from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
+        from diffusers import (StableDiffusionPipeline,
                                UNet2DConditionModel)
         from transformers import CLIPTextModel
 

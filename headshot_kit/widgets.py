@@ -1,0 +1,380 @@
+"""Notebook widgets: upload photos, watch training, try prompts, compare settings, pick
+favourites.
+
+Each panel is a small class holding its child widgets as attributes, a `.widget` to display
+(the object displays itself too), and plain methods the buttons call (`generate()`, `render()`,
+`star()`, `export()`), so the same actions can be driven from code and from tests. Rendering runs
+in the button handler; an `ipywidgets.Output` and a progress bar show how far it has got, and an
+error appears in the panel's output rather than vanishing into the widget log.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import ipywidgets as w
+from IPython.display import clear_output, display
+from PIL import Image
+
+from .config import GenerateConfig
+from .generate import (AXES, SAMPLERS, ComparePlan, Shot, default_axis_values, describe_shot,
+                       export_starred, load_generate_pipeline, load_manifest, load_styles,
+                       make_shot, parse_axis_values, plan_compare, render, set_starred)
+from .images import image_grid
+
+
+def enable_colab_widgets() -> bool:
+    """Let Colab show ipywidgets (its default widget manager cannot); True when on Colab."""
+    try:
+        from google.colab import output
+    except ImportError:
+        return False
+    output.enable_custom_widget_manager()
+    return True
+
+
+class _Panel:
+    """Shared display plumbing: an object that shows its `.widget`."""
+
+    widget: w.Widget
+
+    def _repr_mimebundle_(self, **kwargs: Any):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def _seeds_label(shots: Sequence[Shot]) -> str:
+    seeds = [s.seed for s in shots]
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+
+
+class PromptStudio(_Panel):
+    """Try a style or your own prompt with the LoRA; the last few runs stay on screen."""
+
+    def __init__(self, lora_dir: str | Path | None, cfg: GenerateConfig | None = None,
+                 pipe=None, keep: int = 4):
+        self.cfg = cfg or GenerateConfig()
+        self.lora_dir = lora_dir
+        self.pipe = pipe
+        self.keep = keep
+        self.styles = load_styles(self.cfg.style_dirs)
+        # Each run: a row label and its images, newest first.
+        self.history: list[tuple[str, list[Image.Image]]] = []
+        self.grid: Image.Image | None = None
+        first = (self.cfg.styles or list(self.styles))[0]
+        wide = w.Layout(width="95%")
+        self.style = w.Dropdown(
+            options=[(f"{s.name}: {s.description}" if s.description else s.name, s.name)
+                     for s in self.styles.values()], value=first, description="Style")
+        self.prompt = w.Textarea(description="Prompt", layout=wide, rows=3,
+                                 placeholder="{subject} is replaced by the trained words")
+        self.negative = w.Textarea(description="Negative", layout=wide, rows=2)
+        self.seed = w.IntText(value=self.cfg.seeds[0], description="Seed")
+        self.dice = w.Button(description="", icon="dice", tooltip="Pick a random seed",
+                             layout=w.Layout(width="44px"))
+        self.count = w.IntSlider(value=2, min=1, max=8, description="Images")
+        self.steps = w.IntSlider(value=self.cfg.steps, min=1, max=max(100, self.cfg.steps),
+                                 description="Steps")
+        self.guidance = w.FloatSlider(value=self.cfg.guidance, min=1.0, max=15.0, step=0.5,
+                                      description="CFG")
+        self.lora_scale = w.FloatSlider(value=self.cfg.lora_scale, min=0.0, max=1.5, step=0.05,
+                                        description="LoRA scale", disabled=lora_dir is None)
+        self.scheduler = w.Dropdown(options=[(v, k) for k, v in SAMPLERS.items()],
+                                    value=self.cfg.scheduler, description="Sampler")
+        self.generate_button = w.Button(description="Generate", icon="play",
+                                        button_style="primary")
+        self.progress = w.IntProgress(value=0, min=0, max=1)
+        self.status = w.Label()
+        self.output = w.Output()
+        self.widget = w.VBox([
+            self.style, self.prompt, self.negative,
+            w.HBox([self.seed, self.dice, self.count]),
+            w.HBox([self.steps, self.guidance]), w.HBox([self.lora_scale, self.scheduler]),
+            w.HBox([self.generate_button, self.progress, self.status]), self.output])
+        self.style.observe(lambda change: self.apply_style(change["new"]), names="value")
+        self.dice.on_click(lambda _: self.roll_dice())
+        self.generate_button.on_click(self._on_generate)
+        self.apply_style(first)
+
+    def apply_style(self, name: str) -> None:
+        """Fill the prompt fields (and, with cfg.style_settings, steps and CFG) from a style."""
+        shot = make_shot(self.cfg, self.styles[name], 0, None)
+        self.prompt.value = self.styles[name].prompt
+        self.negative.value = shot.negative_prompt
+        if self.cfg.style_settings:
+            self.steps.value, self.guidance.value = shot.steps, shot.guidance
+
+    def roll_dice(self) -> int:
+        self.seed.value = random.randrange(2**31)
+        return self.seed.value
+
+    def shots(self) -> list[Shot]:
+        """The shots the current settings describe: `count` consecutive seeds."""
+        return [make_shot(self.cfg, self.styles[self.style.value], self.seed.value + i,
+                          self.lora_dir, prompt=self.prompt.value,
+                          negative_prompt=self.negative.value, steps=self.steps.value,
+                          guidance=self.guidance.value, scheduler=self.scheduler.value,
+                          lora_scale=self.lora_scale.value if self.lora_dir else 0.0)
+                for i in range(self.count.value)]
+
+    def generate(self) -> list[Image.Image]:
+        """Render the current settings, add them to the history and show the history grid."""
+        shots = self.shots()
+        if self.pipe is None:
+            self.status.value = "Loading the model..."
+            self.pipe = load_generate_pipeline(self.cfg)
+        self.progress.max, self.progress.value = len(shots), 0
+        images = []
+        for shot in shots:
+            self.status.value = f"{len(images)}/{len(shots)}"
+            images.append(render(shot, self.pipe))
+            self.progress.value = len(images)
+        label = f"{shots[0].style}, {_seeds_label(shots)}"
+        self.history = [(label, images), *self.history][: self.keep]
+        self.status.value = "" if "{subject}" in self.prompt.value else (
+            "The prompt has no {subject}: the trained face may not appear.")
+        cols = max(len(imgs) for _, imgs in self.history)
+        cells = [im for _, imgs in self.history for im in imgs + [_blank()] * (cols - len(imgs))]
+        self.grid = image_grid(cells, len(self.history), cols,
+                               row_labels=[label for label, _ in self.history],
+                               title="Newest first: " + describe_shot(shots[0], ("style", "seed")))
+        with self.output:
+            clear_output(wait=True)
+            display(self.grid)
+        return images
+
+    def _on_generate(self, _button: w.Button) -> None:
+        self.generate_button.disabled = True
+        try:
+            # Inside the Output, an error shows its traceback in the panel.
+            with self.output:
+                self.generate()
+        finally:
+            self.generate_button.disabled = False
+
+
+def _blank() -> Image.Image:
+    return Image.new("RGB", (8, 8), (240, 240, 240))
+
+
+class ComparePanel(_Panel):
+    """Pick two settings and their values; render the X/Y grid of every combination."""
+
+    def __init__(self, lora_dir_or_dirs: str | Path | Sequence[str | Path] | None,
+                 cfg: GenerateConfig | None = None, pipe=None):
+        self.cfg = cfg or GenerateConfig()
+        self.lora_dirs = lora_dir_or_dirs
+        self.pipe = pipe
+        self.plan: ComparePlan | None = None
+        self.grid: Image.Image | None = None
+        several = isinstance(lora_dir_or_dirs, (list, tuple)) and len(lora_dir_or_dirs) > 1
+        self.x_axis = w.Dropdown(options=AXES, value="seed", description="X axis")
+        self.y_axis = w.Dropdown(options=AXES, description="Y axis",
+                                 value="checkpoint" if several else "lora_scale")
+        hint = "comma separated; prompts one per line; 'base' = no LoRA"
+        self.x_values = w.Textarea(description="X values", placeholder=hint, rows=2,
+                                   layout=w.Layout(width="95%"))
+        self.y_values = w.Textarea(description="Y values", placeholder=hint, rows=2,
+                                   layout=w.Layout(width="95%"))
+        self.render_button = w.Button(description="Render grid", icon="th",
+                                      button_style="primary")
+        self.progress = w.IntProgress(value=0, min=0, max=1)
+        self.output = w.Output()
+        self.widget = w.VBox([w.HBox([self.x_axis, self.y_axis]), self.x_values, self.y_values,
+                              w.HBox([self.render_button, self.progress]), self.output])
+        self.x_axis.observe(lambda c: self._fill(self.x_values, c["new"]), names="value")
+        self.y_axis.observe(lambda c: self._fill(self.y_values, c["new"]), names="value")
+        self.render_button.on_click(self._on_render)
+        self._fill(self.x_values, self.x_axis.value)
+        self._fill(self.y_values, self.y_axis.value)
+
+    def _fill(self, box: w.Textarea, axis: str) -> None:
+        dirs = self.lora_dirs if isinstance(self.lora_dirs, (list, tuple)) else (
+            [self.lora_dirs] if self.lora_dirs is not None else [])
+        values = default_axis_values(axis, self.cfg, dirs)
+        if axis == "checkpoint":
+            values = ["base" if v is None else str(v) for v in values]
+        box.value = ("\n" if axis == "prompt" else ", ").join(str(v) for v in values)
+
+    def render(self) -> Image.Image:
+        """Render the grid the axes and values describe; the plan keeps its labels."""
+        x, y = self.x_axis.value, self.y_axis.value
+        self.plan = plan_compare(self.lora_dirs, x, parse_axis_values(x, self.x_values.value),
+                                 y, parse_axis_values(y, self.y_values.value), self.cfg)
+        if self.pipe is None:
+            self.pipe = load_generate_pipeline(self.cfg)
+        self.progress.max, self.progress.value = len(self.plan.shots), 0
+        images = []
+        for shot in self.plan.shots:
+            images.append(render(shot, self.pipe))
+            self.progress.value = len(images)
+        self.grid = self.plan.grid(images)
+        with self.output:
+            clear_output(wait=True)
+            display(self.grid)
+        return self.grid
+
+    def _on_render(self, _button: w.Button) -> None:
+        self.render_button.disabled = True
+        try:
+            with self.output:
+                self.render()
+        finally:
+            self.render_button.disabled = False
+
+
+def _thumbnail_png(path: Path, side: int = 192) -> bytes:
+    with Image.open(path) as im:
+        thumb = im.convert("RGB")
+    # Upscale the tiny model's 64 px images too, so every pack browses at the same size.
+    thumb = thumb.resize((side, side * thumb.height // thumb.width), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Gallery(_Panel):
+    """Browse a generated pack, star favourites (saved in manifest.csv) and export them."""
+
+    def __init__(self, out_dir: str | Path, columns: int = 4):
+        self.out_dir = Path(out_dir)
+        self.manifest = load_manifest(self.out_dir)
+        styles = sorted(set(self.manifest["style"]))
+        self.style_filter = w.Dropdown(options=["all", *styles], value="all",
+                                       description="Style")
+        self.starred_only = w.Checkbox(value=False, description="Starred only")
+        self.export_button = w.Button(description="Export favourites", icon="download")
+        self.status = w.Label()
+        # One card per image, made once and shown or hidden by the filters.
+        self.stars: dict[str, w.ToggleButton] = {}
+        self.cards: dict[str, w.VBox] = {}
+        for row in self.manifest.itertuples():
+            star = w.ToggleButton(value=bool(row.starred), description="Star", icon="star",
+                                  layout=w.Layout(width="90px"))
+            star.observe(lambda c, file=row.file: self._save_star(file, c["new"]),
+                         names="value")
+            self.stars[row.file] = star
+            image = w.Image(value=_thumbnail_png(self.out_dir / row.file), format="png",
+                            layout=w.Layout(width="192px"))
+            self.cards[row.file] = w.VBox([image, w.Label(f"{row.style}, seed {row.seed}"),
+                                           star])
+        self.grid = w.GridBox(layout=w.Layout(
+            grid_template_columns=f"repeat({columns}, 200px)"))
+        self.widget = w.VBox([w.HBox([self.style_filter, self.starred_only, self.export_button]),
+                              self.status, self.grid])
+        self.style_filter.observe(lambda _: self.refresh(), names="value")
+        self.starred_only.observe(lambda _: self.refresh(), names="value")
+        self.export_button.on_click(lambda _: self.export())
+        self.refresh()
+
+    def visible(self) -> list[str]:
+        """The files the filters let through, in manifest order."""
+        rows = self.manifest
+        if self.style_filter.value != "all":
+            rows = rows[rows["style"] == self.style_filter.value]
+        if self.starred_only.value:
+            rows = rows[rows["starred"]]
+        return list(rows["file"])
+
+    def refresh(self) -> None:
+        self.grid.children = [self.cards[f] for f in self.visible()]
+        self.status.value = f"{int(self.manifest['starred'].sum())} starred of {len(self.manifest)}"
+
+    def star(self, file: str, starred: bool = True) -> None:
+        """Star (or unstar) an image; the toggle's handler records it in manifest.csv."""
+        self.stars[file].value = starred
+
+    def _save_star(self, file: str, starred: bool) -> None:
+        self.manifest = set_starred(self.out_dir, file, starred)
+        self.refresh()
+
+    def export(self) -> Path:
+        """Copy the starred images to <pack>/favourites/."""
+        folder = export_starred(self.out_dir)
+        self.status.value = f"Exported {int(self.manifest['starred'].sum())} images to {folder}"
+        return folder
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class PhotoUpload(_Panel):
+    """Pick selfies from your computer (or phone) and save them into `folder`.
+
+    Nothing leaves the machine the notebook runs on. Existing files are never overwritten: a
+    name already taken gets a number.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.picker = w.FileUpload(accept="image/*,.heic,.heif,.zip", multiple=True,
+                                   description="Choose photos")
+        self.status = w.Label("Photos are saved to " + str(self.folder))
+        self.widget = w.VBox([self.picker, self.status])
+        self.picker.observe(lambda _: self.save(), names="value")
+
+    def save(self) -> list[Path]:
+        """Write the picked files; returns their paths."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        saved = []
+        for item in self.picker.value:
+            name = Path(item["name"]).name or "photo"
+            target = self.folder / name
+            n = 1
+            while target.exists():
+                target = self.folder / f"{Path(name).stem}-{n}{Path(name).suffix}"
+                n += 1
+            target.write_bytes(bytes(item["content"]))
+            saved.append(target)
+        if saved:
+            self.status.value = f"Saved {len(saved)} photo(s) to {self.folder}."
+        return saved
+
+
+class TrainingMonitor(_Panel):
+    """A live loss curve and the growing validation grid while `train_lora` runs.
+
+    Pass `**monitor.callbacks()` to `train_lora`; the pictures update in place every
+    `every` steps, without flooding the notebook with one plot per step.
+    """
+
+    def __init__(self, every: int = 10):
+        self.every = every
+        self.loss = w.Image(format="png")
+        self.validation = w.Image(format="png")
+        self.status = w.Label("Waiting for the first step...")
+        self.widget = w.VBox([self.status, self.loss, self.validation])
+        self.records: list[dict] = []
+
+    def callbacks(self) -> dict:
+        return {"on_step": self.on_step, "on_validation": self.on_validation}
+
+    def on_step(self, trainer, record: dict) -> None:
+        self.records.append(record)
+        self.status.value = (f"step {record['step']} of {trainer.cfg.steps}, "
+                             f"loss {record['loss']:.4f}")
+        if record["step"] % self.every == 0 or record["step"] == trainer.cfg.steps:
+            self.draw()
+
+    def draw(self) -> None:
+        import matplotlib.pyplot as plt
+        import pandas as pd
+
+        from .images import plot_loss
+
+        metrics = pd.DataFrame(self.records).dropna(subset=["loss"])
+        if metrics.empty:
+            return
+        fig = plot_loss(metrics)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=80)
+        plt.close(fig)
+        self.loss.value = buffer.getvalue()
+
+    def on_validation(self, trainer, step: int, images, grid: Image.Image) -> None:
+        self.validation.value = _png_bytes(grid)

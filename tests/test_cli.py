@@ -1,0 +1,59 @@
+"""The command line builds the same configs as the notebooks and rejects bad settings early."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from headshot_kit.cli import _stage_config, build_parser, main
+from headshot_kit.config import ConfigError
+
+
+def parse(*argv):
+    return build_parser().parse_args(list(argv))
+
+
+def test_settings_layer_preset_file_set_and_flags(tmp_path):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("train:\n  rank: 8\n  lr: 0.0002\n")
+    args = parse("train", "--data", "d", "--out", "o", "--preset", "sd15-t4", "--config",
+                 str(settings), "--set", "lr=1e-4", "--steps", "50")
+    cfg = _stage_config(args, "train", {"steps": args.steps})
+    assert (cfg.rank, cfg.lr, cfg.steps, cfg.resolution) == (8, 1e-4, 50, 512)
+
+
+def test_unknown_setting_names_the_valid_ones(tmp_path):
+    args = parse("train", "--data", "d", "--out", "o", "--set", "rnak=8")
+    with pytest.raises(ConfigError, match="rnak.*valid settings:.*rank"):
+        _stage_config(args, "train", {})
+
+
+def test_bad_value_fails_before_any_work(tmp_path, capsys):
+    code = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set",
+                 "rank=0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "rank" in err and "4 is usual" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "Run the prepare stage first" in capsys.readouterr().err
+
+
+def test_hub_presets_say_they_need_the_network(prepared_dataset, tmp_path, capsys):
+    code = main(["train", "--data", str(prepared_dataset), "--out", str(tmp_path / "o"),
+                 "--preset", "sd15-t4"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "stable-diffusion-v1-5" in err and "network" in err and "tiny" in err
+
+
+def test_module_entry_point_prints_help():
+    out = subprocess.run([sys.executable, "-m", "headshot_kit", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for command in ("prepare", "train", "generate", "evaluate", "demo"):
+        assert command in out

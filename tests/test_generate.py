@@ -1,0 +1,266 @@
+"""The generate stage on the tiny model: packs, PNG metadata, determinism, LoRA effect, grids."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from headshot_kit import generate as gen
+from headshot_kit.config import ConfigError, get_preset
+from headshot_kit.images import image_grid
+from headshot_kit.models import load_pipeline
+
+
+def make_lora(pipe, folder: Path, seed: int = 0) -> Path:
+    """A LoRA in the train stage's format whose random weights visibly change the image."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    # A copy, so the shared pipeline's UNet stays free of adapters.
+    unet = copy.deepcopy(pipe.unet)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            # lora_B starts at zero (a no-op LoRA); random values make it change the image.
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    (folder / "config.json").write_text(json.dumps({"family": "sd15", "model": "tiny-sd15"}))
+    return folder
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    # The tiny model gains nothing from threads, and on a busy 2-core machine torch's threads
+    # wait on each other: one thread renders 10x faster there (0.2 s against 3 s an image).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_pipeline("tiny-sd15")
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(pipe, tmp_path_factory) -> Path:
+    return make_lora(pipe, tmp_path_factory.mktemp("run") / "lora")
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return dataclasses.replace(get_preset("tiny").generate, styles=["corporate", "executive"],
+                               seeds=[0, 1], steps=3)
+
+
+@pytest.fixture(scope="module")
+def pack(pipe, lora_dir, cfg, tmp_path_factory) -> gen.GenerateResult:
+    return gen.generate_pack(lora_dir, tmp_path_factory.mktemp("pack") / "out", cfg, pipe=pipe,
+                             progress=False)
+
+
+def test_packaged_styles():
+    styles = gen.load_styles()
+    assert len(styles) >= 12
+    assert "navy background, business attire, soft directional lighting" in styles[
+        "corporate"].prompt
+    assert "sage green background" in styles["creative"].prompt
+    assert "black background, formal attire, dramatic studio lighting" in styles[
+        "executive"].prompt
+    for style in styles.values():
+        assert "{subject}" in style.prompt and style.negative_prompt
+        assert style.guidance > 0 and style.steps > 0
+
+
+def test_pack_writes_images_manifest_grid_and_config(pack, cfg, lora_dir):
+    out = pack.out_dir
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert list(manifest.columns) == gen.MANIFEST_COLUMNS
+    assert list(manifest["file"]) == ["images/corporate_seed0.png", "images/corporate_seed1.png",
+                                      "images/executive_seed0.png", "images/executive_seed1.png"]
+    assert not manifest["starred"].any()
+    assert set(manifest["lora"]) == {"lora"} and set(manifest["steps"]) == {3}
+    assert manifest.loc[0, "prompt"].startswith("corporate headshot of ohwx person")
+    for file, image in zip(manifest["file"], pack.images):
+        assert (pixels(gen.Image.open(out / file)) == pixels(image)).all()
+        assert image.size == (64, 64)
+    # The grid is 2 styles x 2 seeds of 192 px cells plus the label margins.
+    grid = gen.Image.open(out / "grid.png")
+    assert grid.size == pack.grid.size
+    assert 2 * 192 < grid.width < 3 * 192 and 2 * 192 < grid.height < 3 * 192
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["config_type"] == "GenerateConfig" and saved["steps"] == 3
+    assert saved["lora_dir"] == str(lora_dir.resolve())
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temp folder left"
+
+
+def test_png_parameters_round_trip(pack):
+    row = pack.manifest.iloc[3]
+    text = gen.Image.open(pack.out_dir / row["file"]).info["parameters"]
+    prompt, negative, line = text.split("\n")
+    assert prompt == row["prompt"] and negative == f"Negative prompt: {row['negative_prompt']}"
+    assert line == ("Steps: 3, Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 1, Size: 64x64, "
+                    "Model: tiny-sd15, Lora: lora, Lora scale: 1.0")
+    params = gen.read_parameters(pack.out_dir / row["file"])
+    assert params == {k: row[k] for k in params}
+    assert params["seed"] == 1 and params["scheduler"] == "dpmpp-karras"
+
+
+def test_read_parameters_quotes_awkward_values(tmp_path, cfg):
+    style = gen.Style("mine", "a {subject}, with: commas")
+    shot = gen.make_shot(dataclasses.replace(cfg, model="C:/models, mine"), style, 7, None)
+    gen.save_png(gen.Image.new("RGB", (8, 8)), tmp_path / "x.png", shot)
+    params = gen.read_parameters(tmp_path / "x.png")
+    assert params["model"] == "C:/models, mine" and params["prompt"] == shot.prompt
+    assert params["lora"] == "" and params["negative_prompt"] == ""
+    gen.Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    with pytest.raises(ValueError, match="plain.png"):
+        gen.read_parameters(tmp_path / "plain.png")
+
+
+def test_regenerate_gives_identical_pixels(pack, pipe, lora_dir):
+    manifest = gen.load_manifest(pack.out_dir)
+    # Render something else first: the result must not depend on what ran before.
+    gen.render(dataclasses.replace(gen.shot_from_row(manifest.iloc[0], lora_dir), seed=99,
+                                   scheduler="euler-a"), pipe)
+    again = gen.regenerate(manifest.iloc[3], lora_dir, pipe=pipe)
+    assert (pixels(again) == pixels(pack.images[3])).all()
+    # The PNG alone is enough to get the picture back.
+    from_png = gen.regenerate(gen.read_parameters(pack.out_dir / manifest.loc[2, "file"]),
+                              lora_dir, pipe=pipe)
+    assert (pixels(from_png) == pixels(pack.images[2])).all()
+    with pytest.raises(ValueError, match="pass its folder"):
+        gen.regenerate(manifest.iloc[0], None, pipe=pipe)
+
+
+def test_lora_changes_the_image_and_scale_zero_is_the_base_model(pack, pipe, lora_dir, cfg,
+                                                                 tmp_path):
+    base = gen.generate_pack(None, tmp_path / "base", cfg, pipe=pipe, progress=False)
+    assert set(base.manifest["lora"]) == {""}
+    text = gen.Image.open(base.out_dir / "images/corporate_seed0.png").info["parameters"]
+    assert "Lora" not in text and text.endswith("Model: tiny-sd15")
+    params = gen.read_parameters(base.out_dir / "images/corporate_seed0.png")
+    assert params == {k: base.manifest.loc[0, k] for k in params}
+    for with_lora, without in zip(pack.images, base.images):
+        assert np.abs(pixels(with_lora) - pixels(without)).mean() > 5
+    row = base.manifest.iloc[1]
+    zero = gen.render(dataclasses.replace(gen.shot_from_row(row, None), lora_dir=str(lora_dir),
+                                          lora_scale=0.0), pipe)
+    assert (pixels(zero) == pixels(base.images[1])).all()
+
+
+@pytest.mark.parametrize("text, field", [
+    ("mine:\n  prompt: a photo of {subject}\n  guidance: high\n", "'guidance'"),
+    ("mine:\n  prompt: a photo of a person\n", "'prompt'"),
+    ("mine:\n  prompt: a photo of {subject}\n  colour: red\n", "'colour'"),
+    ("Mine Style:\n  prompt: a photo of {subject}\n", "name"),
+])
+def test_bad_style_file_names_file_and_field(tmp_path, text, field):
+    (tmp_path / "studio.yaml").write_text(text)
+    with pytest.raises(gen.StyleError) as err:
+        gen.load_styles([tmp_path])
+    assert "studio.yaml" in str(err.value) and field in str(err.value)
+
+
+def test_user_styles_are_added_and_replace_packaged_ones(tmp_path):
+    (tmp_path / "mine.yaml").write_text(
+        "mine:\n  prompt: a photo of {subject}, orange background\n  steps: 12\n"
+        "corporate:\n  prompt: my corporate {subject}\n")
+    styles = gen.load_styles([tmp_path])
+    assert styles["mine"].steps == 12 and styles["corporate"].prompt == "my corporate {subject}"
+    assert styles["mine"].source.endswith("mine.yaml")
+
+
+def test_style_settings_and_negative_prompt_override(cfg):
+    style = gen.load_styles()["executive"]
+    plain = gen.make_shot(cfg, style, 0, None)
+    assert (plain.steps, plain.guidance) == (cfg.steps, cfg.guidance)
+    suggested = gen.make_shot(dataclasses.replace(cfg, style_settings=True,
+                                                  negative_prompt="hats"), style, 0, None)
+    assert (suggested.steps, suggested.guidance) == (style.steps, style.guidance)
+    assert suggested.negative_prompt == "hats"
+
+
+def test_bad_settings_fail_before_rendering(cfg, tmp_path, lora_dir):
+    with pytest.raises(ConfigError, match="scheduler"):
+        gen.generate_pack(None, tmp_path / "x", dataclasses.replace(cfg, scheduler="plms"))
+    with pytest.raises(ConfigError, match="nosuch"):
+        gen.generate_pack(None, tmp_path / "x", dataclasses.replace(cfg, styles=["nosuch"]))
+    with pytest.raises(FileNotFoundError, match="pytorch_lora_weights"):
+        gen.generate_pack(tmp_path, tmp_path / "x", cfg)
+    with pytest.raises(ConfigError, match="family"):
+        gen.check_lora(lora_dir, dataclasses.replace(cfg, family="sdxl"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_interrupted_pack_keeps_the_previous_one(pack, pipe, lora_dir, cfg, monkeypatch):
+    before = (pack.out_dir / "manifest.csv").read_text()
+    real_render, calls = gen.render, []
+
+    def failing_render(shot, pipe):
+        calls.append(shot)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a user pressing stop looks like
+        return real_render(shot, pipe)
+
+    monkeypatch.setattr(gen, "render", failing_render)
+    with pytest.raises(KeyboardInterrupt):
+        gen.generate_pack(lora_dir, pack.out_dir, cfg, pipe=pipe, progress=False)
+    assert (pack.out_dir / "manifest.csv").read_text() == before
+    assert sorted(p.name for p in pack.out_dir.parent.iterdir()) == [pack.out_dir.name]
+
+
+def test_compare_grid_lays_out_the_chosen_axes(pipe, lora_dir, cfg):
+    plan = gen.plan_compare(lora_dir, "lora_scale", ["0", "1"], "scheduler",
+                            ["ddim", "euler-a", "dpmpp-karras"], cfg)
+    assert plan.col_labels == ["LoRA scale 0", "LoRA scale 1"]
+    assert plan.row_labels == ["DDIM", "Euler a", "DPM++ 2M Karras"]
+    assert plan.title == "corporate, seed 0, 3 steps, CFG 7, LoRA lora"
+    assert [(s.scheduler, s.lora_scale) for s in plan.shots[:3]] == [
+        ("ddim", 0.0), ("ddim", 1.0), ("euler-a", 0.0)]
+    grid = gen.render_plan(plan, pipe, progress=False)
+    blank = [gen.Image.new("RGB", (64, 64))] * 6
+    assert grid.size == image_grid(blank, 3, 2, row_labels=plan.row_labels,
+                                   col_labels=plan.col_labels, title=plan.title).size
+    with pytest.raises(ConfigError, match="different"):
+        gen.plan_compare(lora_dir, "seed", [0], "seed", [1], cfg)
+    with pytest.raises(ConfigError, match="checkpoint"):
+        gen.plan_compare([lora_dir, lora_dir], "seed", [0], "style", None, cfg)
+
+
+def test_base_vs_lora_grid_over_checkpoints(pipe, lora_dir, cfg, pack, tmp_path):
+    plan = gen.plan_compare(lora_dir, "seed", [0, 1], "checkpoint", [None, lora_dir], cfg)
+    assert plan.row_labels == ["base model", "lora"] and plan.col_labels == ["seed 0", "seed 1"]
+    assert [s.lora_dir for s in plan.shots] == [None, None, str(lora_dir), str(lora_dir)]
+    assert "LoRA ×1" in plan.title
+    grid = gen.base_vs_lora_grid(lora_dir, cfg, pipe=pipe, progress=False)
+    assert grid.size == plan.grid([pack.images[0]] * 4).size
+    # Two runs' checkpoints with the same folder name are told apart by their run folder.
+    other = make_lora(pipe, tmp_path / "run2" / "lora", seed=1)
+    plan = gen.plan_compare([lora_dir, other], "seed", [0], "checkpoint", None, cfg)
+    assert plan.row_labels == ["base model", f"{lora_dir.parent.name}/lora", "run2/lora"]
+
+
+def test_best_of_takes_top_scores_with_a_face(pack, tmp_path):
+    scores = pd.DataFrame({
+        "image": list(pack.manifest["file"]), "face_found": [True, False, True, True],
+        "likeness": [0.5, 0.99, 0.9, None]})
+    best = gen.best_of(scores, pack.out_dir, k=2)
+    assert list(best["image"]) == ["images/executive_seed0.png", "images/corporate_seed0.png"]
+    assert sorted(p.name for p in (pack.out_dir / "best").iterdir()) == [
+        "01_executive_seed0.png", "02_corporate_seed0.png", "best.csv"]
+    with pytest.raises(ValueError, match="likeness"):
+        gen.best_of(pack.manifest, pack.out_dir)

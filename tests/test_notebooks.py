@@ -1,0 +1,48 @@
+"""The four stage notebooks execute headless on the tiny preset, in order, and each leaves the
+artifacts the next one reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from headshot_kit.demo import run_notebooks
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory, samples):
+    workdir = tmp_path_factory.mktemp("demo")
+    return workdir, run_notebooks(workdir, preset="tiny", photos=samples)
+
+
+def test_all_four_notebooks_run_and_write_their_stage(executed):
+    workdir, notebooks = executed
+    assert [p.name for p in notebooks] == ["01_prepare.ipynb", "02_finetune.ipynb",
+                                           "03_generate.ipynb", "04_evaluate.ipynb"]
+    for expected in ("prepared/metadata.jsonl", "prepared/report.csv",
+                     "lora/pytorch_lora_weights.safetensors", "lora/metrics.csv",
+                     "headshots/manifest.csv", "headshots/grid.png", "scores/scores.csv",
+                     "scores/summary.csv"):
+        assert (workdir / expected).is_file(), expected
+
+
+def test_executed_notebooks_have_no_errors_and_show_results(executed):
+    _, notebooks = executed
+    for path in notebooks:
+        cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        outputs = [o for c in cells for o in c.get("outputs", [])]
+        assert not [o for o in outputs if o.get("output_type") == "error"], path.name
+        # Every stage shows a picture or a table, not just text.
+        assert any("image/png" in o.get("data", {}) or "text/html" in o.get("data", {})
+                   for o in outputs), path.name
+
+
+def test_the_report_flags_the_problem_samples(executed):
+    import pandas as pd
+
+    workdir, _ = executed
+    report = pd.read_csv(workdir / "prepared" / "report.csv")
+    used = set(report.loc[report["status"] == "used", "file"])
+    assert {"obama.jpg", "obama2.jpg", "obama3.jpg"} <= used
+    assert "biden.jpg" not in used

@@ -1,0 +1,117 @@
+"""The notebook widgets driven from Python: set values, click, check what they made."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_generate import make_lora  # the same stand-in LoRA the generate tests use
+
+from headshot_kit import generate as gen
+from headshot_kit.config import get_preset
+from headshot_kit.images import image_grid
+from headshot_kit.models import load_pipeline
+from headshot_kit.widgets import ComparePanel, Gallery, PromptStudio, enable_colab_widgets
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    # The tiny model gains nothing from threads, and on a busy 2-core machine torch's threads
+    # wait on each other: one thread renders 10x faster there (0.2 s against 3 s an image).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_pipeline("tiny-sd15")
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(pipe, tmp_path_factory):
+    return make_lora(pipe, tmp_path_factory.mktemp("run") / "lora")
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return dataclasses.replace(get_preset("tiny").generate, styles=["corporate", "creative"],
+                               seeds=[0, 1], steps=2)
+
+
+def test_prompt_studio_generates_from_its_controls(pipe, lora_dir, cfg):
+    studio = PromptStudio(lora_dir, cfg, pipe=pipe, keep=2)
+    assert studio._repr_mimebundle_()["application/vnd.jupyter.widget-view+json"]
+    studio.style.value = "creative"
+    assert "sage green background" in studio.prompt.value
+    studio.seed.value, studio.count.value, studio.lora_scale.value = 5, 2, 0.5
+    studio.scheduler.value = "ddim"
+    studio.generate_button.click()
+    images = studio.history[0][1]
+    assert len(images) == 2 and images[0].size == (64, 64)
+    assert studio.progress.value == studio.progress.max == 2
+    # The images are exactly what the same settings give through the library.
+    style = gen.load_styles()["creative"]
+    shot = gen.make_shot(cfg, style, 6, lora_dir, steps=2, lora_scale=0.5, scheduler="ddim")
+    assert (np.asarray(gen.render(shot, pipe)) == np.asarray(images[1])).all()
+    assert studio.history[0][0] == "creative, seeds 5-6"
+
+    old_seed = studio.seed.value
+    studio.dice.click()
+    studio.count.value = 1
+    studio.generate_button.click()
+    studio.generate_button.click()
+    assert studio.seed.value != old_seed
+    # keep=2: the oldest run has scrolled away; the grid shows 2 rows x 1 column.
+    assert [label for label, _ in studio.history] == [f"creative, seed {studio.seed.value}"] * 2
+    assert studio.grid.size == image_grid(images[:2], 2, 1, title="newest first",
+                                          row_labels=[label for label, _ in studio.history]).size
+    assert not studio.generate_button.disabled
+
+
+def test_prompt_studio_without_subject_warns(pipe, cfg):
+    studio = PromptStudio(None, cfg, pipe=pipe)
+    assert studio.lora_scale.disabled
+    studio.prompt.value, studio.count.value = "a photo of a lighthouse", 1
+    studio.generate()
+    assert "{subject}" in studio.status.value
+
+
+def test_compare_panel_renders_the_chosen_axes(pipe, lora_dir, cfg):
+    panel = ComparePanel(lora_dir, cfg, pipe=pipe)
+    panel.y_axis.value = "scheduler"
+    assert panel.y_values.value == "dpmpp-karras, euler-a, ddim"
+    panel.x_axis.value, panel.x_values.value = "lora_scale", "0, 1"
+    panel.y_axis.value, panel.y_values.value = "seed", "3\n4, 5"
+    panel.render_button.click()
+    assert panel.plan.col_labels == ["LoRA scale 0", "LoRA scale 1"]
+    assert panel.plan.row_labels == ["seed 3", "seed 4", "seed 5"]
+    assert panel.plan.title == "corporate, 2 steps, CFG 7, DPM++ 2M Karras, LoRA lora"
+    assert panel.progress.value == 6
+    blank = [gen.Image.new("RGB", (64, 64))] * 6
+    assert panel.grid.size == image_grid(blank, 3, 2, row_labels=panel.plan.row_labels,
+                                         col_labels=panel.plan.col_labels,
+                                         title=panel.plan.title).size
+
+
+def test_gallery_stars_are_saved_and_exported(pipe, lora_dir, cfg, tmp_path):
+    out = tmp_path / "pack"
+    gen.generate_pack(lora_dir, out, cfg, pipe=pipe, progress=False)
+    gallery = Gallery(out)
+    assert len(gallery.grid.children) == 4
+    gallery.star("images/creative_seed1.png")
+    gallery.stars["images/corporate_seed0.png"].value = True
+    gallery.star("images/corporate_seed0.png", False)
+    saved = pd.read_csv(out / "manifest.csv")
+    assert list(saved.loc[saved["starred"], "file"]) == ["images/creative_seed1.png"]
+    gallery.starred_only.value = True
+    assert gallery.visible() == ["images/creative_seed1.png"]
+    assert len(gallery.grid.children) == 1
+    gallery.export_button.click()
+    assert sorted(p.name for p in (out / "favourites").iterdir()) == [
+        "01_creative_seed1.png", "favourites.csv"]
+    # A fresh gallery reads the stars back from the manifest.
+    assert Gallery(out).stars["images/creative_seed1.png"].value
+
+
+def test_enable_colab_widgets_is_a_no_op_off_colab():
+    assert enable_colab_widgets() is False
