@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the folder for the scores")
     _common(p)
 
+    p = sub.add_parser("sweep", help="train, generate and evaluate every combination of "
+                       "settings, then compare them")
+    p.add_argument("--data", required=True, help="the prepare stage's output folder")
+    p.add_argument("--out", required=True, help="one folder per run, plus experiments.csv")
+    p.add_argument("--grid", action="append", required=True, metavar="NAME=V1,V2",
+                   help="a train or generate setting and its values (repeatable), "
+                   "e.g. --grid rank=4,16 --grid lr=1e-4,5e-5")
+    p.add_argument("--seeds", nargs="+", type=int, help="generation seeds for every run")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+
     p = sub.add_parser("demo", help="run all four stages on the bundled sample photos")
     p.add_argument("--out", default="results/demo", help="where every artifact goes")
     p.add_argument("--photos", help="photos to use instead of the bundled samples")
@@ -109,6 +119,11 @@ def run(args) -> int:
         cfg = _stage_config(args, "evaluate", {})
         result = evaluate_images(args.references, args.images, args.out, cfg)
         print(result.headline)
+    elif args.command == "sweep":
+        from .sweep import parse_grid, sweep
+
+        table = sweep(args.data, args.out, args.preset, parse_grid(args.grid), args.seeds)
+        print(f"{len(table)} runs in {args.out}/experiments.csv")
     elif args.command == "demo":
         from .demo import run_demo
 
