@@ -73,7 +73,9 @@ def run_notebooks(out: str | Path, preset: str = "tiny", photos: str | Path | No
     for name in notebooks:
         start = time.perf_counter()
         target = executed_dir / name
-        papermill.execute_notebook(str(notebook_dir / name), str(target), parameters=params,
+        declared = papermill.inspect_notebook(str(notebook_dir / name))
+        papermill.execute_notebook(str(notebook_dir / name), str(target),
+                                   parameters={k: v for k, v in params.items() if k in declared},
                                    kernel_name="python3", cwd=str(notebook_dir),
                                    progress_bar=False)
         print(f"{name}: ran in {time.perf_counter() - start:.0f} s -> {target}")
