@@ -384,11 +384,11 @@ def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
 def describe_shot(shot: Shot, skip: Sequence[str] = ()) -> str:
     """A short line of the settings not in `skip` (the ones a grid's axes already show)."""
     if "checkpoint" in skip:
-        lora = "" if "lora_scale" in skip else f"LoRA ×{shot.lora_scale:g}"
+        lora = "" if "lora_scale" in skip else f"LoRA x{shot.lora_scale:g}"
     elif not shot.lora_dir:
         lora = "base model"
     else:
-        lora = f"LoRA {shot.lora}" + ("" if "lora_scale" in skip else f" ×{shot.lora_scale:g}")
+        lora = f"LoRA {shot.lora}" + ("" if "lora_scale" in skip else f" x{shot.lora_scale:g}")
     parts = {"style": shot.style, "seed": f"seed {shot.seed}", "steps": f"{shot.steps} steps",
              "guidance": f"CFG {shot.guidance:g}", "scheduler": SAMPLERS[shot.scheduler],
              "lora": lora}

@@ -67,7 +67,8 @@ class PromptStudio(_Panel):
         wide = w.Layout(width="95%")
         self.style = w.Dropdown(
             options=[(f"{s.name}: {s.description}" if s.description else s.name, s.name)
-                     for s in self.styles.values()], value=first, description="Style")
+                     for s in self.styles.values()], value=first, description="Style",
+            layout=wide)
         self.prompt = w.Textarea(description="Prompt", layout=wide, rows=3,
                                  placeholder="{subject} is replaced by the trained words")
         self.negative = w.Textarea(description="Negative", layout=wide, rows=2)
