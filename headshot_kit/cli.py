@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the folder for the scores")
     _common(p)
 
+    p = sub.add_parser("fitcheck", help="predict peak GPU memory, step time and host RAM of a "
+                       "training run, without a GPU")
+    p.add_argument("--gpu", default="t4", help="t4, l4, a10g, a100-40g, a100-80g, h100 or a "
+                   "torch.cuda device name")
+    p.add_argument("--full", action="store_true", help="plan a full UNet fine-tune, not a LoRA")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _common(p)
+
     p = sub.add_parser("sweep", help="train, generate and evaluate every combination of "
                        "settings, then compare them")
     p.add_argument("--data", required=True, help="the prepare stage's output folder")
@@ -119,6 +127,12 @@ def run(args) -> int:
         cfg = _stage_config(args, "evaluate", {})
         result = evaluate_images(args.references, args.images, args.out, cfg)
         print(result.headline)
+    elif args.command == "fitcheck":
+        from .fitcheck import fitcheck_cli
+
+        # Exit status 1 when the plan does not fit, so scripts can stop there.
+        return fitcheck_cli(_stage_config(args, "train", {}), args.gpu, as_json=args.json,
+                            mode="full" if args.full else "lora")
     elif args.command == "sweep":
         from .sweep import parse_grid, sweep
 

@@ -175,6 +175,9 @@ class TrainConfig:
     validation_steps: int = 25
     # Skip a step whose loss is NaN/inf; stop after this many in a row (the run has diverged).
     max_bad_steps: int = 5
+    # On a GPU, training first checks that the plan fits (headshot_kit.fitcheck) and refuses
+    # when it cannot, naming the cheapest fix; True trains anyway.
+    force_fit: bool = False
     # The subject words the captions use; validation prompts fill {subject} with them.
     subject: str = "ohwx person"
     device: str = "auto"

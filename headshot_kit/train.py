@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from . import models
 from .config import ConfigError, TrainConfig, config_hash, save_config, to_dict, validate_train
 from .families import Conditioning, get_family
+from .fitcheck import cache_chunk, check_before_training
 from .images import image_grid, list_images, load_image
 from .storage import atomic_dir, atomic_path, atomic_write_text
 
@@ -343,6 +344,9 @@ class Trainer:
         self.progress, self.on_step, self.on_validation = progress, on_step, on_validation
         self.examples = load_dataset(self.data_dir)
         device = models.pick_device(cfg.device)
+        if device.startswith("cuda"):
+            # Refuse a plan that cannot fit before minutes of loading end in out-of-memory.
+            self.fit_plan = check_before_training(cfg, force=cfg.force_fit)
         self.dtype = models.pick_dtype(device, cfg.mixed_precision)
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "no")
         self.accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
@@ -399,8 +403,9 @@ class Trainer:
         self.is_class = torch.tensor([False] * len(self.examples) + [True] * len(class_images))
         pixels = torch.stack([image_tensor(p, cfg.resolution) for p in paths])
         if cfg.cache_latents:
-            self.inputs = torch.cat([encode_latents(pipe, pixels[i:i + 8])
-                                     for i in range(0, len(pixels), 8)])
+            chunk = cache_chunk(cfg.resolution)
+            self.inputs = torch.cat([encode_latents(pipe, pixels[i:i + chunk])
+                                     for i in range(0, len(pixels), chunk)])
         else:
             self.inputs = pixels
         with torch.no_grad():

@@ -57,3 +57,16 @@ def test_module_entry_point_prints_help():
                          text=True, check=True).stdout
     for command in ("prepare", "train", "generate", "evaluate", "demo"):
         assert command in out
+
+
+def test_fitcheck_command_prints_a_plan_and_exits_by_verdict(capsys):
+    import json
+
+    assert main(["fitcheck", "--preset", "sd15-t4", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] and plan["gpu"]["key"] == "t4" and plan["total_gb"] < 15
+    # A full fine-tune in fp32 Adam at 1024 px without checkpointing cannot fit a T4.
+    code = main(["fitcheck", "--preset", "sd15-t4", "--full", "--set", "optimizer=adamw",
+                 "--set", "gradient_checkpointing=false", "--set", "resolution=1024"])
+    assert code == 1
+    assert "Cheapest fix:" in capsys.readouterr().out

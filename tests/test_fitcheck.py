@@ -1,0 +1,171 @@
+"""The fit check against published figures: full SD 1.x DreamBooth memory on a T4 (ShivamShrirao's
+table), the SDXL LoRA T4 notebook (fits, 7.96 s/step), exact parameter counts, and the refusal
+of a run that cannot fit.
+
+The meta-tensor measurements are cached in the module for the whole session, so each
+configuration runs once: about a minute in all, most of it SDXL at 1024 px.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from headshot_kit import fitcheck as fc
+from headshot_kit.config import get_preset
+
+RUNS = fc.published_runs()
+FORK_MEMORY = [name for name, run in RUNS.items() if run.memory_gb is not None]
+
+
+def plan_of(run: fc.PublishedRun, **extra) -> fc.FitPlan:
+    return fc.fit_check(run.cfg, run.gpu, run.mode, suggest=False, **run.overrides, **extra)
+
+
+def test_parameter_counts_match_the_published_models():
+    # Totals of the released checkpoints (diffusers/transformers model cards, 1% slack).
+    expected = {("sd15", "unet"): 859.52e6, ("sdxl", "unet"): 2567.46e6,
+                ("sd15", "vae"): 83.65e6, ("sd15", "text_encoder"): 123.06e6,
+                ("sdxl", "text_encoder"): 123.06e6, ("sdxl", "text_encoder_2"): 694.66e6}
+    for (family, model), total in expected.items():
+        assert fc.parameter_counts(family)[model] == pytest.approx(total, rel=0.01), model
+
+
+@pytest.mark.parametrize("name", FORK_MEMORY)
+def test_full_sd15_memory_within_15_percent_of_the_published_table(name):
+    # Among them: fp16 + checkpointing + 8-bit Adam = 9.92 GB; without 8-bit Adam 15.79 GB.
+    run = RUNS[name]
+    plan = plan_of(run)
+    assert plan.total_gb == pytest.approx(run.memory_gb, rel=0.15), plan.summary()
+
+
+def test_the_two_headline_figures_are_in_the_table():
+    figures = {RUNS[n].memory_gb: RUNS[n].cfg.optimizer for n in FORK_MEMORY}
+    assert figures[9.92] == "adamw8bit" and figures[15.79] == "adamw"
+
+
+def test_sdxl_lora_t4_recipe_fits_in_15_gib():
+    plan = plan_of(RUNS["sdxl-lora-t4"])
+    assert plan.fits and plan.total_gb < 15 * fc.GIB / fc.GB, plan.summary()
+    # The frozen fp16 UNet alone is 5.1 GB: the activations were really counted on top.
+    assert plan.phases["forward/backward"] > 5.2
+
+
+def test_t4_calibration_is_what_the_sd15_table_gives():
+    derived = fc.calibrate()
+    for name in ("tensor_efficiency", "fp32_efficiency", "overhead_s"):
+        assert getattr(derived, name) == pytest.approx(getattr(fc.T4_CALIBRATION, name),
+                                                       rel=0.01), name
+    # Calibrated on 0.93 it/s, the model gives back 0.93 it/s.
+    sd15 = RUNS["sd15-full-fp16-b1-ckpt-8bit"]
+    assert plan_of(sd15).step_seconds == pytest.approx(sd15.seconds_per_step, rel=0.01)
+
+
+def test_t4_calibration_predicts_the_sdxl_step_time_within_30_percent():
+    run = RUNS["sdxl-lora-t4"]
+    plan = plan_of(run)
+    assert plan.step_seconds == pytest.approx(run.seconds_per_step, rel=0.30), plan.summary()
+    # Three micro-batches of a 1024 px SDXL step: tens of TFLOPs, far more than SD 1.5's.
+    assert plan.flops_per_step > 5 * plan_of(RUNS["sd15-full-fp16-b1-ckpt-8bit"]).flops_per_step
+
+
+def test_8bit_adam_states_are_a_quarter_of_32bit():
+    big, small = 1 << 20, 100  # bitsandbytes keeps tensors under 4096 values in 32-bit
+    eight = fc.optimizer_bytes((big,), "adamw8bit")
+    assert 8 * big / eight == pytest.approx(4, rel=0.02)  # 4x, less the per-block scales
+    assert fc.optimizer_bytes((small,), "adamw8bit") == fc.optimizer_bytes((small,), "adamw")
+    sizes = fc.trainable_sizes("sd15", "full", 4, ("to_q", "to_k", "to_v", "to_out.0"), False)
+    ratio = fc.optimizer_bytes(sizes, "adamw") / fc.optimizer_bytes(sizes, "adamw8bit")
+    assert 3.8 < ratio <= 4.0
+
+
+def test_8bit_state_bytes_match_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (300_000, 5_000, 100)]
+    opt = bnb.optim.AdamW8bit(params, lr=1e-3, min_8bit_size=4096)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    real = sum(v.numel() * v.element_size() for state in opt.state.values()
+               for v in state.values() if torch.is_tensor(v) and v.numel() > 1)
+    assert fc.optimizer_bytes(tuple(p.numel() for p in params), "adamw8bit") == real
+
+
+def test_checkpointing_lowers_activation_memory():
+    with_ckpt = fc.measure_step("sd15", 512, 2, True, "full")
+    without = fc.measure_step("sd15", 512, 2, False, "full")
+    assert with_ckpt.saved_for_backward < without.saved_for_backward / 3
+    assert with_ckpt.activation_peak < without.activation_peak
+    # ...and costs a second forward.
+    assert with_ckpt.flops > 1.15 * without.flops
+
+
+def test_refuses_what_cannot_fit_and_names_a_fix():
+    cfg = dataclasses.replace(get_preset("sdxl-t4").train, optimizer="adamw",
+                              gradient_checkpointing=False)
+    with pytest.raises(fc.DoesNotFit, match="Cheapest fix: train a LoRA") as err:
+        fc.check_before_training(cfg, "Tesla T4", mode="full")
+    assert "gradient checkpointing" in str(err.value) and "T4" in str(err.value)
+    assert not fc.check_before_training(cfg, "t4", force=True, mode="full").fits
+    # No GPU in this process: the plan comes back, marked, and nothing is refused.
+    if not torch.cuda.is_available():
+        plan = fc.check_before_training(cfg, None, mode="full")
+        assert not plan.fits and any("No GPU" in n for n in plan.notes)
+
+
+def test_suggests_the_first_change_that_fits():
+    # The fork's 32-bit AdamW run without checkpointing: checkpointing alone makes it fit.
+    run = RUNS["sd15-full-fp16-b1-ckpt-adamw"]
+    cfg = dataclasses.replace(run.cfg, gradient_checkpointing=False)
+    assert not fc.fit_check(cfg, "t4", "full", suggest=False, **run.overrides).fits
+    fix = fc.suggest_fix(cfg, "t4", "full", **run.overrides)
+    assert len(fix) == 1 and fix[0].startswith("enable gradient checkpointing (saves ")
+    assert fc.suggest_fix(run.cfg, "t4", "full", **run.overrides) == []
+
+
+def test_plan_reads_as_a_table_a_summary_and_json():
+    plan = plan_of(RUNS["sd15-full-fp16-b1-ckpt-8bit"])
+    table = plan.table()
+    assert table.loc["total", "GB"] == pytest.approx(plan.total_gb, abs=0.01)
+    assert table["GB"].iloc[:-2].sum() == pytest.approx(plan.total_gb, abs=0.05)
+    assert "FITS" in str(plan) and "Tesla T4" in plan.summary()
+    data = json.loads(json.dumps(plan.to_dict()))
+    assert data["fits"] is True and data["gpu"]["key"] == "t4"
+
+
+def test_gpu_names_map_to_the_table_and_unknown_cards_are_guessed():
+    assert fc.resolve_gpu("Tesla T4").key == "t4"
+    assert fc.resolve_gpu("NVIDIA A100-SXM4-80GB").key == "a100-80g"
+    assert fc.resolve_gpu("NVIDIA A100-SXM4-40GB").key == "a100-40g"
+    other = fc.resolve_gpu("NVIDIA RTX 6000 Ada", total_memory_bytes=48 * fc.GIB)
+    assert other.guessed and other.memory_gib == 48
+    with pytest.raises(fc.ConfigError):
+        fc.resolve_gpu("NVIDIA RTX 6000 Ada")
+    run = RUNS["sd15-full-fp16-b1-ckpt-8bit"]
+    plan, guessed = plan_of(run), fc.fit_check(run.cfg, other, "full", **run.overrides)
+    assert any("not in the table" in n for n in guessed.notes)
+    assert guessed.total_gb == pytest.approx(plan.total_gb)
+
+
+def test_host_ram_grows_with_the_model():
+    sd15 = plan_of(RUNS["sd15-full-fp16-b1-ckpt-8bit"])
+    sdxl = plan_of(RUNS["sdxl-lora-t4"])
+    assert sd15.host_peak_gb < fc.COLAB_HOST_RAM_GB
+    # An SDXL inference pipeline is ~7 GB in fp16 against ~2 GB for SD 1.5.
+    assert sdxl.host["reload"] - sd15.host["reload"] > 4
+
+
+def test_validation_and_text_encoder_lora_add_their_memory():
+    run = RUNS["sd15-full-fp16-b1-ckpt-8bit"]
+    base = plan_of(run)
+    both = plan_of(run, validate_every=100, train_text_encoder=True)
+    # Rendering brings the VAE back next to the weights and optimizer (gradients are freed).
+    sizes = fc.trainable_sizes("sd15", "full", 4, run.cfg.target_modules, True)
+    held = both.phases["optimizer step"] - 4 * sum(sizes) / fc.GB
+    vae_fp16 = 2 * fc.parameter_counts("sd15")["vae"] / fc.GB
+    assert both.phases["validation"] > held + vae_fp16
+    # The text encoder stays on the GPU, with its LoRA, gradients and activations.
+    assert both.phases["forward/backward"] > base.phases["forward/backward"] + 0.25
+    assert "text encoders kept on the GPU (fp16)" in both.components
