@@ -2,62 +2,23 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from conftest import make_lora
 
 from headshot_kit import generate as gen
 from headshot_kit.config import ConfigError, get_preset
 from headshot_kit.images import image_grid
-from headshot_kit.models import load_pipeline
-
-
-def make_lora(pipe, folder: Path, seed: int = 0) -> Path:
-    """A LoRA in the train stage's format whose random weights visibly change the image."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    # A copy, so the shared pipeline's UNet stays free of adapters.
-    unet = copy.deepcopy(pipe.unet)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            # lora_B starts at zero (a no-op LoRA); random values make it change the image.
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-    (folder / "config.json").write_text(json.dumps({"family": "sd15", "model": "tiny-sd15"}))
-    return folder
 
 
 def pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    # The tiny model gains nothing from threads, and on a busy 2-core machine torch's threads
-    # wait on each other: one thread renders 10x faster there (0.2 s against 3 s an image).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_pipeline("tiny-sd15")
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def lora_dir(pipe, tmp_path_factory) -> Path:
-    return make_lora(pipe, tmp_path_factory.mktemp("run") / "lora")
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +206,7 @@ def test_base_vs_lora_grid_over_checkpoints(pipe, lora_dir, cfg, pack, tmp_path)
     plan = gen.plan_compare(lora_dir, "seed", [0, 1], "checkpoint", [None, lora_dir], cfg)
     assert plan.row_labels == ["base model", "lora"] and plan.col_labels == ["seed 0", "seed 1"]
     assert [s.lora_dir for s in plan.shots] == [None, None, str(lora_dir), str(lora_dir)]
-    assert "LoRA ×1" in plan.title
+    assert "LoRA x1" in plan.title
     grid = gen.base_vs_lora_grid(lora_dir, cfg, pipe=pipe, progress=False)
     assert grid.size == plan.grid([pack.images[0]] * 4).size
     # Two runs' checkpoints with the same folder name are told apart by their run folder.

@@ -7,29 +7,13 @@ import dataclasses
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from test_generate import make_lora  # the same stand-in LoRA the generate tests use
 
 from headshot_kit import generate as gen
 from headshot_kit.config import get_preset
 from headshot_kit.images import image_grid
-from headshot_kit.models import load_pipeline
 from headshot_kit.widgets import ComparePanel, Gallery, PromptStudio, enable_colab_widgets
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    # The tiny model gains nothing from threads, and on a busy 2-core machine torch's threads
-    # wait on each other: one thread renders 10x faster there (0.2 s against 3 s an image).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_pipeline("tiny-sd15")
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def lora_dir(pipe, tmp_path_factory):
-    return make_lora(pipe, tmp_path_factory.mktemp("run") / "lora")
 
 
 @pytest.fixture(scope="module")
