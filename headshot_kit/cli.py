@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the dataset folder to write")
     _common(p)
 
+    p = sub.add_parser("purge", help="delete a subject's uploads, prepared photos, LoRA "
+                       "weights, checkpoints and headshots")
+    p.add_argument("paths", nargs="+", help="the folders (or files) to delete, e.g. a workdir")
+    p.add_argument("--older-than-days", type=float,
+                   help="only delete what is older than this many days")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+
     p = sub.add_parser("train", help="fine-tune a LoRA on a prepared dataset")
     p.add_argument("--data", required=True, help="the prepare stage's output folder")
     p.add_argument("--out", required=True, help="the folder for the LoRA and its records")
@@ -108,6 +115,10 @@ def run(args) -> int:
         for line in result.advice:
             print(line)
         print(f"{result.n_used} photos prepared in {args.out} (report: {args.out}/report.csv)")
+    elif args.command == "purge":
+        from .prepare import purge
+
+        purge(args.paths, args.older_than_days, dry_run=args.dry_run)
     elif args.command == "train":
         from .train import train_lora
 

@@ -125,7 +125,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     # The UNet attention projections: what diffusers' DreamBooth LoRA script adapts.
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    # bitsandbytes 8-bit AdamW: optimizer state in 1 byte instead of 8 per parameter.
+    # bitsandbytes 8-bit AdamW: optimizer state in 1 byte instead of 4 per value. Also "adamw"
+    # and "prodigy" (pip install prodigyopt; set lr=1.0).
     optimizer: str = "adamw8bit"
     # bitsandbytes keeps tensors smaller than this in 32-bit state (its own default).
     optimizer_min_8bit_size: int = 4096
@@ -166,8 +167,9 @@ class TrainConfig:
     checkpoints_keep: int = 2
     # Continue from the latest checkpoint in checkpoint_dir when there is one.
     resume: bool = True
-    # Render validation images every N steps (0 = never) so over-fitting shows while training.
-    validate_every: int = 0
+    # Render validation images every N steps (0 = never) so over-fitting and weak likeness
+    # show while training; 100 adds about 5% to an 800-step run.
+    validate_every: int = 100
     validation_prompts: tuple[str, ...] = (
         "a photo of {subject}, corporate headshot, navy background",
         "a photo of {subject}, smiling, outdoors")
@@ -211,6 +213,8 @@ class GenerateConfig:
     style_dirs: list[str] = field(default_factory=list)
     # Use each style's suggested steps/guidance; off so a preset's steps (tiny: 4) hold.
     style_settings: bool = False
+    # Images per pipeline call; 0 = as many as the GPU's free memory allows (1 on the CPU).
+    batch_size: int = 0
 
 
 @dataclass
@@ -260,6 +264,7 @@ def _tiny() -> Preset:
             # On the CPU checkpointing only costs time: the tiny model has no memory to save.
             gradient_checkpointing=False,
             checkpoint_every=10, num_class_images=4, class_image_steps=4, validation_steps=4,
+            validate_every=15,
         ),
         generate=GenerateConfig(model=model, resolution=64, steps=4, seeds=[0, 1]),
         evaluate=EvaluateConfig(),
@@ -313,7 +318,7 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
 def validate_train(cfg: TrainConfig) -> TrainConfig:
     """Reject settings that cannot work, before any model is loaded."""
     _check_choice(cfg.family, ("sd15", "sdxl"), "family")
-    _check_choice(cfg.optimizer, ("adamw8bit", "adamw"), "optimizer")
+    _check_choice(cfg.optimizer, ("adamw8bit", "adamw", "prodigy"), "optimizer")
     _check_choice(cfg.mixed_precision, ("auto", "no", "fp16", "bf16"), "mixed_precision")
     _check_choice(cfg.lr_scheduler, ("constant", "constant_with_warmup", "linear", "cosine"),
                   "lr_scheduler")

@@ -74,7 +74,8 @@ BNB_BLOCK = 256
 BNB_QMAP_BYTES = 2 * 256 * 4
 # Bytes an AdamW step reads and writes per trainable fp32 value: weight (read + write) and
 # gradient (read), plus the two states (read + write): 1 byte each in 8-bit, 4 in 32-bit.
-ADAM_TRAFFIC = {"adamw8bit": 4 + 4 + 4 + 2 * 2, "adamw": 4 + 4 + 4 + 2 * 8}
+ADAM_TRAFFIC = {"adamw8bit": 4 + 4 + 4 + 2 * 2, "adamw": 4 + 4 + 4 + 2 * 8,
+                "prodigy": 4 + 4 + 4 + 2 * 16}
 
 # Host RAM: the Python kernel with torch, CUDA and diffusers imported, before any model, shows
 # about 2 GB on Colab's RAM gauge. An estimate, not measured here (bench/ measures RSS).
@@ -280,7 +281,10 @@ def trainable_sizes(family: str, mode: str, rank: int, targets: tuple[str, ...],
 
 
 def optimizer_bytes(sizes: tuple[int, ...], optimizer: str, min_8bit_size: int = 4096) -> int:
-    """Bytes of AdamW state for trainable tensors of these sizes (fp32 parameters)."""
+    """Bytes of optimizer state for trainable tensors of these sizes (fp32 parameters)."""
+    if optimizer == "prodigy":
+        # Prodigy keeps exp_avg, exp_avg_sq, the initial point p0 and s: four fp32 tensors.
+        return 16 * sum(sizes)
     if optimizer != "adamw8bit":
         return 8 * sum(sizes)  # torch AdamW: exp_avg and exp_avg_sq in fp32
     total = 0
@@ -290,6 +294,10 @@ def optimizer_bytes(sizes: tuple[int, ...], optimizer: str, min_8bit_size: int =
         else:
             total += 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK) + BNB_QMAP_BYTES
     return total
+
+
+OPTIMIZER_NAMES = {"adamw8bit": "8-bit AdamW", "adamw": "AdamW (32-bit)",
+                   "prodigy": "Prodigy (32-bit)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -760,7 +768,7 @@ class FitPlan:
             batch += " (+ as many class images)"
         return (f"{c.family} {what} at {c.resolution} px, {batch}, "
                 f"checkpointing {'on' if c.gradient_checkpointing else 'off'}, "
-                f"{'8-bit AdamW' if c.optimizer == 'adamw8bit' else 'AdamW (32-bit)'}, "
+                f"{OPTIMIZER_NAMES[c.optimizer]}, "
                 f"{self.dtype}, latents {'cached' if c.cache_latents else 'encoded every step'}")
 
     def summary(self) -> str:

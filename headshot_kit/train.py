@@ -148,7 +148,8 @@ def ensure_class_images(pipe, cfg: TrainConfig, progress: bool = True) -> list[P
 
 
 def make_optimizer(params, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, str]:
-    """bitsandbytes' AdamW8bit when asked for and loadable, else torch AdamW with a warning."""
+    """bitsandbytes' AdamW8bit when asked for and loadable (else torch AdamW with a warning),
+    Prodigy when asked for, or torch AdamW."""
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -162,6 +163,16 @@ def make_optimizer(params, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, str
                 "AdamW instead. Its optimizer state takes 8 bytes per trainable value instead "
                 "of 2: small for a LoRA, about 5 GB more for a full SD 1.5 UNet. Fix: "
                 "`pip install -U bitsandbytes` and restart the runtime.", stacklevel=2)
+    if cfg.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise ConfigError("optimizer='prodigy' needs its package: `pip install prodigyopt`, "
+                              "or choose adamw8bit.") from None
+        # Prodigy estimates its own step size: lr is a multiplier, 1.0 as the advanced SDXL
+        # DreamBooth recipe uses.
+        return Prodigy(params, lr=cfg.lr, weight_decay=cfg.adam_weight_decay,
+                       safeguard_warmup=True, use_bias_correction=True), "Prodigy"
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.adam_weight_decay), "torch AdamW"
 
 

@@ -169,15 +169,15 @@ def test_bad_settings_fail_before_rendering(cfg, tmp_path, lora_dir):
 
 def test_interrupted_pack_keeps_the_previous_one(pack, pipe, lora_dir, cfg, monkeypatch):
     before = (pack.out_dir / "manifest.csv").read_text()
-    real_render, calls = gen.render, []
+    real_render, calls = gen.render_batch, []
 
-    def failing_render(shot, pipe):
-        calls.append(shot)
+    def failing_render(shots, pipe):
+        calls.append(shots)
         if len(calls) == 2:
             raise KeyboardInterrupt  # what a user pressing stop looks like
-        return real_render(shot, pipe)
+        return real_render(shots, pipe)
 
-    monkeypatch.setattr(gen, "render", failing_render)
+    monkeypatch.setattr(gen, "render_batch", failing_render)
     with pytest.raises(KeyboardInterrupt):
         gen.generate_pack(lora_dir, pack.out_dir, cfg, pipe=pipe, progress=False)
     assert (pack.out_dir / "manifest.csv").read_text() == before
@@ -225,3 +225,13 @@ def test_best_of_takes_top_scores_with_a_face(pack, tmp_path):
         "01_executive_seed0.png", "02_corporate_seed0.png", "best.csv"]
     with pytest.raises(ValueError, match="likeness"):
         gen.best_of(pack.manifest, pack.out_dir)
+
+
+def test_batched_pack_matches_one_image_at_a_time(pack, pipe, lora_dir, cfg, tmp_path):
+    batched = gen.generate_pack(lora_dir, tmp_path / "batched",
+                                dataclasses.replace(cfg, batch_size=2), pipe=pipe,
+                                progress=False)
+    assert gen.pick_batch_size(dataclasses.replace(cfg, batch_size=0), pipe) == 1  # CPU
+    assert list(batched.manifest["file"]) == list(pack.manifest["file"])
+    for one, two in zip(pack.images, batched.images):
+        assert np.abs(pixels(one) - pixels(two)).max() <= 1

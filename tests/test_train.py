@@ -226,3 +226,15 @@ def test_bad_settings_fail_before_loading(prepared_dataset, tmp_path):
 def test_missing_dataset_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
         load_dataset(tmp_path)
+
+
+def test_prodigy_optimizer_option_trains(prepared_dataset, tmp_path):
+    pytest.importorskip("prodigyopt")
+    trainer = Trainer(prepared_dataset, tmp_path, tiny(optimizer="prodigy", lr=1.0, steps=3,
+                                                       checkpoint_every=0, validate_every=0),
+                      progress=False)
+    before = [p.detach().clone() for p in trainer.params]
+    result = trainer.run()
+    assert trainer.optimizer_name == "Prodigy"
+    assert result.metrics["loss"].notna().all()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
