@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from headshot_kit import generate as gen
 from headshot_kit.config import get_preset
@@ -99,3 +101,36 @@ def test_gallery_stars_are_saved_and_exported(pipe, lora_dir, cfg, tmp_path):
 
 def test_enable_colab_widgets_is_a_no_op_off_colab():
     assert enable_colab_widgets() is False
+
+
+def test_photo_upload_saves_without_overwriting(tmp_path, samples):
+    from headshot_kit.widgets import PhotoUpload
+
+    panel = PhotoUpload(tmp_path / "me")
+    photo = (samples / "obama.jpg").read_bytes()
+
+    def upload(name):  # what the browser sends for one picked file
+        return ({"name": name, "type": "image/jpeg", "size": len(photo),
+                 "last_modified": datetime.now(timezone.utc), "content": memoryview(photo)},)
+
+    panel.picker.set_trait("value", upload("../obama.jpg"))
+    panel.picker.set_trait("value", upload("obama.jpg"))
+    names = sorted(p.name for p in (tmp_path / "me").iterdir())
+    assert names == ["obama-1.jpg", "obama.jpg"]  # kept inside the folder, never overwritten
+    assert (tmp_path / "me" / "obama.jpg").read_bytes() == photo
+    assert "Saved 1 photo" in panel.status.value
+
+
+def test_training_monitor_draws_loss_and_validation():
+    from types import SimpleNamespace
+
+    from headshot_kit.widgets import TrainingMonitor
+
+    monitor = TrainingMonitor(every=2)
+    trainer = SimpleNamespace(cfg=SimpleNamespace(steps=4))
+    for step, loss in enumerate([1.0, 0.9, float("nan"), 0.8], 1):
+        monitor.on_step(trainer, {"step": step, "loss": loss, "lr": 1e-3})
+    assert monitor.loss.value[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "step 4 of 4" in monitor.status.value
+    monitor.on_validation(trainer, 4, [], image_grid([Image.new("RGB", (8, 8))], 1, 1))
+    assert monitor.validation.value[:4] == b"\x89PNG"
