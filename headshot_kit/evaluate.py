@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from . import faces
 from .config import ConfigError, EvaluateConfig, save_config, to_dict
 from .images import contact_sheet, list_images, load_image
-from .models import hub_reachable
+from .models import hub_reachable, pick_device
 from .storage import atomic_path, atomic_write_text
 
 PathLike = str | Path
@@ -163,7 +163,7 @@ class ArcFaceEmbedder(_CosineEmbedder):
                 "embedder='arcface' needs insightface: run `pip install insightface "
                 "onnxruntime` (its buffalo_l weights are download-only and licensed for "
                 "non-commercial research), or use embedder='dlib' offline.") from exc
-        gpu = _resolve_device(cfg.device) == "cuda"
+        gpu = pick_device(cfg.device) == "cuda"
         try:
             self.app = FaceAnalysis(
                 name="buffalo_l", allowed_modules=["detection", "recognition"],
@@ -201,7 +201,7 @@ class FaceNetEmbedder(_CosineEmbedder):
                 "embedder='facenet' needs facenet-pytorch: run `pip install facenet-pytorch` "
                 "(its recognition weights are download-only), or use embedder='dlib' "
                 "offline.") from exc
-        self.device = _resolve_device(cfg.device)
+        self.device = pick_device(cfg.device)
         # 160 px crops with a small margin: how the VGGFace2 model was trained.
         self.mtcnn = MTCNN(image_size=160, margin=14, keep_all=True, device=self.device)
         try:
@@ -255,14 +255,6 @@ def _embed_photo(embedder: FaceEmbedder, path: Path) -> list[tuple[faces.Face, n
     if key not in _REFERENCE_CACHE:
         _REFERENCE_CACHE[key] = embedder.embed(load_image(path))
     return _REFERENCE_CACHE[key]
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,7 +464,7 @@ class ClipScorer:
                               "reached")
         from transformers import CLIPModel, CLIPProcessor
 
-        self.device = _resolve_device(device)
+        self.device = pick_device(device)
         self.model = CLIPModel.from_pretrained(model, local_files_only=local_only)
         self.model = self.model.to(self.device).eval()
         self.processor = CLIPProcessor.from_pretrained(model, local_files_only=local_only)

@@ -230,10 +230,8 @@ def _thumbnail_png(path: Path, side: int = 192) -> bytes:
     with Image.open(path) as im:
         thumb = im.convert("RGB")
     # Upscale the tiny model's 64 px images too, so every pack browses at the same size.
-    thumb = thumb.resize((side, side * thumb.height // thumb.width), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    thumb.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return _png_bytes(thumb.resize((side, side * thumb.height // thumb.width),
+                                   Image.Resampling.LANCZOS))
 
 
 class Gallery(_Panel):
