@@ -18,6 +18,8 @@ from typing import Any
 HUB_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 HUB_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 HUB_SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
+# The subject words when nothing recorded others: a rare token and the class noun.
+DEFAULT_TOKEN, DEFAULT_CLASS = "ohwx", "person"
 
 
 class ConfigError(ValueError):
@@ -30,9 +32,10 @@ class PrepareConfig:
     resolution: int = 512
     # A rare token the tokenizer splits into few pieces, so the LoRA can bind the face to it
     # without overwriting a common word (DreamBooth paper, section 4.1).
-    token: str = "ohwx"
+    # Recorded in the dataset's config.json: training and generation read the words from there.
+    token: str = DEFAULT_TOKEN
     # The class noun: the prior the model already has for "a photo of a person".
-    class_name: str = "person"
+    class_name: str = DEFAULT_CLASS
     # Side of the square crop as a multiple of dlib's face box (eyebrows to chin): 2.4 frames
     # head and shoulders, the framing of a professional headshot.
     crop_scale: float = 2.4
@@ -151,7 +154,8 @@ class TrainConfig:
     # Prior preservation (DreamBooth): also train on generated "a photo of a person" images so
     # the LoRA does not turn every person into you.
     prior_preservation: bool = False
-    class_prompt: str = "a photo of a person"
+    # "" = "a photo of a <class>", with the class noun the dataset records.
+    class_prompt: str = ""
     # diffusers' DreamBooth default; the paper used 200 x (number of photos).
     num_class_images: int = 100
     prior_loss_weight: float = 1.0
@@ -180,8 +184,9 @@ class TrainConfig:
     # On a GPU, training first checks that the plan fits (headshot_kit.fitcheck) and refuses
     # when it cannot, naming the cheapest fix; True trains anyway.
     force_fit: bool = False
-    # The subject words the captions use; validation prompts fill {subject} with them.
-    subject: str = "ohwx person"
+    # The subject words the captions use; validation prompts fill {subject} with them. "" = the
+    # words the prepare stage recorded in the dataset (set it only to double-check them).
+    subject: str = ""
     device: str = "auto"
 
     @property
@@ -193,8 +198,11 @@ class TrainConfig:
 class GenerateConfig:
     model: str = HUB_SD15
     family: str = "sd15"
-    # Style names from headshot_kit/data/styles.yaml; empty = every style.
-    styles: list[str] = field(default_factory=lambda: ["corporate", "creative", "executive"])
+    # Style names from headshot_kit/data/styles.yaml; empty = every style. Ten styles x four
+    # seeds: the 40 headshots the paid services deliver.
+    styles: list[str] = field(default_factory=lambda: [
+        "corporate", "creative", "executive", "linkedin", "studio-white", "office", "outdoor",
+        "black-and-white", "tech", "editorial"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     # 30 DPM-Solver++ steps is where SD 1.5 stops improving visibly.
     steps: int = 30
@@ -203,8 +211,9 @@ class GenerateConfig:
     # 1.0 applies the LoRA as trained; lower it if every face looks the same.
     lora_scale: float = 1.0
     resolution: int = 512
-    token: str = "ohwx"
-    class_name: str = "person"
+    # The subject words; "" = those recorded in the LoRA's config.json (from the dataset).
+    token: str = ""
+    class_name: str = ""
     scheduler: str = "dpmpp-karras"
     device: str = "auto"
     # Replaces every style's own negative prompt when set; "" keeps each style's.
@@ -266,7 +275,9 @@ def _tiny() -> Preset:
             checkpoint_every=10, num_class_images=4, class_image_steps=4, validation_steps=4,
             validate_every=15,
         ),
-        generate=GenerateConfig(model=model, resolution=64, steps=4, seeds=[0, 1]),
+        # Three styles x two seeds: enough to show every stage on a CPU in seconds.
+        generate=GenerateConfig(model=model, resolution=64, steps=4, seeds=[0, 1],
+                                styles=["corporate", "creative", "executive"]),
         evaluate=EvaluateConfig(),
         needs_download=False,
     )
@@ -351,6 +362,17 @@ def validate_generate(cfg: GenerateConfig) -> GenerateConfig:
     if not cfg.seeds:
         raise ConfigError("seeds is empty; give at least one seed, e.g. [0, 1, 2, 3].")
     return cfg
+
+
+def agree(setting: str, value: Any, recorded: Any, source: str | Path, fix: str = "") -> Any:
+    """The value a data folder recorded; an explicit setting must match it, never win over it.
+
+    An unset setting ("" or None) takes the recorded value."""
+    if value in ("", None) or value == recorded:
+        return recorded
+    raise ConfigError(f"{setting} is {value!r}, but {source} records {recorded!r}. Leave "
+                      f"{setting.split('.')[-1]} unset to use the recorded value"
+                      f"{fix or f', or set it to {recorded!r}'}.")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -32,7 +32,8 @@ import pandas as pd
 import yaml
 from PIL import Image, PngImagePlugin
 
-from .config import ConfigError, GenerateConfig, save_config, validate_generate
+from .config import (DEFAULT_CLASS, DEFAULT_TOKEN, ConfigError, GenerateConfig, agree,
+                     save_config, validate_generate)
 from .images import image_grid
 from .storage import atomic_dir, atomic_path
 
@@ -191,7 +192,22 @@ def make_shot(cfg: GenerateConfig, style: Style, seed: int, lora_dir: str | Path
 
 def fill_subject(template: str, cfg: GenerateConfig) -> str:
     """Put the trained words ("ohwx person") where the template says {subject}."""
-    return template.replace("{subject}", f"{cfg.token} {cfg.class_name}")
+    token, class_name = cfg.token or DEFAULT_TOKEN, cfg.class_name or DEFAULT_CLASS
+    return template.replace("{subject}", f"{token} {class_name}")
+
+
+def with_lora_subject(cfg: GenerateConfig, lora_dir: str | Path | None) -> GenerateConfig:
+    """`cfg` with the subject words the LoRA was trained on (its config.json records them);
+    a token or class_name setting that names other words is refused."""
+    trained = Path(lora_dir) / "config.json" if lora_dir is not None else None
+    recorded = json.loads(trained.read_text()) if trained and trained.is_file() else {}
+    if "token" not in recorded:  # the base model, or a LoRA from elsewhere: the settings hold
+        return cfg
+    fix = ", or train a LoRA on a dataset prepared with those words"
+    return replace(cfg, token=agree("GenerateConfig.token", cfg.token, recorded["token"],
+                                    trained, fix),
+                   class_name=agree("GenerateConfig.class_name", cfg.class_name,
+                                    recorded["class_name"], trained, fix))
 
 
 def make_scheduler(name: str, base_config: Mapping[str, Any]):
@@ -379,7 +395,9 @@ def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
     """Render every style x seed with the LoRA in `lora_dir` (None = base model) into `out_dir`.
 
     The pack is written to a temporary folder and swapped in whole, so an interrupted run never
-    replaces a good pack. `pipe` reuses an already loaded pipeline (its scheduler is replaced).
+    replaces a good pack. Run again into the same folder, images whose settings and LoRA are
+    unchanged are kept with their stars, and favourites/ and best/ stay. `pipe` reuses an
+    already loaded pipeline (its scheduler is replaced).
     """
     from tqdm.auto import tqdm
 
@@ -387,33 +405,103 @@ def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
     styles = load_styles(cfg.style_dirs)
     names = check_generate(cfg, styles)
     lora_dir = check_lora(lora_dir, cfg)
+    cfg = with_lora_subject(cfg, lora_dir)
     shots = [make_shot(cfg, styles[n], seed, lora_dir) for n in names for seed in cfg.seeds]
-    if pipe is None:
-        pipe = load_generate_pipeline(cfg)
     out_dir = Path(out_dir)
-    images, rows = [], []
-    with atomic_dir(out_dir) as tmp, tqdm(total=len(shots), desc="generate",
+    digest = weights_digest(lora_dir)
+    kept = _unchanged(out_dir, digest, shots)
+    todo = [s for s in shots if _file(s) not in kept]
+    print(f"{len(shots)} images ({len(names)} styles x {len(cfg.seeds)} seeds)"
+          + (f": {len(kept)} unchanged since the last run are kept with their stars"
+             if kept else "") + f"; {t4_estimate(cfg, len(todo))}")
+    if todo and pipe is None:
+        pipe = load_generate_pipeline(cfg)
+    made: dict[str, tuple[Image.Image, bool]] = {}
+    with atomic_dir(out_dir) as tmp, tqdm(total=len(todo), desc="generate",
                                           disable=not progress) as bar:
-        size = pick_batch_size(cfg, pipe)
+        _carry_over(out_dir, tmp, kept)
+        made.update({file: (_open(tmp / file), starred) for file, starred in kept.items()})
+        size = pick_batch_size(cfg, pipe) if todo else 1
         for name in names:  # one style's shots differ only in seed
-            style_shots = [s for s in shots if s.style == name]
+            style_shots = [s for s in todo if s.style == name]
             for start in range(0, len(style_shots), size):
                 batch = style_shots[start:start + size]
                 for shot, image in zip(batch, render_batch(batch, pipe)):
-                    file = f"images/{shot.style}_seed{shot.seed}.png"
-                    save_png(image, tmp / file, shot)
-                    images.append(image)
-                    rows.append({"file": file, **shot.row(), "starred": False})
+                    save_png(image, tmp / _file(shot), shot)
+                    made[_file(shot)] = (image, False)
                 bar.update(len(batch))
+        rows = [{"file": _file(s), **s.row(), "starred": made[_file(s)][1]} for s in shots]
+        images = [made[_file(s)][0] for s in shots]
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         manifest.to_csv(tmp / "manifest.csv", index=False)
         grid = image_grid(images, len(names), len(cfg.seeds), row_labels=names,
                           col_labels=[str(s) for s in cfg.seeds], x_name="seed ",
                           title=describe_shot(shots[0], skip=("style", "seed")))
         grid.save(tmp / "grid.png")
-        save_config(cfg, tmp / "config.json",
+        save_config(cfg, tmp / "config.json", lora_sha256=digest,
                     lora_dir=str(lora_dir.resolve()) if lora_dir else None)
     return GenerateResult(out_dir=out_dir, manifest=manifest, images=images, grid=grid)
+
+
+# Seconds per sampling step (with classifier-free guidance) and per VAE decode on a T4 in fp16,
+# at each family's native resolution: a stated estimate from commonly reported T4 speeds.
+T4_SECONDS = {"sd15": (512, 0.22, 0.3), "sdxl": (1024, 1.4, 2.5)}
+
+
+def t4_estimate(cfg: GenerateConfig, n_images: int) -> str:
+    """About how long `n_images` take on a free Colab T4, as a sentence."""
+    native, per_step, decode = T4_SECONDS[cfg.family]
+    scale = (cfg.resolution / native) ** 2
+    seconds = n_images * (cfg.steps * per_step + decode) * scale
+    when = "under a minute" if seconds < 60 else f"about {seconds / 60:.0f} min"
+    return (f"{n_images} to render: on a T4 GPU {when} ({cfg.steps} steps at "
+            f"{cfg.resolution} px, about {per_step * scale:.2f} s per step; an estimate).")
+
+
+def weights_digest(lora_dir: Path | None) -> str:
+    """A fingerprint of the LoRA's weights file ("" for the base model)."""
+    if lora_dir is None:
+        return ""
+    return hashlib.sha256(lora_weights(lora_dir).read_bytes()).hexdigest()[:16]
+
+
+def _file(shot: Shot) -> str:
+    return f"images/{shot.style}_seed{shot.seed}.png"
+
+
+def _open(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _unchanged(out_dir: Path, digest: str, shots: Sequence[Shot]) -> dict[str, bool]:
+    """The images of the pack already in `out_dir` that the same LoRA weights and settings
+    made: their files and whether each is starred."""
+    try:
+        config = json.loads((out_dir / "config.json").read_text())
+        manifest = load_manifest(out_dir)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    if config.get("lora_sha256") != digest:
+        return {}
+    old = {row["file"]: row for row in manifest.to_dict("records")}
+    kept = {}
+    for shot in shots:
+        row = old.get(_file(shot))
+        if row and (out_dir / _file(shot)).is_file() and all(
+                str(row.get(k)) == str(v) for k, v in shot.row().items()):
+            kept[_file(shot)] = bool(row["starred"])
+    return kept
+
+
+def _carry_over(out_dir: Path, tmp: Path, kept: Mapping[str, bool]) -> None:
+    """Copy the kept images and the user's picks (favourites/, best/) into the new pack."""
+    for file in kept:
+        (tmp / file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out_dir / file, tmp / file)
+    for folder in ("favourites", "best"):
+        if (out_dir / folder).is_dir():
+            shutil.copytree(out_dir / folder, tmp / folder)
 
 
 def describe_shot(shot: Shot, skip: Sequence[str] = ()) -> str:
@@ -607,6 +695,7 @@ def plan_compare(lora_dir_or_dirs: str | Path | Sequence[str | Path | None] | No
         if not values:
             raise ConfigError(f"The {axis!r} axis has no values; give at least one.")
         axis_values[axis] = [_axis_value(axis, v, styles) for v in values]
+    cfg = with_lora_subject(cfg, next((d for d in lora_dirs if d is not None), None))
     fixed = {"style": (cfg.styles or list(styles))[0], "seed": cfg.seeds[0],
              "checkpoint": lora_dirs[0] if lora_dirs else None}
     if fixed["checkpoint"] is not None:

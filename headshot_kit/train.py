@@ -18,6 +18,7 @@ Each failure Colab users keep reporting has its fix built in:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -36,7 +37,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import models
-from .config import ConfigError, TrainConfig, config_hash, save_config, to_dict, validate_train
+from .config import (DEFAULT_CLASS, DEFAULT_TOKEN, ConfigError, TrainConfig, agree, config_hash,
+                     save_config, to_dict, validate_train)
 from .families import Conditioning, get_family
 from .fitcheck import cache_chunk, check_before_training
 from .images import image_grid, list_images, load_image
@@ -48,6 +50,10 @@ KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
 # (e.g. more steps).
 RESUME_KEYS = ("model", "family", "rank", "alpha", "target_modules", "train_text_encoder",
                "resolution", "prior_preservation")
+# Settings a resumed run may change: none of them shapes the weights already trained.
+FREE_ON_RESUME = ("steps", "resume", "checkpoint_dir", "checkpoint_every", "checkpoints_keep",
+                  "validate_every", "validation_prompts", "validation_seeds", "validation_steps",
+                  "max_bad_steps", "force_fit", "device", "class_dir")
 
 
 class TrainingDiverged(RuntimeError):
@@ -105,6 +111,28 @@ def load_dataset(data_dir: str | Path) -> list[TrainExample]:
         raise ValueError(f"{meta} lists no images: every photo was rejected. Read the prepare "
                          "stage's report.csv and add usable photos.")
     return examples
+
+
+def dataset_subject(data_dir: str | Path) -> tuple[str, str]:
+    """The token and class noun the prepare stage recorded in the dataset's config.json."""
+    path = Path(data_dir) / "config.json"
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    return recorded.get("token", DEFAULT_TOKEN), recorded.get("class_name", DEFAULT_CLASS)
+
+
+def with_dataset_subject(cfg: TrainConfig, data_dir: str | Path) -> TrainConfig:
+    """`cfg` with the subject words and class prompt of the dataset; a setting that names other
+    words is refused (captions, validation and generation must all say the same thing)."""
+    token, class_name = dataset_subject(data_dir)
+    source = Path(data_dir) / "config.json"
+    fix = ", or prepare the photos again with the token and class_name you want"
+    subject = agree("TrainConfig.subject", cfg.subject, f"{token} {class_name}", source, fix)
+    class_prompt = cfg.class_prompt or f"a photo of a {class_name}"
+    if class_name not in class_prompt.split():
+        raise ConfigError(f"TrainConfig.class_prompt {class_prompt!r} does not name the class "
+                          f"{class_name!r} that {source} records; leave class_prompt unset, or "
+                          f"write one with {class_name!r} in it.")
+    return dataclasses.replace(cfg, subject=subject, class_prompt=class_prompt)
 
 
 def image_tensor(path: Path, resolution: int) -> torch.Tensor:
@@ -354,6 +382,7 @@ class Trainer:
             self.out_dir / "checkpoints")
         self.progress, self.on_step, self.on_validation = progress, on_step, on_validation
         self.examples = load_dataset(self.data_dir)
+        self.cfg = cfg = with_dataset_subject(cfg, self.data_dir)
         device = models.pick_device(cfg.device)
         if device.startswith("cuda"):
             # Refuse a plan that cannot fit before minutes of loading end in out-of-memory.
@@ -531,7 +560,9 @@ class Trainer:
         if offloaded:
             self._offload_encoders("cpu")
         self.validation_rows.append((self.step, images))
-        columns = [f"{p[:28]} s{s}" for p in cfg.validation_prompts for s in cfg.validation_seeds]
+        # Label by what follows the subject words: every prompt starts the same way.
+        columns = [f"{p.split(cfg.subject)[-1].strip(' ,')[:28]} s{s}" for p in prompts
+                   for s in cfg.validation_seeds]
         grid = image_grid([im for _, row in self.validation_rows for im in row],
                           rows=len(self.validation_rows), cols=len(images),
                           row_labels=[f"step {s}" for s, _ in self.validation_rows],
@@ -576,11 +607,7 @@ class Trainer:
         from peft.utils import set_peft_model_state_dict
 
         meta = json.loads((folder / "meta.json").read_text())
-        want = config_hash({k: to_dict(self.cfg)[k] for k in RESUME_KEYS})
-        if meta["resume_hash"] != want:
-            changed = [k for k in RESUME_KEYS if meta["config"].get(k) != to_dict(self.cfg)[k]]
-            raise ConfigError(f"{folder} was made with other settings ({', '.join(changed)}). "
-                              "Use a new checkpoint_dir, or set resume=False to start over.")
+        check_resume(folder, meta, self.cfg)
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
         for name, weights in state["lora"].items():
             set_peft_model_state_dict(getattr(self.pipe, name), weights)
@@ -601,7 +628,11 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, start = self.cfg, time.perf_counter()
         if self.resumed_from:
-            print(f"Resuming from {self.resumed_from} (step {self.step} of {cfg.steps}).")
+            print(f"Resuming from {self.resumed_from} (step {self.step} of {cfg.steps})."
+                  if self.step < cfg.steps else f"{self.resumed_from} already holds all "
+                  f"{cfg.steps} steps: nothing left to train (raise steps to train longer).")
+            if self.on_step and self.history:  # a watcher shows where the run stands
+                self.on_step(self, self.history[-1])
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.progress)
         while self.step < cfg.steps:
             record = self.train_step()
@@ -613,6 +644,9 @@ class Trainer:
                 self.validate()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
+        last = latest_checkpoint(self.checkpoint_dir)
+        if last is None or int(last.name.split("-")[-1]) != self.step:
+            self.save_checkpoint()  # the last step too: a re-run then knows the run is finished
         bar.close()
         return self.save(time.perf_counter() - start)
 
@@ -629,7 +663,9 @@ class Trainer:
         export_kohya(lora_path, self.cfg.lora_alpha, single_text_encoder=self.cfg.family == "sd15")
         metrics = self.save_metrics()
         skipped = int(metrics["skipped"].sum()) if len(metrics) else 0
+        token, class_name = dataset_subject(self.data_dir)
         save_config(self.cfg, out / "config.json", data_dir=str(self.data_dir),
+                    token=token, class_name=class_name,
                     optimizer_used=self.optimizer_name, trainable_parameters=self.n_trainable,
                     n_images=len(self.examples), skipped_steps=skipped,
                     seconds=round(seconds, 2))
@@ -642,6 +678,24 @@ class Trainer:
             plt.close(fig)
         write_model_card(out, self.cfg, result, len(self.examples))
         return result
+
+
+def check_resume(folder: Path, meta: dict, cfg: TrainConfig) -> None:
+    """Refuse to continue a checkpoint with settings that did not make it, naming only those
+    that changed, or with fewer steps than it already has."""
+    # Through JSON, as the checkpoint stored them: a tuple and the list it became are equal.
+    now = json.loads(json.dumps(to_dict(cfg), default=str))
+    changed = [f"{k} {v!r} (now {now[k]!r})" for k, v in meta["config"].items()
+               if k in now and k not in FREE_ON_RESUME and v != now[k]]
+    if changed:
+        raise ConfigError(f"{folder} continues a run trained with other settings: "
+                          f"{', '.join(changed)}. A checkpoint goes on only with the settings "
+                          "that made it (more steps are fine): set those back, train into a new "
+                          "out folder (or checkpoint_dir), or set resume=False to start over.")
+    if meta["step"] > cfg.steps:
+        raise ConfigError(f"{folder} is already at step {meta['step']}, more than steps="
+                          f"{cfg.steps}: set steps to {meta['step']} or more to keep (and "
+                          "continue) that run, or train into a new out folder.")
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

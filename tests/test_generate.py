@@ -178,8 +178,9 @@ def test_interrupted_pack_keeps_the_previous_one(pack, pipe, lora_dir, cfg, monk
         return real_render(shots, pipe)
 
     monkeypatch.setattr(gen, "render_batch", failing_render)
-    with pytest.raises(KeyboardInterrupt):
-        gen.generate_pack(lora_dir, pack.out_dir, cfg, pipe=pipe, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # another guidance: every image is rendered again
+        gen.generate_pack(lora_dir, pack.out_dir, dataclasses.replace(cfg, guidance=5.0),
+                          pipe=pipe, progress=False)
     assert (pack.out_dir / "manifest.csv").read_text() == before
     assert sorted(p.name for p in pack.out_dir.parent.iterdir()) == [pack.out_dir.name]
 
@@ -235,3 +236,58 @@ def test_batched_pack_matches_one_image_at_a_time(pack, pipe, lora_dir, cfg, tmp
     assert list(batched.manifest["file"]) == list(pack.manifest["file"])
     for one, two in zip(pack.images, batched.images):
         assert np.abs(pixels(one) - pixels(two)).max() <= 1
+
+
+def test_regenerating_keeps_stars_picks_and_unchanged_images(pipe, lora_dir, cfg, tmp_path,
+                                                             monkeypatch):
+    out = tmp_path / "pack"
+    first = gen.generate_pack(lora_dir, out, cfg, pipe=pipe, progress=False)
+    gen.set_starred(out, "images/corporate_seed1.png")
+    gen.export_starred(out)
+    gen.best_of(first.manifest.assign(likeness=[0.1, 0.9, 0.5, 0.3]), out, k=2)
+    rendered = []
+    real_render = gen.render_batch
+    monkeypatch.setattr(gen, "render_batch",
+                        lambda shots, pipe: rendered.extend(shots) or real_render(shots, pipe))
+    # One more seed: only its images are rendered; the rest, and the user's picks, stay.
+    again = gen.generate_pack(lora_dir, out, dataclasses.replace(cfg, seeds=[0, 1, 2]),
+                              pipe=pipe, progress=False)
+    assert sorted((s.style, s.seed) for s in rendered) == [("corporate", 2), ("executive", 2)]
+    starred = again.manifest.set_index("file")["starred"]
+    assert starred["images/corporate_seed1.png"] and starred.sum() == 1
+    assert (out / "favourites" / "01_corporate_seed1.png").is_file()
+    assert (out / "best" / "best.csv").is_file()
+    # New LoRA weights: every image is rendered again, and no star survives on a new picture.
+    rendered.clear()
+    other = make_lora(pipe, tmp_path / "other" / "lora", seed=3)
+    again = gen.generate_pack(other, out, cfg, pipe=pipe, progress=False)
+    assert len(rendered) == 4 and not again.manifest["starred"].any()
+
+
+def test_a_token_set_at_prepare_reaches_every_prompt(tmp_path, obama_photos, pipe):
+    from headshot_kit.prepare import prepare_photos
+    from headshot_kit.train import train_lora
+
+    preset = get_preset("tiny")
+    prepare_photos(obama_photos, tmp_path / "prepared",
+                   dataclasses.replace(preset.prepare, token="zqx"))
+    train_lora(tmp_path / "prepared", tmp_path / "lora", preset.train, progress=False)
+    trained = json.loads((tmp_path / "lora" / "config.json").read_text())
+    assert trained["subject"] == "zqx person" and trained["token"] == "zqx"
+    assert "`zqx person`" in (tmp_path / "lora" / "README.md").read_text()
+    pack = gen.generate_pack(tmp_path / "lora", tmp_path / "pack", preset.generate, pipe=pipe,
+                             progress=False)
+    assert all("zqx person" in p and "ohwx" not in p for p in pack.manifest["prompt"])
+    plan = gen.plan_compare(tmp_path / "lora", "seed", [0], "style", None, preset.generate)
+    assert all("zqx person" in s.prompt for s in plan.shots)
+    with pytest.raises(ConfigError, match="GenerateConfig.token is 'ohwx'.*'zqx'"):
+        gen.generate_pack(tmp_path / "lora", tmp_path / "pack2",
+                          dataclasses.replace(preset.generate, token="ohwx"), pipe=pipe)
+
+
+def test_t4_presets_plan_at_least_40_headshots_and_say_how_long(capsys):
+    for name in ("sd15-t4", "sdxl-t4"):
+        cfg = get_preset(name).generate
+        n = len(gen.check_generate(cfg, gen.load_styles())) * len(cfg.seeds)
+        assert n >= 40, name
+        assert "on a T4 GPU about" in gen.t4_estimate(cfg, n)
