@@ -22,7 +22,8 @@ from PIL import Image
 from .config import GenerateConfig
 from .generate import (AXES, SAMPLERS, ComparePlan, Shot, default_axis_values, describe_shot,
                        export_starred, load_generate_pipeline, load_manifest, load_styles,
-                       make_shot, parse_axis_values, plan_compare, render, set_starred)
+                       make_shot, parse_axis_values, plan_compare, render, set_starred,
+                       with_lora_subject)
 from .images import image_grid
 
 
@@ -55,7 +56,7 @@ class PromptStudio(_Panel):
 
     def __init__(self, lora_dir: str | Path | None, cfg: GenerateConfig | None = None,
                  pipe=None, keep: int = 4):
-        self.cfg = cfg or GenerateConfig()
+        self.cfg = with_lora_subject(cfg or GenerateConfig(), lora_dir)
         self.lora_dir = lora_dir
         self.pipe = pipe
         self.keep = keep
@@ -344,20 +345,25 @@ class TrainingMonitor(_Panel):
 
     def __init__(self, every: int = 10):
         self.every = every
-        self.loss = w.Image(format="png")
-        self.validation = w.Image(format="png")
+        # Shown at their own size (a stretched plot is a blurry plot), and only once drawn:
+        # an empty image widget shows as a broken image.
+        self.loss, self.validation = (w.Image(format="png", layout=_natural_size())
+                                      for _ in range(2))
         self.status = w.Label("Waiting for the first step...")
-        self.widget = w.VBox([self.status, self.loss, self.validation])
+        self.widget = w.VBox([self.status, self.loss, self.validation],
+                             layout=w.Layout(align_items="flex-start"))
         self.records: list[dict] = []
 
     def callbacks(self) -> dict:
         return {"on_step": self.on_step, "on_validation": self.on_validation}
 
     def on_step(self, trainer, record: dict) -> None:
-        self.records.append(record)
-        self.status.value = (f"step {record['step']} of {trainer.cfg.steps}, "
-                             f"loss {record['loss']:.4f}")
-        if record["step"] % self.every == 0 or record["step"] == trainer.cfg.steps:
+        # The trainer's whole history: a resumed run shows the steps before the restart too.
+        self.records = list(trainer.history)
+        done = record["step"] >= trainer.cfg.steps
+        self.status.value = (f"{'finished: ' if done else ''}step {record['step']} of "
+                             f"{trainer.cfg.steps}, loss {record['loss']:.4f}")
+        if record["step"] % self.every == 0 or done:
             self.draw()
 
     def draw(self) -> None:
@@ -371,9 +377,18 @@ class TrainingMonitor(_Panel):
             return
         fig = plot_loss(metrics)
         buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=80)
+        fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)
-        self.loss.value = buffer.getvalue()
+        _show(self.loss, buffer.getvalue())
 
     def on_validation(self, trainer, step: int, images, grid: Image.Image) -> None:
-        self.validation.value = _png_bytes(grid)
+        _show(self.validation, _png_bytes(grid))
+
+
+def _natural_size() -> w.Layout:
+    return w.Layout(width="auto", height="auto", max_width="100%", display="none")
+
+
+def _show(image: w.Image, png: bytes) -> None:
+    image.value = png
+    image.layout.display = ""

@@ -20,7 +20,7 @@ from headshot_kit import models
 from headshot_kit.config import ConfigError, get_preset
 from headshot_kit.train import (KOHYA_WEIGHTS, LORA_WEIGHTS, Trainer, TrainingDiverged,
                                 latest_checkpoint, load_dataset, optimizer_state_dtypes,
-                                peft_state)
+                                peft_state, train_lora)
 
 PROMPT = "a photo of ohwx person"
 
@@ -125,8 +125,66 @@ def test_resume_refuses_other_settings(prepared_dataset, tmp_path):
     trainer = Trainer(prepared_dataset, tmp_path, tiny(steps=2), progress=False)
     trainer.train_step()
     trainer.save_checkpoint()
-    with pytest.raises(ConfigError, match="rank"):
+    with pytest.raises(ConfigError, match="rank") as refused:
         Trainer(prepared_dataset, tmp_path, tiny(steps=2, rank=8), progress=False)
+    # Only what changed is named: target_modules came back from JSON as a list, still equal.
+    assert "target_modules" not in str(refused.value)
+
+
+def test_rerun_of_a_finished_run_with_other_lr_is_refused_and_config_kept(prepared_dataset,
+                                                                           tmp_path):
+    cfg = tiny(steps=4, checkpoint_every=0, validate_every=0)
+    train_lora(prepared_dataset, tmp_path, cfg, progress=False)
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(ConfigError, match=r"lr 0\.003 \(now 0\.001\)") as refused:
+        train_lora(prepared_dataset, tmp_path, tiny(steps=4, lr=1e-3), progress=False)
+    assert "rank" not in str(refused.value)
+    assert (tmp_path / "config.json").read_text() == before
+
+
+def test_fewer_steps_than_the_checkpoint_says_so(prepared_dataset, tmp_path):
+    cfg = tiny(steps=4, checkpoint_every=0, validate_every=0)
+    train_lora(prepared_dataset, tmp_path, cfg, progress=False)
+    with pytest.raises(ConfigError, match="already at step 4, more than steps=2"):
+        Trainer(prepared_dataset, tmp_path, tiny(steps=2), progress=False)
+
+
+def test_rerun_with_more_steps_trains_them_and_records_them(prepared_dataset, tmp_path):
+    cfg = tiny(steps=3, checkpoint_every=0, validate_every=0)
+    train_lora(prepared_dataset, tmp_path, cfg, progress=False)
+    seen = []
+    result = train_lora(prepared_dataset, tmp_path, tiny(steps=5, checkpoint_every=0,
+                                                          validate_every=0),
+                        progress=False, on_step=lambda t, r: seen.append(r["step"]))
+    # The watcher first hears where the resumed run stands, then each new step.
+    assert seen == [3, 4, 5]
+    assert list(result.metrics["step"]) == [1, 2, 3, 4, 5]
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 5
+
+
+def test_a_finished_run_tells_its_watcher_it_is_done(prepared_dataset, tmp_path):
+    from headshot_kit.widgets import TrainingMonitor
+
+    cfg = tiny(steps=3, checkpoint_every=0, validate_every=0)
+    train_lora(prepared_dataset, tmp_path, cfg, progress=False)
+    monitor = TrainingMonitor()
+    train_lora(prepared_dataset, tmp_path, cfg, progress=False, **monitor.callbacks())
+    assert monitor.status.value.startswith("finished: step 3 of 3")
+    assert monitor.loss.value[:4] == b"\x89PNG"
+
+
+def test_subject_comes_from_the_dataset_and_a_disagreeing_one_is_refused(tmp_path,
+                                                                         obama_photos):
+    from headshot_kit.prepare import prepare_photos
+
+    data = tmp_path / "prepared"
+    prep = dataclasses.replace(get_preset("tiny").prepare, token="zqx", class_name="man")
+    prepare_photos(obama_photos, data, prep)
+    cfg = tiny(steps=2, checkpoint_every=0, validate_every=0)
+    trainer = Trainer(data, tmp_path / "lora", cfg, progress=False)
+    assert trainer.cfg.subject == "zqx man" and trainer.cfg.class_prompt == "a photo of a man"
+    with pytest.raises(ConfigError, match="TrainConfig.subject is 'ohwx person'.*'zqx man'"):
+        Trainer(data, tmp_path / "other", tiny(subject="ohwx person"), progress=False)
 
 
 KILLED_RUN = """

@@ -127,10 +127,13 @@ def test_training_monitor_draws_loss_and_validation():
     from headshot_kit.widgets import TrainingMonitor
 
     monitor = TrainingMonitor(every=2)
-    trainer = SimpleNamespace(cfg=SimpleNamespace(steps=4))
+    trainer = SimpleNamespace(cfg=SimpleNamespace(steps=4), history=[])
+    assert monitor.loss.layout.display == "none"  # no broken image before the first plot
     for step, loss in enumerate([1.0, 0.9, float("nan"), 0.8], 1):
-        monitor.on_step(trainer, {"step": step, "loss": loss, "lr": 1e-3})
+        trainer.history.append({"step": step, "loss": loss, "lr": 1e-3})
+        monitor.on_step(trainer, trainer.history[-1])
     assert monitor.loss.value[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "step 4 of 4" in monitor.status.value
+    assert monitor.loss.layout.display != "none"
+    assert "finished: step 4 of 4" in monitor.status.value
     monitor.on_validation(trainer, 4, [], image_grid([Image.new("RGB", (8, 8))], 1, 1))
     assert monitor.validation.value[:4] == b"\x89PNG"
