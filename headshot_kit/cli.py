@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import PRESETS, ConfigError, get_preset, load_config_file, update_config
+from .config import PRESETS, ConfigError, DataError, get_preset, load_config_file, update_config
 from .models import ModelUnavailable
 
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, FileNotFoundError, ModelUnavailable) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ModelUnavailable) as exc:
         print(f"headshot-kit {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -26,6 +26,10 @@ class ConfigError(ValueError):
     """A setting is wrong or conflicts with another; the message says what to change."""
 
 
+class DataError(ValueError):
+    """A stage's input folder cannot be used as it is; the message says what to do."""
+
+
 @dataclass
 class PrepareConfig:
     # 512 is SD 1.5's native resolution; SDXL presets raise it to 1024.
@@ -278,7 +282,8 @@ def _tiny() -> Preset:
         # Three styles x two seeds: enough to show every stage on a CPU in seconds.
         generate=GenerateConfig(model=model, resolution=64, steps=4, seeds=[0, 1],
                                 styles=["corporate", "creative", "executive"]),
-        evaluate=EvaluateConfig(),
+        # Offline there is no CLIP model to load; likeness and quality need none.
+        evaluate=EvaluateConfig(clip_model=""),
         needs_download=False,
     )
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .config import get_preset
+from .workspace import HEADSHOTS, LORA, PREPARED, SCORES
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
@@ -26,9 +27,7 @@ STAGE_NOTEBOOKS = ("01_prepare.ipynb", "02_finetune.ipynb", "03_generate.ipynb",
 
 
 def stage_dirs(workdir: str | Path) -> dict[str, Path]:
-    workdir = Path(workdir)
-    return {"prepared": workdir / "prepared", "lora": workdir / "lora",
-            "headshots": workdir / "headshots", "scores": workdir / "scores"}
+    return {name: Path(workdir) / name for name in (PREPARED, LORA, HEADSHOTS, SCORES)}
 
 
 def _photos(photos: str | Path | None) -> Path:

@@ -52,6 +52,7 @@ from .config import ConfigError, EvaluateConfig, save_config, to_dict
 from .images import contact_sheet, list_images, load_image
 from .models import hub_reachable, pick_device
 from .storage import atomic_path, atomic_write_text
+from .workspace import SCORES
 
 PathLike = str | Path
 
@@ -492,8 +493,8 @@ def _load_clip(model: str, device: str) -> ClipScorer:
 
 
 def _clip_or_note(cfg: EvaluateConfig) -> tuple[ClipScorer | None, str]:
-    if not cfg.clip_model:
-        return None, "CLIP scores skipped: clip_model is empty."
+    if not cfg.clip_model:  # switched off on purpose: nothing to tell
+        return None, ""
     try:
         return _load_clip(cfg.clip_model, cfg.device), ""
     except (OSError, ValueError, ImportError) as exc:
@@ -689,7 +690,9 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
     summary = _summarise(scores, face_rows, similarity, ssim, face_yaws, quality_cols, notes)
     headline = _headline(scores, embedder, cfg.best_n)
 
-    run_id = run_id or out_dir.name
+    # A work folder's scores/ is named after the work folder: every run's is called "scores".
+    run_id = run_id or (out_dir.absolute().parent.name if out_dir.name == SCORES
+                        else out_dir.name)
     settings = {**_constant_settings(manifest), **(settings or {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "scores.csv", scores.to_csv(index=False))

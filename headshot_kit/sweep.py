@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from .config import ConfigError, Preset, get_preset, update_config
+from .workspace import HEADSHOTS, LORA, SCORES
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -88,9 +89,9 @@ def sweep(data_dir: str | Path, out_dir: str | Path, preset: str = "tiny",
             print(f"[{i}/{len(runs)}] {run_id}: already finished, skipped.")
             continue
         print(f"[{i}/{len(runs)}] {run_id}")
-        train_lora(data_dir, folder / "lora", p.train, progress=progress)
-        generate_pack(folder / "lora", folder / "headshots", p.generate, progress=progress)
-        result = evaluate_images(data_dir / "images", folder / "headshots", folder / "scores",
+        train_lora(data_dir, folder / LORA, p.train, progress=progress)
+        generate_pack(folder / LORA, folder / HEADSHOTS, p.generate, progress=progress)
+        result = evaluate_images(data_dir / "images", folder / HEADSHOTS, folder / SCORES,
                                  p.evaluate, run_id=run_id)
         record_experiment(result, run_id=run_id, settings={"preset": preset, **settings},
                           table=table)

@@ -37,8 +37,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import models
-from .config import (DEFAULT_CLASS, DEFAULT_TOKEN, ConfigError, TrainConfig, agree, config_hash,
-                     save_config, to_dict, validate_train)
+from .config import (DEFAULT_CLASS, DEFAULT_TOKEN, ConfigError, DataError, TrainConfig, agree,
+                     config_hash, save_config, to_dict, validate_train)
 from .families import Conditioning, get_family
 from .fitcheck import cache_chunk, check_before_training
 from .images import image_grid, list_images, load_image
@@ -101,15 +101,16 @@ def load_dataset(data_dir: str | Path) -> list[TrainExample]:
             row = json.loads(line)
             examples.append(TrainExample(data_dir / row["file_name"], row["text"]))
         except (json.JSONDecodeError, KeyError) as exc:
-            raise ValueError(f"{meta}, line {n}: expected JSON with 'file_name' and 'text' "
+            raise DataError(f"{meta}, line {n}: expected JSON with 'file_name' and 'text' "
                              f"({exc}). Re-run the prepare stage.") from None
     missing = [e.image for e in examples if not e.image.is_file()]
     if missing:
         raise FileNotFoundError(f"{meta} lists images that are missing: "
                                 f"{', '.join(map(str, missing[:3]))}. Re-run the prepare stage.")
     if not examples:
-        raise ValueError(f"{meta} lists no images: every photo was rejected. Read the prepare "
-                         "stage's report.csv and add usable photos.")
+        raise DataError(f"{meta} lists no images: every photo was rejected. Read "
+                        f"{data_dir / 'report.csv'} for why, add usable photos and run the "
+                        "prepare stage again.")
     return examples
 
 

@@ -303,6 +303,19 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def save_photo(folder: Path, name: str, content: bytes) -> Path:
+    """Write one uploaded file into `folder`; a name already taken gets a number, so nothing
+    is ever overwritten."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = Path(name).name or "photo"
+    target, n = folder / name, 1
+    while target.exists():
+        target = folder / f"{Path(name).stem}-{n}{Path(name).suffix}"
+        n += 1
+    target.write_bytes(bytes(content))
+    return target
+
+
 class PhotoUpload(_Panel):
     """Pick selfies from your computer (or phone) and save them into `folder`.
 
@@ -311,29 +324,43 @@ class PhotoUpload(_Panel):
     """
 
     def __init__(self, folder: str | Path):
+        from .workspace import list_photos
+
         self.folder = Path(folder)
         self.picker = w.FileUpload(accept="image/*,.heic,.heif,.zip", multiple=True,
-                                   description="Choose photos")
-        self.status = w.Label("Photos are saved to " + str(self.folder))
+                                   description="Choose photos", layout=w.Layout(width="auto"))
+        have = len(list_photos(self.folder))
+        self.status = w.Label(f"Photos are saved to {self.folder}" + (
+            f" ({have} already there)." if have else "."))
         self.widget = w.VBox([self.picker, self.status])
         self.picker.observe(lambda _: self.save(), names="value")
 
     def save(self) -> list[Path]:
         """Write the picked files; returns their paths."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        saved = []
-        for item in self.picker.value:
-            name = Path(item["name"]).name or "photo"
-            target = self.folder / name
-            n = 1
-            while target.exists():
-                target = self.folder / f"{Path(name).stem}-{n}{Path(name).suffix}"
-                n += 1
-            target.write_bytes(bytes(item["content"]))
-            saved.append(target)
+        saved = [save_photo(self.folder, item["name"], item["content"])
+                 for item in self.picker.value]
         if saved:
             self.status.value = f"Saved {len(saved)} photo(s) to {self.folder}."
         return saved
+
+
+def upload_photos(folder: str | Path):
+    """The upload step. On Colab with no photos in `folder` yet, Colab's own file picker, which
+    holds Run All until the files are chosen; otherwise a PhotoUpload panel."""
+    from .workspace import list_photos
+
+    folder = Path(folder)
+    if not list_photos(folder):
+        try:
+            from google.colab import files
+        except ImportError:
+            pass
+        else:
+            picked = files.upload()
+            saved = [save_photo(folder, name, content) for name, content in picked.items()]
+            print(f"Saved {len(saved)} photo(s) to {folder}.")
+            return None
+    return PhotoUpload(folder)
 
 
 class TrainingMonitor(_Panel):

@@ -29,8 +29,9 @@ def test_environment_yml_and_pyproject_name_the_same_dependencies():
 
 def test_notebooks_are_committed_without_outputs():
     notebooks = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
-    assert [n.name for n in notebooks] == ["01_prepare.ipynb", "02_finetune.ipynb",
-                                           "03_generate.ipynb", "04_evaluate.ipynb"]
+    assert [n.name for n in notebooks] == ["00_quickstart.ipynb", "01_prepare.ipynb",
+                                           "02_finetune.ipynb", "03_generate.ipynb",
+                                           "04_evaluate.ipynb"]
     for path in notebooks:
         cells = json.loads(path.read_text())["cells"]
         for cell in cells:

@@ -121,6 +121,42 @@ def test_photo_upload_saves_without_overwriting(tmp_path, samples):
     assert "Saved 1 photo" in panel.status.value
 
 
+def test_an_upload_with_the_default_settings_leaves_git_status_clean(samples, monkeypatch):
+    import shutil
+    import subprocess
+
+    from conftest import ROOT
+    from headshot_kit.widgets import PhotoUpload
+    from headshot_kit.workspace import DRIVE_ENV, workspace
+
+    monkeypatch.delenv(DRIVE_ENV, raising=False)  # a local checkout, not Colab
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def status():
+        return subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout
+
+    before = status()
+    photos = workspace().photos  # the upload cell's folder when nothing is set
+    created = not photos.exists()
+    had = set(photos.iterdir()) if photos.exists() else set()
+    panel = PhotoUpload(photos)
+    photo = (samples / "obama.jpg").read_bytes()
+    panel.picker.set_trait("value", ({"name": "my_selfie.jpg", "type": "image/jpeg",
+                                      "size": len(photo), "content": memoryview(photo),
+                                      "last_modified": datetime.now(timezone.utc)},))
+    saved = set(photos.iterdir()) - had
+    try:
+        assert len(saved) == 1 and next(iter(saved)).is_relative_to(ROOT)
+        assert status() == before
+    finally:
+        for path in saved:
+            path.unlink()
+        if created:
+            shutil.rmtree(photos, ignore_errors=True)
+
+
 def test_training_monitor_draws_loss_and_validation():
     from types import SimpleNamespace
 

@@ -1,0 +1,176 @@
+"""Where the workbench keeps its files: one work folder, and a sub-folder per stage.
+
+    <workdir>/photos/     your selfies (the upload cell saves here)
+    <workdir>/prepared/   the dataset                 (01_prepare)
+    <workdir>/lora/       the trained LoRA            (02_finetune)
+    <workdir>/headshots/  the generated pack          (03_generate)
+    <workdir>/scores/     likeness and quality scores (04_evaluate)
+
+Locally the work folder is `results/demo` (git-ignored, so photos of a face are never
+committed). On Colab it is a folder on Google Drive: each Colab notebook gets its own runtime,
+and a disconnect loses the runtime's disk, so only Drive carries one stage's output to the next.
+`HEADSHOT_KIT_DRIVE` names a folder that stands in for the mounted Drive (tests, or a Drive
+synced some other way); setting it also makes the workbench behave as it does on Colab.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+PHOTOS, PREPARED, LORA, HEADSHOTS, SCORES = "photos", "prepared", "lora", "headshots", "scores"
+# Each stage folder and the notebook (or cell) that writes it, for "not found" messages.
+MADE_BY = {PREPARED: "notebook 01_prepare", LORA: "notebook 02_finetune",
+           HEADSHOTS: "notebook 03_generate", SCORES: "notebook 04_evaluate"}
+# The file that shows a stage finished writing its folder.
+MARKER = {PREPARED: "metadata.jsonl", LORA: "pytorch_lora_weights.safetensors",
+          HEADSHOTS: "manifest.csv", SCORES: "scores.csv"}
+DRIVE_MOUNT = Path("/content/drive")
+DRIVE_ENV = "HEADSHOT_KIT_DRIVE"
+# A folder of its own on Drive, so purging it never touches the user's other files.
+DRIVE_FOLDER = "headshot-kit"
+CHECKOUT = Path(__file__).resolve().parents[1]
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".mpo", ".heic",
+                  ".heif", ".zip"}
+
+
+class StageMissing(FileNotFoundError):
+    """A stage's input is not in the work folder; the message says which notebook makes it."""
+
+
+def is_colab() -> bool:
+    """True on Google Colab, or where HEADSHOT_KIT_DRIVE stands in for its Drive."""
+    return "google.colab" in sys.modules or bool(os.environ.get(DRIVE_ENV))
+
+
+def drive_root() -> Path:
+    """The folder the user's Drive files appear in once mounted ("My Drive")."""
+    stand_in = os.environ.get(DRIVE_ENV)
+    return Path(stand_in) if stand_in else DRIVE_MOUNT / "MyDrive"
+
+
+def drive_mounted() -> bool:
+    return drive_root().is_dir()
+
+
+def mount_drive() -> Path | None:
+    """Mount Google Drive on Colab (once: a mounted Drive is left as it is); None elsewhere."""
+    if not is_colab():
+        return None
+    if not drive_mounted():
+        print("Mounting Google Drive: each Colab notebook runs in its own runtime and a "
+              "disconnect wipes the runtime's disk, so the stages keep their work on Drive.")
+        from google.colab import drive
+
+        drive.mount(str(DRIVE_MOUNT))
+    return drive_root()
+
+
+def notebook_setup() -> None:
+    """The setup cell's work: on Colab widgets on and Drive mounted; everywhere, a mistake the
+    workbench explains (a wrong setting, a stage not run yet) shows as its one-line message,
+    not as a traceback with the useful line at the bottom."""
+    from .widgets import enable_colab_widgets
+
+    enable_colab_widgets()
+    mount_drive()
+    _short_errors()
+
+
+def _short_errors() -> None:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    from .config import ConfigError, DataError
+
+    def one_line(shell, etype, value, tb, tb_offset=None):
+        # An error output of one line; the cell still fails, so Run All stops here.
+        return [f"{etype.__name__}: {value}"]
+
+    shell.set_custom_exc((ConfigError, DataError, StageMissing), one_line)
+
+
+def default_workdir() -> Path:
+    if is_colab():
+        return drive_root() / DRIVE_FOLDER
+    if (CHECKOUT / "pyproject.toml").is_file():  # a checkout: its git-ignored results/
+        return CHECKOUT / "results" / "demo"
+    return Path.cwd() / "results" / "demo"
+
+
+def _check_on_drive(workdir: Path) -> None:
+    """Refuse a Drive path while Drive is not mounted: it would land on the runtime's disk."""
+    if workdir.is_relative_to(DRIVE_MOUNT) and not drive_mounted():
+        raise StageMissing(f"{workdir} is on Google Drive, but Drive is not mounted, so the "
+                           "files would land on the runtime's disk and vanish with it. Run the "
+                           "setup cell at the top of the notebook (it mounts Drive), then this "
+                           "cell again.")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The work folder and its stage folders; `input` checks a stage's input is there."""
+
+    root: Path
+    photos: Path
+
+    @property
+    def prepared(self) -> Path:
+        return self.root / PREPARED
+
+    @property
+    def lora(self) -> Path:
+        return self.root / LORA
+
+    @property
+    def headshots(self) -> Path:
+        return self.root / HEADSHOTS
+
+    @property
+    def scores(self) -> Path:
+        return self.root / SCORES
+
+    def input(self, stage: str) -> Path:
+        """The folder a stage reads, or StageMissing saying where it looked and what makes it."""
+        if stage == PHOTOS:
+            if self.photos.is_file() or list_photos(self.photos):
+                return self.photos
+            raise StageMissing(f"No photos in {self.photos}: pick 5-20 selfies with the upload "
+                               "cell above (or copy them there), then run this cell again.")
+        folder = self.root / stage
+        if not (folder / MARKER[stage]).is_file():
+            hint = (" On Colab each notebook runs in its own runtime: keep workdir on Google "
+                    "Drive (the default) so the stages see each other's work.") if is_colab() else ""
+            raise StageMissing(f"No {MARKER[stage]} in {folder}: run {MADE_BY[stage]} with the "
+                               f"same workdir ({self.root}) first.{hint}")
+        return folder
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{name}</td><td><code>{path}</code></td></tr>"
+                       for name, path in (("work folder", self.root), ("photos", self.photos)))
+        return f"<table>{rows}</table>"
+
+
+def list_photos(folder: Path) -> list[Path]:
+    """The photo files (and zips) directly in `folder`."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES
+                  and not p.name.startswith("."))
+
+
+def workspace(workdir: str | Path | None = None, photos: str | Path | None = None) -> Workspace:
+    """The work folder (None: on Drive on Colab, results/demo locally) and the photo folder
+    (None: <workdir>/photos, where the upload cell saves)."""
+    root = Path(workdir).expanduser() if workdir else default_workdir()
+    _check_on_drive(root.absolute())
+    photo_dir = Path(photos).expanduser() if photos else root / PHOTOS
+    _check_on_drive(photo_dir.absolute())
+    return Workspace(root=root, photos=photo_dir)
