@@ -6,3 +6,16 @@ Four stages, one module each, each reading the previous stage's folder and writi
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+
+def _quiet_bitsandbytes() -> None:
+    # bitsandbytes warns on every CPU import that an optional 4-bit matmul kernel (for 4-bit
+    # inference, which this workbench never runs) could not be downloaded. The filter sits on
+    # the logger that emits it, and drops that one message only.
+    logger = _logging.getLogger("bitsandbytes.backends.cpu.ops")
+    logger.addFilter(lambda record: "gemm_4bit_forward" not in record.getMessage())
+
+
+_quiet_bitsandbytes()

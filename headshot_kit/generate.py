@@ -804,11 +804,17 @@ def best_of(manifest_or_scores: pd.DataFrame, out_dir: str | Path, k: int = 8,
         raise ValueError(f"No column {', '.join(missing)} to rank by (columns: "
                          f"{', '.join(table.columns)}); run the evaluate stage for 'likeness', "
                          "or rank by ('starred',).")
+    n_images = len(table)
     if "face_found" in table:
         table = table[table["face_found"].astype(str).str.lower().isin(("true", "1"))]
     ranked = table.sort_values(list(by), ascending=False, na_position="last", kind="stable")
     ranked = ranked.head(k).reset_index(drop=True)
-    _copy_ranked(ranked, column, Path(out_dir), "best")
+    dest = _copy_ranked(ranked, column, Path(out_dir), "best")
+    if ranked.empty:
+        print(f"No face was found in any of the {n_images} images, so {dest} stays empty: "
+              "look at the pack (the offline tiny model draws no faces).")
+    else:
+        print(f"The best {len(ranked)} of {n_images} by {', '.join(by)} are in {dest}.")
     return ranked
 
 

@@ -1031,9 +1031,16 @@ def _listing(photos: list[_Photo], verdict: str) -> str:
 
 def _advice(photos: list[_Photo], cfg: PrepareConfig, out_dir: Path) -> list[str]:
     used = [p for p in photos if p.used]
-    skipped = [p for p in photos if not p.used]
+    # Notes and checksums beside the photos (a README, SHA256SUMS) are not photos to replace.
+    others = [p for p in photos if _other_file(p)]
+    skipped = [p for p in photos if not p.used and not _other_file(p)]
     warned = [p for p in used if p.verdicts("warn")]
-    advice = [f"{len(used)} of {len(photos)} photos are ready for training in {out_dir}."]
+    n_photos = len(photos) - len(others)
+    advice = [f"{len(used)} of {n_photos} photos are ready for training in {out_dir}."]
+    if others:
+        advice.append(f"Left out {len(others)} file{'s' * (len(others) > 1)} that "
+                      f"{'are' if len(others) > 1 else 'is'} not a photo: "
+                      f"{', '.join(p.file for p in others)}.")
     if skipped:
         advice.append(f"Replace {len(skipped)} photo{'s' * (len(skipped) > 1)}: "
                       f"{_listing(skipped, 'fail')}.")
@@ -1051,6 +1058,11 @@ def _advice(photos: list[_Photo], cfg: PrepareConfig, out_dir: Path) -> list[str
                       "the head turned a little left and right, so the model learns your face "
                       "from the side.")
     return advice
+
+
+def _other_file(photo: _Photo) -> bool:
+    read = photo.checks.get("read")
+    return read is not None and read.label == "not a photo"
 
 
 def _badges(photo: _Photo) -> list[tuple[str, str]]:

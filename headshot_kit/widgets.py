@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import random
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,7 +20,7 @@ import ipywidgets as w
 from IPython.display import clear_output, display
 from PIL import Image
 
-from .config import GenerateConfig
+from .config import ConfigError, GenerateConfig
 from .generate import (AXES, SAMPLERS, ComparePlan, Shot, default_axis_values, describe_shot,
                        export_starred, load_generate_pipeline, load_manifest, load_styles,
                        make_shot, parse_axis_values, plan_compare, render, set_starred,
@@ -151,7 +152,7 @@ class PromptStudio(_Panel):
         self.generate_button.disabled = True
         try:
             # Inside the Output, an error shows its traceback in the panel.
-            with self.output:
+            with self.output, _one_line_errors(self.output):
                 self.generate()
         finally:
             self.generate_button.disabled = False
@@ -221,10 +222,21 @@ class ComparePanel(_Panel):
     def _on_render(self, _button: w.Button) -> None:
         self.render_button.disabled = True
         try:
-            with self.output:
+            with self.output, _one_line_errors(self.output):
                 self.render()
         finally:
             self.render_button.disabled = False
+
+
+@contextmanager
+def _one_line_errors(output: w.Output):
+    """A mistake in a panel's fields (a typo in a value, an unknown style) replaces the panel's
+    picture with the sentence saying what to change; anything else shows its traceback."""
+    try:
+        yield
+    except (ConfigError, FileNotFoundError) as exc:
+        output.clear_output()
+        output.append_stderr(f"{exc}\n")
 
 
 def _thumbnail_png(path: Path, side: int = 192) -> bytes:

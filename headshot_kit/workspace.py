@@ -90,8 +90,9 @@ def _short_errors() -> None:
     from .config import ConfigError, DataError
 
     def one_line(shell, etype, value, tb, tb_offset=None):
-        # An error output of one line; the cell still fails, so Run All stops here.
-        return [f"{etype.__name__}: {value}"]
+        # IPython leaves the showing to the handler: an error output of one line. The cell
+        # still fails, so Run All stops here.
+        shell._showtraceback(etype, value, [f"{etype.__name__}: {value}"])
 
     shell.set_custom_exc((ConfigError, DataError, StageMissing), one_line)
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import ROOT
 from headshot_kit.cli import _stage_config, build_parser, main
 from headshot_kit.config import ConfigError
 
@@ -70,3 +71,21 @@ def test_fitcheck_command_prints_a_plan_and_exits_by_verdict(capsys):
                  "--set", "gradient_checkpointing=false", "--set", "resolution=1024"])
     assert code == 1
     assert "Cheapest fix:" in capsys.readouterr().out
+
+
+def test_training_on_a_dataset_with_every_photo_rejected_is_one_line(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "metadata.jsonl").write_text("")
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "lora")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "every photo was rejected" in err
+    assert "report.csv" in err
+
+
+def test_bitsandbytes_cpu_kernel_notice_is_silenced():
+    pytest.importorskip("bitsandbytes")
+    code = ("import logging; logging.basicConfig(); import headshot_kit.train; "
+            "import bitsandbytes")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    assert "gemm_4bit_forward" not in run.stderr

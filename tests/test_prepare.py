@@ -25,7 +25,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from headshot_kit import prepare
-from headshot_kit.config import ConfigError, PrepareConfig
+from headshot_kit.config import ConfigError, PrepareConfig, get_preset
 from headshot_kit.faces import detect_faces
 from headshot_kit.prepare import CHECKS, prepare_photos, purge
 
@@ -596,3 +596,11 @@ def test_purge_refuses_folders_holding_home_or_the_current_folder(tmp_path, monk
             purge(broad)
     assert (tmp_path / "keep.txt").exists()
     assert purge(tmp_path / "never-made") == []
+
+
+def test_notes_beside_the_photos_are_not_photos_to_replace(samples, tmp_path):
+    result = prepare_photos(samples, tmp_path / "out", get_preset("tiny").prepare)
+    replace = next(line for line in result.advice if line.startswith("Replace"))
+    assert "PROVENANCE.md" not in replace and "SHA256SUMS" not in replace
+    assert "Left out 2 files that are not a photo: PROVENANCE.md, SHA256SUMS." in result.advice
+    assert result.advice[0].startswith("3 of 6 photos are ready")

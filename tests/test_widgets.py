@@ -79,6 +79,16 @@ def test_compare_panel_renders_the_chosen_axes(pipe, lora_dir, cfg):
                                          title=panel.plan.title).size
 
 
+def test_a_typo_in_the_compare_values_is_one_line_in_the_panel(pipe, lora_dir, cfg):
+    panel = ComparePanel(lora_dir, cfg, pipe=pipe)
+    panel.y_axis.value = "seed"
+    panel.x_axis.value, panel.x_values.value = "lora_scale", "0, 1x"
+    panel.render_button.click()
+    assert [o["text"] for o in panel.output.outputs] == [
+        "lora_scale value '1x' is not a number.\n"]
+    assert not panel.render_button.disabled
+
+
 def test_gallery_stars_are_saved_and_exported(pipe, lora_dir, cfg, tmp_path):
     out = tmp_path / "pack"
     gen.generate_pack(lora_dir, out, cfg, pipe=pipe, progress=False)

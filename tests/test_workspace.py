@@ -1,0 +1,68 @@
+"""The work folder: where each stage looks, on Colab (Drive) and locally (results/)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+from headshot_kit import workspace as wsm
+from headshot_kit.workspace import StageMissing, workspace
+
+
+@pytest.fixture
+def local(monkeypatch):
+    monkeypatch.delenv(wsm.DRIVE_ENV, raising=False)
+
+
+def test_locally_everything_lands_in_a_git_ignored_folder(local):
+    ws = workspace()
+    assert ws.root == ROOT / "results" / "demo" and ws.photos == ws.root / "photos"
+    assert not wsm.is_colab()
+    if (ROOT / ".git").exists():
+        check = subprocess.run(["git", "check-ignore", "-q", str(ws.photos / "me.jpg")],
+                               cwd=ROOT)
+        assert check.returncode == 0, "uploads would show up in git status"
+
+
+def test_on_colab_the_defaults_are_on_drive(tmp_path, monkeypatch):
+    monkeypatch.setenv(wsm.DRIVE_ENV, str(tmp_path / "MyDrive"))
+    (tmp_path / "MyDrive").mkdir()
+    ws = workspace()
+    assert wsm.is_colab() and wsm.mount_drive() == tmp_path / "MyDrive"
+    assert ws.root == tmp_path / "MyDrive" / "headshot-kit"
+    assert ws.photos == ws.root / "photos" and ws.lora == ws.root / "lora"
+
+
+def test_a_drive_path_without_drive_mounted_is_refused(local):
+    with pytest.raises(StageMissing, match="not mounted.*setup cell"):
+        workspace("/content/drive/MyDrive/headshots")
+
+
+def test_a_missing_stage_says_where_it_looked_and_what_makes_it(tmp_path, local):
+    ws = workspace(tmp_path)
+    with pytest.raises(StageMissing, match=f"No metadata.jsonl in {tmp_path}/prepared: run "
+                       "notebook 01_prepare"):
+        ws.input("prepared")
+    with pytest.raises(StageMissing, match="No photos in .*upload cell"):
+        ws.input("photos")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "me.jpg").write_bytes(b"")
+    assert ws.input("photos") == tmp_path / "photos"
+
+
+def test_notebook_errors_the_workbench_explains_are_one_line(local, capfd):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    try:
+        wsm.notebook_setup()
+        result = shell.run_cell("from headshot_kit.config import ConfigError\n"
+                                "raise ConfigError('steps is 0; train for at least 1 step.')")
+        assert result.error_in_exec is not None  # the cell still fails: Run All stops there
+        out = "".join(capfd.readouterr())
+        assert "ConfigError: steps is 0; train for at least 1 step." in out
+        assert "Traceback" not in out
+    finally:
+        InteractiveShell.clear_instance()
