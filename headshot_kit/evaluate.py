@@ -604,7 +604,9 @@ class EvalResult:
     def _repr_html_(self) -> str:
         parts = [f"<h4>{html.escape(self.headline)}</h4>"]
         parts += [f"<p><i>{html.escape(note)}</i></p>" for note in self.notes]
-        parts.append(self.summary.to_html(index=False, na_rep="", float_format="{:.3f}".format))
+        # The notes are shown above: in the table they would stretch one row into a band.
+        table = self.summary.drop(columns=["notes"], errors="ignore")
+        parts.append(table.to_html(index=False, na_rep="", float_format="{:.3f}".format))
         for key in ("likeness_by_style", "likeness_vs_quality", "consistency", "contact_sheet"):
             if key in self.files:
                 data = base64.b64encode(self.files[key].read_bytes()).decode()
@@ -869,6 +871,13 @@ def _constant_settings(manifest: pd.DataFrame) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 SAME_COLOR, OTHER_COLOR, NO_FACE_COLOR = "#1b7f3a", "#c0392b", "#7f7f7f"
+# Every embedder's same-person distance threshold maps onto this likeness (to_similarity).
+SAME_PERSON_LIKENESS = 0.5
+
+
+def _threshold_label(embedder: FaceEmbedder) -> str:
+    return (f"same person: likeness above {SAME_PERSON_LIKENESS:g} ({embedder.name} "
+            f"distance below {embedder.threshold:g})")
 
 
 def _save_figure(fig, path: Path) -> Path:
@@ -900,8 +909,7 @@ def _plot_likeness_by_style(scores: pd.DataFrame, embedder: FaceEmbedder):
         missing = len(part) - len(found)
         if missing:
             ax.scatter([x] * missing, [0] * missing, marker="x", c=NO_FACE_COLOR, s=30)
-    ax.axhline(0.5, ls="--", c="grey", lw=1,
-               label=f"same-person threshold ({embedder.name} distance {embedder.threshold:g})")
+    ax.axhline(SAME_PERSON_LIKENESS, ls="--", c="grey", lw=1, label=_threshold_label(embedder))
     ax.set_xticks(range(len(groups)),
                   [f"{style}\n{int(p['same_person'].sum())}/{len(p)}" for style, p in groups])
     ax.set_ylim(-0.05, 1.05)
@@ -914,12 +922,18 @@ def _plot_likeness_by_style(scores: pd.DataFrame, embedder: FaceEmbedder):
 
 def _plot_likeness_vs_quality(scores: pd.DataFrame, metrics: Sequence[QualityMetric]):
     shown = [m for m in metrics if m.name in scores.columns]
-    fig, axes = _new_figure(3.0 * len(shown), 3.2, ncols=len(shown))
     found = scores[scores["face_found"]]
+    if found.empty:  # nothing to plot: one sentence, not a row of empty panels
+        fig, (ax,) = _new_figure(6.0, 1.6)
+        ax.text(0.5, 0.5, f"No face found in any of the {len(scores)} images: no likeness to "
+                "plot against quality.", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    fig, axes = _new_figure(3.0 * len(shown), 3.2, ncols=len(shown))
     colors = [SAME_COLOR if s else OTHER_COLOR for s in found["same_person"]]
     for ax, metric in zip(axes, shown):
         ax.scatter(found[metric.name], found["likeness"], c=colors, s=18)
-        ax.axhline(0.5, ls="--", c="grey", lw=1)
+        ax.axhline(SAME_PERSON_LIKENESS, ls="--", c="grey", lw=1)
         ax.set_xlabel(metric.name)
         ax.set_ylim(-0.05, 1.05)
     axes[0].set_ylabel("likeness to you")
@@ -935,7 +949,7 @@ def _plot_consistency(pairs: np.ndarray, embedder: FaceEmbedder):
     else:
         ax.text(0.5, 0.5, "fewer than two faces: no pairs to compare", ha="center",
                 transform=ax.transAxes)
-    ax.axvline(0.5, ls="--", c="grey", lw=1, label="same-person threshold")
+    ax.axvline(SAME_PERSON_LIKENESS, ls="--", c="grey", lw=1, label=_threshold_label(embedder))
     ax.set_xlabel(f"likeness between two generated faces ({embedder.name})")
     ax.set_ylabel("pairs")
     ax.set_title("Consistency: do the headshots show one person?")
@@ -1101,8 +1115,8 @@ def compare(table: PathLike | pd.DataFrame, setting: str, metric: str, ax=None):
     stats = data.groupby(setting)[metric].agg(["mean", "std"]).reindex(values)
     ax.errorbar(xs, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=4,
                 color="black", label="mean ± 1 s.d.")
-    if not numeric:
-        ax.set_xticks(xs, [str(v) for v in values])
+    # Ticks at the values that ran, only: a sweep over rank 4 and 8 has no rank 4.5.
+    ax.set_xticks(xs, [f"{v:g}" if numeric else str(v) for v in values])
     ax.set_xlabel(setting)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs {setting} ({len(data)} runs)")

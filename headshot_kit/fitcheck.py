@@ -970,7 +970,8 @@ def _plan(cfg: TrainConfig, gpu: GPU, mode: str, recipe: Recipe, measure: bool =
         if cfg.cache_latents:
             # train.py loads the whole pipeline to the GPU and encodes the photos before the
             # LoRA and the optimizer exist; the VAE and text encoders leave afterwards.
-            chunk = recipe.cache_batch or cache_chunk(cfg.resolution)
+            # A dataset holds about HOST_PHOTOS photos: a larger chunk is never filled.
+            chunk = recipe.cache_batch or min(cache_chunk(cfg.resolution), HOST_PHOTOS)
             peak = max(measure_vae(family, cfg.resolution, chunk, vae_half).peak,
                        measure_text(family, chunk, half).peak)
             unet_dtype = "fp32" if mode == "full" else dtype

@@ -110,9 +110,13 @@ class PrepareResult:
         table = self.report[["file", "status", "reason", *CHECKS]].fillna("")
         styled = (table.style.hide(axis="index")
                   .map(lambda v: _VERDICT_CSS.get(v, ""), subset=list(CHECKS))
-                  .map(lambda v: "font-weight:bold", subset=["status"]))
+                  .map(lambda v: "font-weight:bold", subset=["status"])
+                  # The reason is what people read: room for a sentence, not a word per line.
+                  .set_properties(subset=["reason"], **{"min-width": "28em"}))
+        # A cell's width holds the table; anything wider scrolls instead of being cut off.
         return (f"<h4>Prepared {self.n_used} of {len(self.report)} photos into "
-                f"{html.escape(str(self.out_dir))}</h4><ul>{advice}</ul>{styled.to_html()}")
+                f"{html.escape(str(self.out_dir))}</h4><ul>{advice}</ul>"
+                f'<div style="overflow-x:auto">{styled.to_html()}</div>')
 
     def show(self) -> None:
         """Advice, the styled report and the contact sheet, in a notebook cell."""
@@ -237,7 +241,11 @@ def purge(root_or_paths: str | Path | Iterable[str | Path], older_than_days: flo
             continue
         deleted += _purge_tree(root, cutoff, dry_run)
     size_note = "would delete" if dry_run else "deleted"
-    print(f"purge: {size_note} {len(deleted)} paths under {', '.join(str(r) for r in roots)}")
+    print(f"purge: {size_note} {len(deleted)} paths under {', '.join(str(r) for r in roots)}"
+          + (":" if dry_run and deleted else ""))
+    if dry_run:  # the list to check before deleting for real
+        for path in deleted:
+            print(f"  {path}")
     return deleted
 
 

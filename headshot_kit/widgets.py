@@ -257,7 +257,8 @@ class Gallery(_Panel):
         self.style_filter = w.Dropdown(options=["all", *styles], value="all",
                                        description="Style")
         self.starred_only = w.Checkbox(value=False, description="Starred only")
-        self.export_button = w.Button(description="Export favourites", icon="download")
+        self.export_button = w.Button(description="Export favourites", icon="download",
+                                      layout=w.Layout(width="auto"))
         self.status = w.Label()
         # One card per image, made once and shown or hidden by the filters.
         self.stars: dict[str, w.ToggleButton] = {}
@@ -272,6 +273,7 @@ class Gallery(_Panel):
                             layout=w.Layout(width="192px"))
             self.cards[row.file] = w.VBox([image, w.Label(f"{row.style}, seed {row.seed}"),
                                            star])
+            _mark_starred(self.cards[row.file], star, bool(row.starred))
         self.grid = w.GridBox(layout=w.Layout(
             grid_template_columns=f"repeat({columns}, 200px)"))
         self.widget = w.VBox([w.HBox([self.style_filter, self.starred_only, self.export_button]),
@@ -300,6 +302,7 @@ class Gallery(_Panel):
 
     def _save_star(self, file: str, starred: bool) -> None:
         self.manifest = set_starred(self.out_dir, file, starred)
+        _mark_starred(self.cards[file], self.stars[file], starred)
         self.refresh()
 
     def export(self) -> Path:
@@ -307,6 +310,13 @@ class Gallery(_Panel):
         folder = export_starred(self.out_dir)
         self.status.value = f"Exported {int(self.manifest['starred'].sum())} images to {folder}"
         return folder
+
+
+def _mark_starred(card: w.VBox, star: w.ToggleButton, starred: bool) -> None:
+    """A starred card stands out at a glance: a gold frame, and the button says so."""
+    star.description = "Starred" if starred else "Star"
+    star.button_style = "warning" if starred else ""
+    card.layout.border = "3px solid #f0ad4e" if starred else "3px solid transparent"
 
 
 def _png_bytes(image: Image.Image) -> bytes:

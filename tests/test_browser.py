@@ -1,10 +1,12 @@
-"""Notebook 03 in a real browser: JupyterLab on localhost, Chromium driven by Playwright.
+"""Notebooks 03 and the quickstart in a real browser: JupyterLab on localhost, Chromium driven
+by Playwright.
 
 The headless notebook tests prove the cells run; this one proves what a learner sees: the
 widgets render, the Prompt Studio's Generate button works when clicked, and its images show up.
 Notebooks 01 and 02 run headless first (papermill) to make the LoRA that 03 reads; 03 is served
 with its `workdir` parameter pointing at that folder, run with Run > Run All Cells, and its
-Prompt Studio is clicked. A screenshot lands in results/browser/03_generate.png.
+Prompt Studio is clicked. The quickstart is served with a fresh `workdir` holding the user's
+photos and run whole. Screenshots land in results/browser/.
 
 Needs Debian's chromium (`apt-get install chromium`) and the `playwright` package (dev extras);
 Playwright's own browser download is not used. Without them the test skips, except under CI=true,
@@ -41,6 +43,9 @@ SCREENSHOTS = ROOT / "results" / "browser"
 # The open notebook (a restored workspace could hold hidden ones too).
 PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"
 TRACEBACK = "Traceback (most recent call last)"  # JupyterLab shows errors as stderr text
+# A mistake the workbench explains shows as one line, "ConfigError: ...", with no traceback.
+ERROR_LINE = r"^\w+(Error|Missing): "
+QUICKSTART = "00_quickstart.ipynb"
 
 
 def _require_browser_tools() -> None:
@@ -92,7 +97,8 @@ def _lab_settings(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, request):
-    """JupyterLab serving a copy of notebook 03 whose workdir holds 01's and 02's output."""
+    """JupyterLab serving a copy of notebook 03 whose workdir holds 01's and 02's output, and
+    the quickstart with a fresh workdir holding nothing but the user's photos."""
     _require_browser_tools()
     from headshot_kit.demo import run_notebooks
 
@@ -103,6 +109,11 @@ def lab(tmp_path_factory, request):
     assert (workdir / "lora" / "pytorch_lora_weights.safetensors").is_file()
     served.mkdir()
     _point_at_workdir(ROOT / "notebooks" / NOTEBOOK, served / NOTEBOOK, workdir)
+    fresh = tmp / "quick"
+    (fresh / "photos").mkdir(parents=True)  # where the upload cell saves
+    for name in ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg"):
+        (fresh / "photos" / name).write_bytes((SAMPLES / name).read_bytes())
+    _point_at_workdir(ROOT / "notebooks" / QUICKSTART, served / QUICKSTART, fresh)
     _lab_settings(home / "settings")
 
     port, token = _free_port(), secrets.token_hex(16)
@@ -174,13 +185,16 @@ def _kernel_status(page):
 
 
 def _tracebacks(scope) -> list[str]:
-    return [t for t in scope.locator(".jp-OutputArea-output").all_inner_texts() if TRACEBACK in t]
+    """Outputs showing an error: a traceback, or the one line of an error the workbench
+    explains."""
+    return [t for t in scope.locator(".jp-OutputArea-output").all_inner_texts()
+            if TRACEBACK in t or re.search(ERROR_LINE, t, re.M)]
 
 
-def _wait_until_run(page) -> None:
+def _wait_until_run(page, timeout: int = WAIT_MS) -> None:
     """The kernel is idle again and every code cell ran, or one failed (Run All stops there)."""
     page.wait_for_function(
-        """([panel, traceback]) => {
+        """([panel, traceback, errorLine]) => {
             const status = document.querySelector(
                 "#jp-main-statusbar .jp-StatusBar-TextItem[title^='Change kernel']");
             const idle = status && / \\| Idle$/.test(status.textContent);
@@ -188,9 +202,28 @@ def _wait_until_run(page) -> None:
                 panel + ' .jp-CodeCell .jp-InputArea-prompt')];
             const done = prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
             const failed = [...document.querySelectorAll(panel + ' .jp-OutputArea-output')]
-                .some(o => o.textContent.includes(traceback));
+                .some(o => o.textContent.includes(traceback)
+                      || new RegExp(errorLine, "m").test(o.textContent));
             return idle && (done || failed);
-        }""", arg=[PANEL, TRACEBACK], timeout=WAIT_MS)
+        }""", arg=[PANEL, TRACEBACK, ERROR_LINE], timeout=timeout)
+
+
+def _run_all(page, lab, notebook: str, timeout: int = WAIT_MS) -> None:
+    """Open `notebook` alone, Run All Cells, and check every cell ran without an error."""
+    from playwright.sync_api import expect
+
+    panel = page.locator(PANEL)
+    # ?reset: a fresh workspace, only this notebook open.
+    page.goto(f"{lab['url']}/lab/tree/{notebook}?reset&token={lab['token']}")
+    panel.locator(".jp-CodeCell").first.wait_for()
+    # Run All before the kernel is connected would run nothing.
+    expect(_kernel_status(page)).to_have_text(KERNEL_IDLE, timeout=WAIT_MS)
+    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
+    _wait_until_run(page, timeout)
+    assert not _tracebacks(panel), "a cell failed:\n" + "\n".join(_tracebacks(panel))
+    prompts = panel.locator(".jp-CodeCell .jp-InputArea-prompt").all_inner_texts()
+    assert all(re.search(r"\[\d+\]", p) for p in prompts), f"cells left unrun: {prompts}"
 
 
 def _shows_image(img) -> bool:
@@ -201,20 +234,8 @@ def test_notebook_03_runs_in_the_browser_and_the_prompt_studio_generates(lab, pa
     from playwright.sync_api import expect
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    panel = page.locator(PANEL)
     try:
-        # ?reset: a fresh workspace, only this notebook open.
-        page.goto(f"{lab['url']}/lab/tree/{NOTEBOOK}?reset&token={lab['token']}")
-        panel.locator(".jp-CodeCell").first.wait_for()
-        # Run All before the kernel is connected would run nothing.
-        expect(_kernel_status(page)).to_have_text(KERNEL_IDLE, timeout=WAIT_MS)
-
-        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
-        page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
-        _wait_until_run(page)
-        assert not _tracebacks(panel), "a cell failed:\n" + "\n".join(_tracebacks(panel))
-        prompts = panel.locator(".jp-CodeCell .jp-InputArea-prompt").all_inner_texts()
-        assert all(re.search(r"\[\d+\]", p) for p in prompts), f"cells left unrun: {prompts}"
+        _run_all(page, lab, NOTEBOOK)
 
         # The pack grid, shown by the cell above the studio.
         pack = _cell(page, "pack.grid")
@@ -249,5 +270,26 @@ def test_notebook_03_runs_in_the_browser_and_the_prompt_studio_generates(lab, pa
     except Exception:
         page.screenshot(path=str(SCREENSHOTS / "03_generate-failed.png"))
         print(f"Screenshot: {SCREENSHOTS / '03_generate-failed.png'}; the end of {lab['log']}:")
+        print(lab["log"].read_text()[-3000:])
+        raise
+
+
+def test_the_quickstart_runs_whole_in_the_browser(lab, page):
+    from playwright.sync_api import expect
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        # Prepare, fit check, train, generate and evaluate in one go: give it longer.
+        _run_all(page, lab, QUICKSTART, timeout=4 * WAIT_MS)
+        grid = _cell(page, "pack.grid").locator(".jp-OutputArea-output img")
+        expect(grid).to_have_count(1)
+        assert _shows_image(grid)
+        gallery = _cell(page, "Gallery(").locator(".widget-image")
+        expect(gallery.first).to_be_visible()
+        page.screenshot(path=str(SCREENSHOTS / "00_quickstart.png"), full_page=True)
+    except Exception:
+        page.screenshot(path=str(SCREENSHOTS / "00_quickstart-failed.png"))
+        print(f"Screenshot: {SCREENSHOTS / '00_quickstart-failed.png'}; the end of "
+              f"{lab['log']}:")
         print(lab["log"].read_text()[-3000:])
         raise

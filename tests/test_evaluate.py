@@ -237,3 +237,25 @@ def test_experiments_table_gains_a_row_per_run_and_compare_plots_it(result, tmp_
     plt.close(fig)
     with pytest.raises(ValueError, match="no setting 'rank'"):
         compare(table, "rank", "likeness_mean")
+
+
+def test_a_pack_without_faces_reads_plainly(references, tmp_path):
+    from headshot_kit.evaluate import _plot_likeness_vs_quality
+
+    pack = tmp_path / "work" / "headshots"
+    (pack / "images").mkdir(parents=True)
+    for seed in (0, 1):
+        _noise(pack / "images" / f"corporate_seed{seed}.png")
+    _manifest(pack, [(f"images/corporate_seed{s}.png", "corporate", s) for s in (0, 1)])
+    result = evaluate_images(references, pack, tmp_path / "work" / "scores", NO_CLIP)
+    # Named after the work folder: every work folder's scores/ would otherwise be "scores".
+    assert result.run_id == "work"
+    # One sentence instead of a row of empty panels.
+    assert len(_plot_likeness_vs_quality(result.scores, quality_metrics()[0]).axes) == 1
+    assert "notes" not in result._repr_html_().split("<table")[1]
+
+
+def test_compare_ticks_only_the_values_that_ran():
+    table = pd.DataFrame({"rank": [4, 4, 8, 8], "same_person_rate": [0.2, 0.3, 0.5, 0.6]})
+    fig = compare(table, "rank", "same_person_rate")
+    assert list(fig.axes[0].get_xticks()) == [4, 8]

@@ -169,3 +169,8 @@ def test_validation_and_text_encoder_lora_add_their_memory():
     # The text encoder stays on the GPU, with its LoRA, gradients and activations.
     assert both.phases["forward/backward"] > base.phases["forward/backward"] + 0.25
     assert "text encoders kept on the GPU (fp16)" in both.components
+
+
+def test_the_tiny_plan_caches_no_more_photos_than_a_dataset_holds():
+    text = str(fc.fit_check(get_preset("tiny").train, gpu="t4"))
+    assert "512 photos" not in text

@@ -604,3 +604,12 @@ def test_notes_beside_the_photos_are_not_photos_to_replace(samples, tmp_path):
     assert "PROVENANCE.md" not in replace and "SHA256SUMS" not in replace
     assert "Left out 2 files that are not a photo: PROVENANCE.md, SHA256SUMS." in result.advice
     assert result.advice[0].startswith("3 of 6 photos are ready")
+
+
+def test_purge_dry_run_lists_what_it_would_delete(tmp_path, capsys):
+    root = tmp_path / "work"
+    (root / "photos").mkdir(parents=True)
+    (root / "photos" / "me.jpg").write_bytes(b"x")
+    purge(root, dry_run=True)
+    out = capsys.readouterr().out
+    assert str(root / "photos" / "me.jpg") in out and (root / "photos" / "me.jpg").exists()

@@ -99,6 +99,11 @@ def test_gallery_stars_are_saved_and_exported(pipe, lora_dir, cfg, tmp_path):
     gallery.star("images/corporate_seed0.png", False)
     saved = pd.read_csv(out / "manifest.csv")
     assert list(saved.loc[saved["starred"], "file"]) == ["images/creative_seed1.png"]
+    # A starred card says so and stands out; an unstarred one is plain again.
+    assert gallery.stars["images/creative_seed1.png"].description == "Starred"
+    assert "#f0ad4e" in gallery.cards["images/creative_seed1.png"].layout.border
+    assert gallery.stars["images/corporate_seed0.png"].description == "Star"
+    assert "transparent" in gallery.cards["images/corporate_seed0.png"].layout.border
     gallery.starred_only.value = True
     assert gallery.visible() == ["images/creative_seed1.png"]
     assert len(gallery.grid.children) == 1
