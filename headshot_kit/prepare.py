@@ -244,8 +244,8 @@ def purge(root_or_paths: str | Path | Iterable[str | Path], older_than_days: flo
     print(f"purge: {size_note} {len(deleted)} paths under {', '.join(str(r) for r in roots)}"
           + (":" if dry_run and deleted else ""))
     if dry_run:  # the list to check before deleting for real
-        for path in deleted:
-            print(f"  {path}")
+        for line in _outline(deleted, {Path(r).expanduser().absolute() for r in roots}):
+            print(f"  {line}")
     return deleted
 
 
@@ -1133,6 +1133,23 @@ def _shorten(text: str, n: int) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Purging
+
+
+def _outline(paths: list[Path], roots: set[Path]) -> list[str]:
+    """The paths of a dry run, one level into each given folder; a folder that would go whole
+    is one line with its file count."""
+    gone = set(paths) - roots
+    files = [p for p in paths if not p.is_dir() or p.is_symlink()]
+    lines = []
+    for path in sorted(paths):
+        if path.parent in gone or path in roots:
+            continue  # listed with its folder, or the given folder itself
+        if path in files:
+            lines.append(str(path))
+        else:
+            n = sum(path in f.parents for f in files)
+            lines.append(f"{path}/ ({n} file{'s' * (n != 1)})")
+    return lines
 
 
 def _refuse_broad_root(root: Path) -> None:

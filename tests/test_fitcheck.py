@@ -174,3 +174,12 @@ def test_validation_and_text_encoder_lora_add_their_memory():
 def test_the_tiny_plan_caches_no_more_photos_than_a_dataset_holds():
     text = str(fc.fit_check(get_preset("tiny").train, gpu="t4"))
     assert "512 photos" not in text
+
+
+def test_the_readme_sdxl_prediction_is_what_the_fitcheck_command_prints():
+    from conftest import ROOT
+
+    plan = fc.fit_check(get_preset("sdxl-t4").train, gpu="t4")
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines()
+               if line.startswith("| SDXL LoRA"))
+    assert f"{plan.total_gb:.1f} GB" in row and f"{plan.step_seconds:.1f} s/step" in row
