@@ -412,8 +412,8 @@ def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
     kept = _unchanged(out_dir, digest, shots)
     todo = [s for s in shots if _file(s) not in kept]
     print(f"{len(shots)} images ({len(names)} styles x {len(cfg.seeds)} seeds)"
-          + (f": {len(kept)} unchanged since the last run are kept with their stars"
-             if kept else "") + f"; {t4_estimate(cfg, len(todo))}")
+          + (f"; {len(kept)} unchanged since the last run are kept, with their stars"
+             if kept else "") + f"; {len(todo)} to render, {t4_estimate(cfg, len(todo))}.")
     if todo and pipe is None:
         pipe = load_generate_pipeline(cfg)
     made: dict[str, tuple[Image.Image, bool]] = {}
@@ -454,8 +454,8 @@ def t4_estimate(cfg: GenerateConfig, n_images: int) -> str:
     scale = (cfg.resolution / native) ** 2
     seconds = n_images * (cfg.steps * per_step + decode) * scale
     when = "under a minute" if seconds < 60 else f"about {seconds / 60:.0f} min"
-    return (f"{n_images} to render: on a T4 GPU {when} ({cfg.steps} steps at "
-            f"{cfg.resolution} px, about {per_step * scale:.2f} s per step; an estimate).")
+    return (f"on a T4 GPU {when} ({cfg.steps} steps each at {per_step * scale:.2g} s per step "
+            f"at {cfg.resolution} px: an estimate)")
 
 
 def weights_digest(lora_dir: Path | None) -> str:
