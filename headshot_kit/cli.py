@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import PRESETS, ConfigError, DataError, get_preset, load_config_file, update_config
+from .config import (PRESETS, ConfigError, DataError, EvaluateConfig, GenerateConfig,
+                     PrepareConfig, TrainConfig, get_preset, load_config_file, settings_help,
+                     update_config)
 from .models import ModelUnavailable
 
 
@@ -40,13 +42,20 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override one setting of this stage (repeatable)")
 
 
+def _stage_parser(sub, name: str, cfg_class: type, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help lists every setting of its stage, with the comment that
+    documents it in config.py (one text, shown in both places)."""
+    return sub.add_parser(name, help=help, epilog=settings_help(cfg_class),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="headshot-kit",
         description="Turn 5-20 selfies into professional headshots, and score them.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="check, crop and caption selfies into a dataset")
+    p = _stage_parser(sub, "prepare", PrepareConfig, help="check, crop and caption selfies into a dataset")
     p.add_argument("--photos", required=True, help="a folder, a .zip, or one image file")
     p.add_argument("--out", required=True, help="the dataset folder to write")
     _common(p)
@@ -58,13 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only delete what is older than this many days")
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted")
 
-    p = sub.add_parser("train", help="fine-tune a LoRA on a prepared dataset")
+    p = _stage_parser(sub, "train", TrainConfig, help="fine-tune a LoRA on a prepared dataset")
     p.add_argument("--data", required=True, help="the prepare stage's output folder")
     p.add_argument("--out", required=True, help="the folder for the LoRA and its records")
     p.add_argument("--steps", type=int, help="training steps (overrides the preset)")
     _common(p)
 
-    p = sub.add_parser("generate", help="render headshots with a trained LoRA")
+    p = _stage_parser(sub, "generate", GenerateConfig, help="render headshots with a trained LoRA")
     p.add_argument("--lora", help="the train stage's output folder (omit for the base model)")
     p.add_argument("--out", required=True, help="the folder for the images")
     p.add_argument("--styles", nargs="+", help="style names (default: the preset's)")
@@ -72,15 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, dest="n", help="number of seeds per style (0..n-1)")
     _common(p)
 
-    p = sub.add_parser("evaluate", help="score likeness, quality and consistency")
+    p = _stage_parser(sub, "evaluate", EvaluateConfig, help="score likeness, quality and consistency")
     p.add_argument("--references", required=True, help="photos of the person (e.g. the "
                    "prepared dataset's images/ folder)")
     p.add_argument("--images", required=True, help="the generate stage's output folder")
     p.add_argument("--out", required=True, help="the folder for the scores")
     _common(p)
 
-    p = sub.add_parser("fitcheck", help="predict peak GPU memory, step time and host RAM of a "
-                       "training run, without a GPU")
+    p = _stage_parser(sub, "fitcheck", TrainConfig, help="predict peak GPU memory, step time "
+                      "and host RAM of a training run, without a GPU")
     p.add_argument("--gpu", default="t4", help="t4, l4, a10g, a100-40g, a100-80g, h100 or a "
                    "torch.cuda device name")
     p.add_argument("--full", action="store_true", help="plan a full UNet fine-tune, not a LoRA")

@@ -9,8 +9,11 @@ configs can be built and checked before torch or dlib are loaded.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,17 +121,23 @@ class TrainConfig:
     resolution: int = 512
     # diffusers' DreamBooth LoRA examples use 500-1000 steps for a face; 800 is the middle.
     steps: int = 800
+    # Photos per step: 1 is what every T4 recipe uses; raise grad_accum instead.
     batch_size: int = 1
     # Accumulation gives a larger effective batch without more GPU memory.
     grad_accum: int = 1
     # diffusers' train_dreambooth_lora.py default for SD 1.5.
     lr: float = 5e-4
+    # A constant rate, as diffusers' DreamBooth LoRA scripts default to; also
+    # "constant_with_warmup", "linear" and "cosine".
     lr_scheduler: str = "constant"
+    # Steps over which the rate rises from 0 (with a warmup schedule); 0 = none.
     lr_warmup_steps: int = 0
     # diffusers' default LoRA rank; a low rank also limits the face bleeding onto others.
     rank: int = 4
     # alpha = rank keeps the LoRA scale at 1.0, so lr means the same at every rank.
     alpha: int | None = None
+    # Dropout on the LoRA's input; 0 as in diffusers' scripts (a few hundred steps barely
+    # over-fit through it).
     lora_dropout: float = 0.0
     # The UNet attention projections: what diffusers' DreamBooth LoRA script adapts.
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
@@ -144,7 +153,9 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     # Encode every photo once; the VAE then leaves the GPU.
     cache_latents: bool = True
+    # Gradient clipping, diffusers' default: one bad batch cannot throw the LoRA far.
     max_grad_norm: float = 1.0
+    # Seeds the LoRA's initialisation, the photo order, noise and timesteps: same seed, same run.
     seed: int = 0
     # Min-SNR-gamma loss weighting (Hang et al. 2023): converges faster; HF's SDXL DreamBooth
     # notebook uses 5. None = plain MSE.
@@ -162,6 +173,7 @@ class TrainConfig:
     class_prompt: str = ""
     # diffusers' DreamBooth default; the paper used 200 x (number of photos).
     num_class_images: int = 100
+    # Weight of the class images' loss against the subject's: diffusers' DreamBooth default.
     prior_loss_weight: float = 1.0
     # Where generated class images are kept and reused; "" = a cache shared by runs of a model.
     class_dir: str = ""
@@ -181,7 +193,10 @@ class TrainConfig:
     validation_prompts: tuple[str, ...] = (
         "a photo of {subject}, corporate headshot, navy background",
         "a photo of {subject}, smiling, outdoors")
+    # One seed per prompt keeps validation cheap; the same seeds at every step make rows
+    # comparable.
     validation_seeds: tuple[int, ...] = (0,)
+    # Sampling steps of each validation render: enough to judge the face, not a final image.
     validation_steps: int = 25
     # Skip a step whose loss is NaN/inf; stop after this many in a row (the run has diverged).
     max_bad_steps: int = 5
@@ -191,6 +206,7 @@ class TrainConfig:
     # The subject words the captions use; validation prompts fill {subject} with them. "" = the
     # words the prepare stage recorded in the dataset (set it only to double-check them).
     subject: str = ""
+    # "auto": the GPU when there is one, else the CPU; or "cpu", "cuda", "cuda:1".
     device: str = "auto"
 
     @property
@@ -401,50 +417,93 @@ def save_config(cfg: Any, path: str | Path, **extra: Any) -> Path:
 
 
 def update_config(cfg: Any, overrides: dict[str, Any], source: str = "settings") -> Any:
-    """A copy of `cfg` with `overrides` applied; unknown names are rejected with the valid ones.
+    """A copy of `cfg` with `overrides` applied; unknown names are rejected with the closest.
 
-    Values arriving as strings (from the command line) are converted to the field's type.
+    Values arriving as strings (from the command line) are converted to the field's declared
+    type, so `--set snr_gamma=5.5` works whether the current value is 5.0 or None.
     """
     names = {f.name: f for f in dataclasses.fields(cfg)}
+    types = typing.get_type_hints(type(cfg))
     changes = {}
     for key, value in overrides.items():
         if value is None:
             continue
         if key not in names:
-            raise ConfigError(f"{source}: {type(cfg).__name__} has no setting {key!r}; "
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{source}: {type(cfg).__name__} has no setting {key!r}; {hint}"
                               f"valid settings: {', '.join(sorted(names))}.")
-        current = getattr(cfg, key)
-        if isinstance(value, str) and not isinstance(current, str):
-            value = _parse_like(value, current, key, source)
+        if isinstance(value, str) and types[key] is not str:
+            value = _parse_as(value, types[key], key, source)
         changes[key] = value
     return dataclasses.replace(cfg, **changes)
 
 
-def _parse_like(text: str, current: Any, key: str, source: str) -> Any:
-    if text.lower() in ("none", "null"):
+def _parse_as(text: str, annotation: Any, key: str, source: str) -> Any:
+    """`text` as a value of the type a field declares (`int`, `float | None`, `list[int]`)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = type(None) in typing.get_args(annotation)
+    if optional and text.lower() in ("none", "null", ""):
         return None
+    kind = args[0] if optional and len(args) == 1 else annotation
+    origin = typing.get_origin(kind)
     try:
-        if isinstance(current, bool):
+        if kind is bool:
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
             if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(text)
-        if isinstance(current, int):
-            return int(text)
-        if isinstance(current, float):
-            return float(text)
-        if isinstance(current, (list, tuple)):
+        if kind in (int, float):
+            return kind(text)
+        if origin in (list, tuple):
+            item = (typing.get_args(kind) or (str,))[0]
             items = [t.strip() for t in text.split(",") if t.strip()]
-            if current and isinstance(current[0], int):
-                items = [int(t) for t in items]
-            return type(current)(items)
-        if current is None:
-            return int(text)
+            return origin(_parse_as(t, item, key, source) for t in items)
     except ValueError:
-        raise ConfigError(f"{source}: {key}={text!r} is not a valid "
-                          f"{type(current).__name__}.") from None
+        name = getattr(kind, "__name__", str(kind))
+        raise ConfigError(f"{source}: {key}={text!r} is not a valid {name}.") from None
     return text
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Each setting's comment, as written above its field in this file: the one text that
+    the CLI's `--help` shows beside the setting."""
+    import inspect
+
+    docs, comment, previous = {}, [], ""
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            comment.append(text.lstrip("# ").strip())
+            continue
+        name = text.split(":", 1)[0]
+        if ":" in text and name.isidentifier() and not text.startswith(("def ", "@")):
+            # A pair such as eyes_warn / eyes_fail shares the comment above the first.
+            if not comment and previous and previous.rsplit("_", 1)[0] == name.rsplit("_", 1)[0]:
+                docs[name] = docs[previous]
+            else:
+                docs[name] = " ".join(comment)
+            previous = name
+        comment = []
+    return docs
+
+
+def settings_help(cls: type) -> str:
+    """Every setting of a stage config with its type, default and comment, for `--help`."""
+    import textwrap
+
+    types, docs = typing.get_type_hints(cls), field_docs(cls)
+    defaults = cls()
+    lines = [f"settings (--set NAME=VALUE; lists as V1,V2), {cls.__name__} defaults:"]
+    for f in dataclasses.fields(cls):
+        kind = getattr(types[f.name], "__name__", str(types[f.name]))
+        lines.append(f"  {f.name} = {getattr(defaults, f.name)!r} ({kind})")
+        if docs.get(f.name):
+            lines += textwrap.wrap(docs[f.name], width=92, initial_indent="      ",
+                                   subsequent_indent="      ")
+    return "\n".join(lines)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

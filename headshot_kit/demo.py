@@ -19,11 +19,29 @@ from pathlib import Path
 from .config import get_preset
 from .workspace import HEADSHOTS, LORA, PREPARED, SCORES
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "data" / "samples"
-NOTEBOOKS = ROOT / "notebooks"
+PACKAGE = Path(__file__).resolve().parent
 STAGE_NOTEBOOKS = ("01_prepare.ipynb", "02_finetune.ipynb", "03_generate.ipynb",
                    "04_evaluate.ipynb")
+
+
+def _shipped(in_package: str, in_checkout: str) -> Path:
+    """A folder that a wheel ships inside the package and a checkout keeps at its top.
+
+    pyproject.toml maps the repository's `notebooks/` and `data/samples/` into the package, so
+    `pip install` (what Colab does) carries them; an editable install reads the checkout's.
+    """
+    installed = PACKAGE / in_package
+    return installed if installed.is_dir() else PACKAGE.parent / in_checkout
+
+
+def notebook_dir() -> Path:
+    """The stage notebooks, in an installed wheel or in the checkout."""
+    return _shipped("notebooks", "notebooks")
+
+
+def samples_dir() -> Path:
+    """The bundled public-domain sample photos (with their PROVENANCE.md)."""
+    return _shipped("data/samples", "data/samples")
 
 
 def stage_dirs(workdir: str | Path) -> dict[str, Path]:
@@ -31,11 +49,10 @@ def stage_dirs(workdir: str | Path) -> dict[str, Path]:
 
 
 def _photos(photos: str | Path | None) -> Path:
-    path = Path(photos) if photos else SAMPLES
+    path = Path(photos) if photos else samples_dir()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no photos there. Pass --photos with a folder of "
-                                "selfies (the bundled samples live in data/samples/ of a "
-                                "checkout of the project).")
+                                "selfies.")
     return path
 
 
@@ -60,10 +77,11 @@ def run_stages(out: str | Path, preset: str = "tiny", photos: str | Path | None 
 
 def run_notebooks(out: str | Path, preset: str = "tiny", photos: str | Path | None = None,
                   notebooks: tuple[str, ...] = STAGE_NOTEBOOKS,
-                  notebook_dir: Path = NOTEBOOKS) -> list[Path]:
+                  folder: Path | None = None) -> list[Path]:
     """Execute the stage notebooks in order with papermill; returns the executed copies."""
     import papermill
 
+    folder = folder or notebook_dir()
     out = Path(out).resolve()
     executed_dir = out / "notebooks"
     executed_dir.mkdir(parents=True, exist_ok=True)
@@ -72,10 +90,10 @@ def run_notebooks(out: str | Path, preset: str = "tiny", photos: str | Path | No
     for name in notebooks:
         start = time.perf_counter()
         target = executed_dir / name
-        declared = papermill.inspect_notebook(str(notebook_dir / name))
-        papermill.execute_notebook(str(notebook_dir / name), str(target),
+        declared = papermill.inspect_notebook(str(folder / name))
+        papermill.execute_notebook(str(folder / name), str(target),
                                    parameters={k: v for k, v in params.items() if k in declared},
-                                   kernel_name="python3", cwd=str(notebook_dir),
+                                   kernel_name="python3", cwd=str(folder),
                                    progress_bar=False)
         print(f"{name}: ran in {time.perf_counter() - start:.0f} s -> {target}")
         done.append(target)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .compat import require_compatible
 from .config import HUB_SDXL_FP16_VAE
 from .families import get_family
 from .storage import atomic_dir
@@ -158,6 +159,7 @@ def load_pipeline(model: str, family: str = "sd15", *, device: str = "cpu",
     SDXL in fp16, swaps in the fp16-fix VAE: the stock SDXL VAE overflows in fp16 and decodes
     black images.
     """
+    require_compatible()  # a mismatched install fails here in one sentence, not minutes later
     import diffusers
 
     quiet_libraries()

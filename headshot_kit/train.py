@@ -236,6 +236,20 @@ def peft_state(module) -> dict[str, torch.Tensor]:
             for k, v in get_peft_model_state_dict(module).items()}
 
 
+def text_encoder_lora_state(encoder) -> dict[str, torch.Tensor]:
+    """A text encoder's LoRA under transformers 4's module names (`text_model.encoder...`).
+
+    transformers 5 flattened CLIPTextModel and dropped the `text_model.` level, so the same
+    weight has two names. diffusers' `load_lora_weights` strips the prefix when the installed
+    transformers has no such level and uses it as it is where it has, so files written with
+    it load under both majors, as do the kohya names derived from them.
+    """
+    state = peft_state(encoder)
+    if hasattr(encoder, "text_model"):
+        return state
+    return {f"text_model.{k}": v for k, v in state.items()}
+
+
 def save_lora(pipe, folder: Path, cfg: TrainConfig) -> Path:
     """Write the LoRA where diffusers' `load_lora_weights` finds it, with its rank and alpha.
 
@@ -254,7 +268,7 @@ def save_lora(pipe, folder: Path, cfg: TrainConfig) -> Path:
                    "target_modules": list(family.text_encoder_targets)}
         for name in family.text_encoders:
             kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(
-                peft_state(getattr(pipe, name)))
+                text_encoder_lora_state(getattr(pipe, name)))
             kwargs[f"{name}_lora_adapter_metadata"] = te_meta
     cls = getattr(diffusers, family.pipeline_class)
     folder.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 # Tests never use the network: hub loads fail at once instead of retrying for half a minute.
@@ -87,3 +91,69 @@ def pipe():
 def lora_dir(pipe, tmp_path_factory) -> Path:
     """A stand-in LoRA (see make_lora) for the generate and widget tests."""
     return make_lora(pipe, tmp_path_factory.mktemp("run") / "lora")
+
+
+# ---------------------------------------------------------------------------------------------
+# The workbench as users install it: a built wheel in a fresh venv outside the checkout
+
+
+def run_logged(cmd: list, log: Path, **kwargs) -> subprocess.CompletedProcess:
+    """Run `cmd`; on failure, fail the test with the end of its output."""
+    proc = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **kwargs)
+    log.write_text(proc.stdout)
+    if proc.returncode:
+        pytest.fail(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n"
+                    f"{proc.stdout[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory) -> Path:
+    """The wheel `pip wheel .` builds from the project's files (tracked and new, not ignored),
+    copied out first so the build leaves nothing in the checkout."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
+                            "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
+    run_logged([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                "-w", tmp / "dist", src], tmp / "build.log")
+    (wheel,) = (tmp / "dist").glob("headshot_kit-*.whl")
+    return wheel
+
+
+@dataclass
+class WheelVenv:
+    python: Path
+    bin: Path
+    wheel: Path
+
+
+@pytest.fixture(scope="session")
+def wheel_venv(built_wheel, tmp_path_factory) -> WheelVenv:
+    """A fresh venv holding the wheel (not editable) and the locked versions, as a Colab
+    runtime or a new user gets them: torch first (the one these tests run with), then the
+    wheel under the lock. pip's cache makes this a couple of minutes, not a download."""
+    import torch
+
+    venv = tmp_path_factory.mktemp("venv") / "venv"
+    log = venv.parent / "install.log"
+    run_logged([sys.executable, "-m", "venv", venv], log)
+    python = venv / "bin" / "python"
+    lock = ROOT / "requirements.lock"
+    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+    run_logged([python, "-m", "pip", "install", "-q", "-c", lock, torch_pin], log)
+    run_logged([python, "-m", "pip", "install", "-q", "-c", lock, built_wheel], log)
+    return WheelVenv(python, venv / "bin", built_wheel)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment of a user's shell: offline, no path into the checkout."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    return env

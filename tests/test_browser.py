@@ -31,6 +31,9 @@ import pytest
 
 from conftest import ROOT, SAMPLES
 
+# About two minutes (a JupyterLab server and a browser): `make test` leaves it to CI.
+pytestmark = pytest.mark.slow
+
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the networking flags Chromium keeps trying to reach hosts this machine cannot reach.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

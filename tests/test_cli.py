@@ -89,3 +89,44 @@ def test_bitsandbytes_cpu_kernel_notice_is_silenced():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True)
     assert "gemm_4bit_forward" not in run.stderr
+
+
+def test_an_optional_setting_takes_a_value_by_its_declared_type(tmp_path):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("train:\n  snr_gamma: null\n")
+    args = parse("train", "--data", "d", "--out", "o", "--config", str(settings), "--set",
+                 "snr_gamma=5.5", "--set", "alpha=8", "--set", "validation_seeds=1,2")
+    cfg = _stage_config(args, "train", {})
+    assert (cfg.snr_gamma, cfg.alpha, cfg.validation_seeds) == (5.5, 8, (1, 2))
+    args = parse("train", "--data", "d", "--out", "o", "--set", "snr_gamma=none")
+    assert _stage_config(args, "train", {}).snr_gamma is None
+    args = parse("train", "--data", "d", "--out", "o", "--set", "alpha=eight")
+    with pytest.raises(ConfigError, match="alpha='eight' is not a valid int"):
+        _stage_config(args, "train", {})
+
+
+def test_a_misspelt_setting_suggests_the_closest_name():
+    args = parse("train", "--data", "d", "--out", "o", "--set", "rnak=8")
+    with pytest.raises(ConfigError, match="did you mean 'rank'"):
+        _stage_config(args, "train", {})
+
+
+@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate"])
+def test_help_documents_every_setting_with_its_config_comment(stage, capsys):
+    import dataclasses
+
+    from headshot_kit import config
+
+    cls = {"prepare": config.PrepareConfig, "train": config.TrainConfig,
+           "evaluate": config.EvaluateConfig}[stage]
+    with pytest.raises(SystemExit):
+        main([stage, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    docs = config.field_docs(cls)
+    for f in dataclasses.fields(cls):
+        assert f"{f.name} = " in text, f.name
+        assert " ".join(docs[f.name].split()) in text, f.name
+    if stage == "train":
+        for name in ("rank", "lr", "snr_gamma"):
+            assert docs[name], name
+        assert "Min-SNR-gamma loss weighting" in text

@@ -52,3 +52,112 @@ def test_results_and_caches_are_ignored():
     ignored = (ROOT / ".gitignore").read_text()
     assert "results/*" in ignored and "models/*" in ignored
     assert (ROOT / "results" / "README.md").is_file() and (ROOT / "models" / "README.md").is_file()
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_every_package_folder_ships():
+    """A subpackage added to the tree but not to pyproject.toml would be left out of the
+    wheel (and so of every Colab install) while editable installs kept working."""
+    setuptools = _pyproject()["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    mapped = setuptools.get("package-dir", {})
+    in_tree = {".".join(p.parent.relative_to(ROOT).parts)
+               for p in (ROOT / "headshot_kit").rglob("*") if p.is_file()
+               and "__pycache__" not in p.parts}
+    assert in_tree <= listed, sorted(in_tree - listed)
+    for package, folder in mapped.items():
+        assert package in listed and (ROOT / folder).is_dir(), package
+
+
+def _imports() -> set[str]:
+    import ast
+    import sys
+
+    found = set()
+    for path in (ROOT / "headshot_kit").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found - set(sys.stdlib_module_names) - {"headshot_kit"}
+
+
+# Imported only where they can exist, each behind an ImportError with advice.
+OPTIONAL_IMPORTS = {
+    "google": "google.colab, present on Colab only",
+    "insightface": "ArcFace embedder, download-only weights (Colab)",
+    "facenet_pytorch": "FaceNet embedder, download-only weights (Colab)",
+    "dlib": "module of the dlib-bin distribution",
+    "ray": "the cluster extra",
+    "prodigyopt": "the dev extra, or pip install prodigyopt",
+}
+
+
+def test_every_imported_package_is_declared():
+    from importlib.metadata import packages_distributions
+
+    project = _pyproject()["project"]
+    declared = {_name(s) for s in project["dependencies"]}
+    dists = packages_distributions()
+    missing = []
+    for module in sorted(_imports()):
+        if module in OPTIONAL_IMPORTS:
+            continue
+        names = {_name(d) for d in dists.get(module, [module])}
+        if not names & declared:
+            missing.append(f"{module} ({', '.join(sorted(names))})")
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+    assert "dlib-bin" in declared
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith((" ", "#")):
+            name, version = line.split(";")[0].strip().split("==")
+            pins[_name(name)] = version
+    return pins
+
+
+def test_the_installed_versions_are_the_locked_ones():
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = _lock()
+    # torch is the machine's (the CPU build here, Colab's CUDA build there): never locked.
+    assert "torch" not in pins and not [n for n in pins if n.startswith("nvidia-")]
+    for name in ("diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "ray"):
+        assert name in pins, name
+    wrong = []
+    for name, pinned in pins.items():
+        try:
+            if version(name) != pinned:
+                wrong.append(f"{name} {version(name)} (locked {pinned})")
+        except PackageNotFoundError:
+            wrong.append(f"{name} missing (locked {pinned})")
+    assert not wrong, f"installed versions differ from requirements.lock: {wrong}"
+
+
+def test_every_declared_dependency_is_locked():
+    project = _pyproject()["project"]
+    extras = project["optional-dependencies"]
+    declared = project["dependencies"] + extras["dev"] + extras["cluster"]
+    assert {_name(s) for s in declared} - {"torch"} <= set(_lock())
+
+
+def test_the_notebooks_install_the_tested_set_and_leave_torch_alone():
+    from headshot_kit.compat import TESTED_SET
+
+    for path in sorted((ROOT / "notebooks").glob("[0-9]*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        installs = [line.strip() for c in cells for line in "".join(c["source"]).splitlines()
+                    if line.strip().startswith("%pip install")]
+        assert installs, path.name
+        for line in installs:
+            assert "requirements.lock" in line and "torch" not in line, (path.name, line)
+            # The sentence the version check prints names the same command.
+            assert line.removeprefix("%pip install -q ") == TESTED_SET.removeprefix(
+                "pip install "), (path.name, line)
