@@ -146,8 +146,10 @@ class Workspace:
                                "cell above (or copy them there), then run this cell again.")
         folder = self.root / stage
         if not (folder / MARKER[stage]).is_file():
-            hint = (" On Colab each notebook runs in its own runtime: keep workdir on Google "
-                    "Drive (the default) so the stages see each other's work.") if is_colab() else ""
+            hint = ""
+            if is_colab():
+                hint = (" On Colab each notebook runs in its own runtime: keep workdir on "
+                        "Google Drive (the default) so the stages see each other's work.")
             raise StageMissing(f"No {MARKER[stage]} in {folder}: run {MADE_BY[stage]} with the "
                                f"same workdir ({self.root}) first.{hint}")
         return folder

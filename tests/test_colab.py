@@ -4,7 +4,9 @@ folder), and Google Drive replaced by a folder the workbench is told about (HEAD
 which also makes it behave as on Colab. The user's photos are already in the photo folder, as
 the upload cell leaves them. Each notebook runs with its own defaults.
 
-01 to 04 run one after the other on one Drive; the quickstart runs alone on a fresh Drive.
+01 to 04 run one after the other on one Drive, then the quickstart on the same Drive: a user
+coming back to the whole journey after the stage notebooks. (The browser test runs the
+quickstart from nothing.)
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def notebooks(wheel_venv, tmp_path_factory) -> Path:
     return folder
 
 
-def test_the_four_stage_notebooks_in_four_runtimes(wheel_venv, notebooks, tmp_path):
+def test_the_stage_notebooks_then_the_quickstart_each_in_a_fresh_runtime(wheel_venv, notebooks,
+                                                                        tmp_path):
     runtime = Runtime(wheel_venv, tmp_path)
     runtime.upload()
     executed = {name: runtime.run(notebooks / f"{name}.ipynb") for name in STAGES}
@@ -103,16 +106,19 @@ def test_the_four_stage_notebooks_in_four_runtimes(wheel_venv, notebooks, tmp_pa
         assert "Traceback" not in text_of(nb), name
     assert "biden.jpg (different person)" in text_of(executed["01_prepare"])
 
-
-def test_the_quickstart_in_one_runtime(wheel_venv, notebooks, tmp_path):
-    runtime = Runtime(wheel_venv, tmp_path)
-    runtime.upload()
-    nb = runtime.run(notebooks / "00_quickstart.ipynb")
-    work = runtime.workdir
-    for expected in ("prepared/report.csv", "lora/config.json", "headshots/grid.png",
-                     "scores/summary.csv", "headshots/best/best.csv"):
-        assert (work / expected).is_file(), expected
-    assert not any(runtime.content.iterdir())
-    assert "Traceback" not in text_of(nb)
+    # The user stars a headshot in 03's gallery, then runs the quickstart on the same Drive:
+    # every step finds its work done and says so, and the star survives.
+    runtime.python("from headshot_kit.generate import set_starred; "
+                   f"set_starred({str(work / 'headshots')!r}, 'images/corporate_seed1.png')")
+    weights = work / "lora" / "pytorch_lora_weights.safetensors"
+    before = weights.read_bytes()
+    quick = runtime.run(notebooks / "00_quickstart.ipynb")
+    assert weights.read_bytes() == before, "re-running a finished training changed its LoRA"
+    said = text_of(quick)
+    assert "Traceback" not in said
+    assert "already holds all 30 steps: nothing left to train" in said
+    assert "6 unchanged since the last run are kept, with their stars; 0 to render" in said
+    starred = (work / "headshots" / "manifest.csv").read_text()
+    assert "images/corporate_seed1.png" in starred and ",True" in starred
     trained = json.loads((work / "lora" / "config.json").read_text())
-    assert trained["subject"] == "ohwx person" and trained["data_dir"] == str(work / "prepared")
+    assert trained["subject"] == "ohwx person" and trained["steps"] == 30
