@@ -221,6 +221,20 @@ def text_encoder_lora_state(encoder) -> dict[str, torch.Tensor]:
     return {f"text_model.{k}": v for k, v in state.items()}
 
 
+# LoraConfig fields every peft release since 0.9 knows: loaders rebuild the config from them.
+_PORTABLE_LORA_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "rank_pattern",
+                         "alpha_pattern", "use_dora", "use_rslora", "bias")
+
+
+def adapter_metadata(module) -> dict:
+    """The adapter's LoraConfig as the file's metadata, limited to fields that every loader
+    understands: older diffusers releases (0.35 among them) index `rank_pattern` directly,
+    and older peft releases refuse fields they do not know."""
+    config = module.peft_config["default"].to_dict()
+    return {k: sorted(config[k]) if isinstance(config[k], set) else config[k]
+            for k in _PORTABLE_LORA_FIELDS if k in config}
+
+
 def save_lora(pipe, folder: Path, cfg: TrainConfig) -> Path:
     """Write the LoRA where diffusers' `load_lora_weights` finds it, with its rank and alpha.
 
@@ -230,17 +244,14 @@ def save_lora(pipe, folder: Path, cfg: TrainConfig) -> Path:
     from diffusers.utils import convert_state_dict_to_diffusers
 
     family = get_family(cfg.family)
-    metadata = {"r": cfg.rank, "lora_alpha": cfg.lora_alpha,
-                "target_modules": list(cfg.target_modules)}
     kwargs = {"unet_lora_layers": convert_state_dict_to_diffusers(peft_state(pipe.unet)),
-              "unet_lora_adapter_metadata": metadata}
+              "unet_lora_adapter_metadata": adapter_metadata(pipe.unet)}
     if cfg.train_text_encoder:
-        te_meta = {"r": cfg.rank, "lora_alpha": cfg.lora_alpha,
-                   "target_modules": list(family.text_encoder_targets)}
         for name in family.text_encoders:
+            encoder = getattr(pipe, name)
             kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(
-                text_encoder_lora_state(getattr(pipe, name)))
-            kwargs[f"{name}_lora_adapter_metadata"] = te_meta
+                text_encoder_lora_state(encoder))
+            kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(encoder)
     cls = getattr(diffusers, family.pipeline_class)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / LORA_WEIGHTS) as tmp:
