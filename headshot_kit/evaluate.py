@@ -635,15 +635,15 @@ class EvalResult:
 
 def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
                     out_dir: PathLike, cfg: EvaluateConfig | None = None,
-                    run_id: str | None = None, settings: dict[str, Any] | None = None
-                    ) -> EvalResult:
+                    run_id: str | None = None, settings: dict[str, Any] | None = None,
+                    progress: bool = True) -> EvalResult:
     """Score every image in `images` against the person in `references`; write into `out_dir`.
 
     `references`: a folder of photos of the person (the prepare stage's images/, or raw photos)
     or a list of photo files. `images`: the generate stage's folder (read through its
     manifest.csv) or any folder of images. `run_id` (default: the out_dir's name) and
     `settings` (default: the manifest's columns that are the same for every image, e.g. steps,
-    lora_scale) are kept for the experiments table.
+    lora_scale) are kept for the experiments table. `progress=False` hides the progress bar.
     """
     cfg = _check_config(cfg or EvaluateConfig())
     out_dir = Path(out_dir)
@@ -656,7 +656,8 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
     prompts = ([p or None for p in manifest["prompt"].fillna("").astype(str)]
                if "prompt" in manifest.columns else [None] * len(generated))
 
-    bar = tqdm(total=len(reference_paths) + len(generated), desc="evaluate")
+    bar = tqdm(total=len(reference_paths) + len(generated), desc="evaluate",
+               disable=not progress)
     bar.set_postfix(step="references")
     reference_vectors, skipped = [], []
     for path in reference_paths:

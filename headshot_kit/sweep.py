@@ -116,7 +116,7 @@ def run_job(data_dir: str | Path, out_dir: str | Path, run: Run, progress: bool 
     train_lora(data_dir, folder / "lora", preset.train, progress=progress)
     generate_pack(folder / "lora", folder / "headshots", preset.generate, progress=progress)
     result = evaluate_images(data_dir / "images", folder / "headshots", folder / "scores",
-                             preset.evaluate, run_id=run[0])
+                             preset.evaluate, run_id=run[0], progress=progress)
     _log(folder, finished=time.time())
     return result
 

@@ -1,5 +1,6 @@
 """A sweep on a local Ray cluster: two runs at once, one worker killed mid-run and retried by
-Ray, and the same LoRA weights and scores as the same sweep run here, one run after another.
+Ray, and the same LoRA weights and scores as the same sweep run here, one run after another;
+a run whose own code fails is reported once, not retried.
 
 Ray is an optional extra: without it this test is skipped, except in CI, where it must run.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from headshot_kit.sweep import sweep
+from headshot_kit.sweep import SweepError, sweep
 from headshot_kit.train import LORA_WEIGHTS
 
 GRID = {"rank": [2, 4], "steps": [20]}  # the tiny preset checkpoints every 10 steps
@@ -94,6 +95,12 @@ def test_ray_sweep_survives_a_killed_worker_and_matches_a_sequential_sweep(prepa
         killed = _kill_after_first_checkpoint(tmp_path / "ray" / KILLED, deadline)
         driver.join(max(1.0, deadline - time.monotonic()))
         assert not driver.is_alive(), f"the Ray sweep took more than {TIMEOUT_S} s"
+
+        # A job that fails in its own code is reported, not retried: it would fail again.
+        with pytest.raises(SweepError, match=r"1 of 1 runs failed: rank=2 \(FileNotFoundError"):
+            sweep(tmp_path / "no-dataset", tmp_path / "broken", "tiny", {"rank": [2]},
+                  ray="auto")
+        assert len(_starts(tmp_path / "broken" / "rank=2")) == 1
     finally:
         ray.shutdown()
     if "error" in outcome:
