@@ -202,8 +202,13 @@ def cost_summary(cost: pd.DataFrame, gpu: str = "t4", n_gpus: tuple[int, ...] = 
     # With one job per GPU, no cluster finishes before its longest run.
     walls = [f"{_duration(3600 * max(total / n, cost['gpu_hours'].max()))} on {n} GPU"
              f"{'s' * (n > 1)}" for n in n_gpus]
-    return (f"{len(cost)} runs, about {total:.1f} GPU hours of training on a {gpu} "
+    line = (f"{len(cost)} runs, about {total:.1f} GPU hours of training on a {gpu} "
             f"(fit check, +-30%): " + ", ".join(walls) + ".")
+    misfits = cost.loc[~cost["fits"], "run_id"].tolist()
+    if misfits:
+        line += (f" {len(misfits)} do not fit a {gpu} ({', '.join(misfits)}): run "
+                 "headshot-kit fitcheck with their settings for the cheapest fix.")
+    return line
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from headshot_kit.cli import main
 from headshot_kit.config import ConfigError
 from headshot_kit.evaluate import compare
 from headshot_kit.stats import seed_intervals
-from headshot_kit.sweep import parse_grid, plan_runs
+from headshot_kit.sweep import cost_summary, parse_grid, plan_runs
 from headshot_kit.train import LORA_WEIGHTS
 
 
@@ -76,6 +76,15 @@ def test_dry_run_prints_the_gpu_hours_without_training(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 runs, about" in out and "GPU hours of training on a t4" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_cost_line_counts_gpu_hours_and_names_runs_that_do_not_fit():
+    cost = pd.DataFrame({"run_id": ["rank=4", "rank=16", "rank=64"], "fits": [True, True, False],
+                         "gpu_hours": [0.5, 1.0, float("nan")]})
+    line = cost_summary(cost, "t4", n_gpus=(1, 8))
+    # One GPU runs both in turn; eight GPUs wait for the longest run.
+    assert "about 1.5 GPU hours" in line and "1 h 30 min on 1 GPU, 1 h 00 min on 8 GPUs" in line
+    assert "1 do not fit a t4 (rank=64)" in line
 
 
 def test_ray_is_optional_and_its_absence_is_one_line(monkeypatch, tmp_path, capsys):
