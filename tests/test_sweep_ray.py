@@ -24,6 +24,9 @@ GRID = {"rank": [2, 4], "steps": [20]}  # the tiny preset checkpoints every 10 s
 KILLED = "rank=4_steps=20"
 TIMEOUT_S = 300  # the whole Ray sweep; a few seconds of work on two cores
 
+# About two minutes (a local Ray cluster, four tiny runs): `make test` leaves it to CI.
+pytestmark = pytest.mark.slow
+
 
 def _ray():
     try:
