@@ -212,30 +212,30 @@ class _Quiet:
             log.set_verbosity(level)
 
 
-def _meta_unet(family: str):
+def _meta_unet(family: str, device: str = "meta"):
     import torch
     from diffusers import UNet2DConditionModel
 
-    with _Quiet(), torch.device("meta"):
+    with _Quiet(), torch.device(device):
         return UNet2DConditionModel.from_config(_public(load_arch(family)["unet"]))
 
 
-def _meta_vae(family: str):
+def _meta_vae(family: str, device: str = "meta"):
     import torch
     from diffusers import AutoencoderKL
 
-    with _Quiet(), torch.device("meta"):
+    with _Quiet(), torch.device(device):
         return AutoencoderKL.from_config(_public(load_arch(family)["vae"]))
 
 
-def _meta_text_encoders(family: str) -> list:
+def _meta_text_encoders(family: str, device: str = "meta") -> list:
     import torch
     import transformers
 
     encoders = []
     for config in load_arch(family)["text_encoders"]:
         cls = getattr(transformers, config["_class_name"])
-        with _Quiet(), torch.device("meta"):
+        with _Quiet(), torch.device(device):
             encoders.append(cls(transformers.CLIPTextConfig(**_public(config))))
     return encoders
 
@@ -244,13 +244,19 @@ def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def build_arch(family: str, device: str = "meta") -> dict:
+    """A family's models from data/arch/, by pipeline name: shapes only on `meta`, freshly
+    initialised random weights on a real device (bench/gpu_check.py's stand-in models)."""
+    models = {"unet": _meta_unet(family, device), "vae": _meta_vae(family, device)}
+    for i, encoder in enumerate(_meta_text_encoders(family, device)):
+        models["text_encoder" + (f"_{i + 1}" if i else "")] = encoder
+    return models
+
+
 @functools.cache
 def parameter_counts(family: str) -> dict[str, int]:
     """Exact parameter counts of a family's models, from their configs built on `meta`."""
-    counts = {"unet": _count(_meta_unet(family)), "vae": _count(_meta_vae(family))}
-    for i, encoder in enumerate(_meta_text_encoders(family)):
-        counts["text_encoder" + (f"_{i + 1}" if i else "")] = _count(encoder)
-    return counts
+    return {name: _count(model) for name, model in build_arch(family).items()}
 
 
 def _add_lora(model, rank: int, targets: tuple[str, ...]) -> None:

@@ -41,7 +41,7 @@ from .config import (HUB_SDXL_FP16_VAE, ConfigError, TrainConfig, config_hash, s
                      validate_train, with_optimizer_defaults)
 from .families import Conditioning, get_family
 from .fitcheck import cache_chunk, check_before_training, parked_after_caching
-from .images import image_grid, list_images, load_image
+from .images import centre_square, image_grid, list_images, load_image
 from .storage import atomic_dir, atomic_path, atomic_write_text
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -114,11 +114,7 @@ def load_dataset(data_dir: str | Path) -> list[TrainExample]:
 
 def image_tensor(path: Path, resolution: int) -> torch.Tensor:
     """A photo as a (3, H, W) tensor in [-1, 1], centre-cropped and resized to `resolution`."""
-    image = load_image(path)
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize(
-        (resolution, resolution), Image.Resampling.LANCZOS)
+    image = centre_square(load_image(path), resolution)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
 
@@ -752,8 +748,8 @@ def usage_snippet(cfg: TrainConfig, lora_folder: str) -> str:
     fp32 on the CPU first is what runs Colab's 12.7 GB of host RAM out."""
     hub = models.is_hub_id(cfg.model)
     fix_vae = hub and cfg.family == "sdxl"
-    lines = ["import torch",
-             "from diffusers import " + ("AutoencoderKL, " if fix_vae else "") + "DiffusionPipeline"]
+    classes = "AutoencoderKL, DiffusionPipeline" if fix_vae else "DiffusionPipeline"
+    lines = ["import torch", f"from diffusers import {classes}"]
     load = f'"{cfg.model}", torch_dtype=torch.float16' + (', variant="fp16"' if hub else "")
     if fix_vae:
         lines.append(f'vae = AutoencoderKL.from_pretrained("{HUB_SDXL_FP16_VAE}", '
