@@ -24,10 +24,10 @@ process's allocator is capped at a T4's 15 GiB less the CUDA context
 On a GPU machine without network or dlib: torch, transformers, peft and accelerate must be
 installed, and diffusers too (carry its wheel). Without bitsandbytes the run uses the library's
 fallback, torch AdamW, and plans with it. Without dlib, prepare cannot find faces: pass
-`--data DIR` with datasets prepared beforehand on a machine with dlib
-(`headshot-kit prepare data/samples --preset sdxl-t4 --out DIR/sdxl-t4`, likewise sd15-t4),
-or let it fall back to centre crops of the sample photos with the preset's caption (the JSON
-says which it used).
+`--data DIR` with datasets prepared beforehand on a machine with dlib (`headshot-kit prepare
+--photos PHOTOS --preset sdxl-t4 --out DIR/sdxl-t4`, likewise sd15-t4, PHOTOS a folder of
+data/samples' obama*.jpg), or let it fall back to centre crops of those photos with the
+preset's caption (the JSON says which it used).
 
 Usage:
   python bench/gpu_check.py                 # on a CUDA GPU: about 5 minutes on an H200

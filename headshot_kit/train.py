@@ -10,9 +10,12 @@ Each failure Colab users keep reporting has its fix built in:
 - out of GPU memory: latents and text embeddings are computed once and the VAE and text
   encoders leave the GPU; gradient checkpointing; PyTorch SDPA attention (no xformers);
 - "Attempting to unscale FP16 gradients": trainable LoRA weights stay fp32 under an fp16 model;
-- bitsandbytes failing to load: detected, explained, torch AdamW used with its memory cost said;
+- bitsandbytes failing to load: detected (by one real step), explained, torch AdamW used with
+  its memory cost said;
 - disconnects: atomic, resumable checkpoints to a folder you choose (e.g. Google Drive), and a
-  resumed run continues exactly where it stopped;
+  resumed run continues exactly where it stopped, the fp16 loss scale included;
+- a T4's fp16: validation renders under autocast, skipped fp16 updates are recorded, and a
+  failed run hands its GPU memory back before the retry;
 - NaN losses: the step is skipped and reported; several in a row stop the run with advice.
 """
 
@@ -46,11 +49,11 @@ from .storage import atomic_dir, atomic_path, atomic_write_text
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
-# Settings a checkpoint must share with the run that resumes it: anything else can change
-# (e.g. more steps).
 # Elements of the tensor that proves the 8-bit optimizer runs: a few of bitsandbytes' 256-value
 # quantisation blocks.
 BNB_PROBE_SIZE = 1024
+# Settings a checkpoint must share with the run that resumes it: anything else can change
+# (e.g. more steps). The optimizer that ran is checked too (its state fits no other).
 RESUME_KEYS = ("model", "family", "rank", "alpha", "target_modules", "train_text_encoder",
                "resolution", "prior_preservation")
 
