@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import HUB_SDXL_FP16_VAE
+from .config import HUB_SDXL_FP16_VAE, ConfigError
 from .families import get_family
 from .storage import atomic_dir
 
@@ -90,12 +90,17 @@ def training_precision(mixed_precision: str, device: str, bf16: bool | None = No
     GPU) and fp16 on one that does not, such as Colab's T4; fp16 there is also what brings in
     SDXL's fp16-fix VAE.
     """
+    on_gpu = device.startswith("cuda")
+    if on_gpu and mixed_precision in ("auto", "bf16") and bf16 is None:
+        bf16 = cuda_has_bf16()
+    if mixed_precision == "bf16" and on_gpu and not bf16:
+        raise ConfigError("mixed_precision='bf16' on a GPU without bf16 (compute capability "
+                          "below 8.0, such as a T4): cuDNN has no bf16 convolutions there. Set "
+                          "mixed_precision='fp16' or 'auto'.")
     if mixed_precision in ("fp16", "bf16"):
         return mixed_precision
-    if mixed_precision == "no" or not device.startswith("cuda"):
+    if mixed_precision == "no" or not on_gpu:
         return "fp32"
-    if bf16 is None:
-        bf16 = cuda_has_bf16()
     return "bf16" if bf16 else "fp16"
 
 

@@ -571,8 +571,9 @@ class Trainer:
             raise TrainingDiverged(
                 f"The loss was NaN/inf for {self.bad_in_row} steps in a row (up to step "
                 f"{self.step}); the run stopped. Try a lower learning rate (now {cfg.lr}), "
-                "mixed_precision='no' or 'bf16', and for SDXL in fp16 the fp16-fix VAE. The last "
-                f"good checkpoint is in {self.checkpoint_dir}.")
+                "mixed_precision='no' (or 'bf16' on a GPU that has it, not a T4), and for SDXL "
+                "in fp16 the fp16-fix VAE. The last good checkpoint is in "
+                f"{self.checkpoint_dir}.")
         return record
 
     def fixed_loss(self) -> float:

@@ -73,9 +73,15 @@ def test_auto_precision_follows_the_gpu_and_the_fit_check_agrees(monkeypatch, na
     assert models.pick_dtype("cuda", "auto") == models.PRECISION_DTYPES[precision]
     plan = fitcheck.check_before_training(TrainConfig())
     assert plan.dtype == precision
-    # Asked for explicitly, a precision is kept; the CPU stays fp32.
+    # Asked for explicitly, a precision is kept, bf16 only where the GPU has it; the CPU
+    # stays fp32.
     assert models.pick_dtype("cuda", "fp16") == torch.float16
     assert models.pick_dtype("cpu", "auto") == torch.float32
+    if precision == "fp16":
+        with pytest.raises(ConfigError, match="without bf16"):
+            models.pick_dtype("cuda", "bf16")
+    else:
+        assert models.pick_dtype("cuda", "bf16") == torch.bfloat16
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
