@@ -428,7 +428,6 @@ class Trainer:
         cfg, progress = self.cfg, self.progress
         self.accelerator = fresh_accelerator(self.dtype, device)
         self.device = self.accelerator.device
-        torch.manual_seed(cfg.seed)
         self.pipe = models.load_pipeline(cfg.model, cfg.family, device=str(self.device),
                                          dtype=self.dtype)
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
@@ -439,6 +438,9 @@ class Trainer:
         unet = self.pipe.unet
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        # Seeded here, after loading: building a tiny model on first use (or a cache miss of any
+        # kind) draws from the same generator, and the LoRA's start must not depend on it.
+        torch.manual_seed(cfg.seed)
         params = add_lora(unet, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
         if cfg.train_text_encoder:
             for name in self.family.text_encoders:
