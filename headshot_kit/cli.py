@@ -15,6 +15,7 @@ from .config import (PRESETS, ConfigError, DataError, EvaluateConfig, GenerateCo
                      PrepareConfig, TrainConfig, get_preset, load_config_file, settings_help,
                      update_config)
 from .models import ModelUnavailable
+from .sweep import SweepError
 
 
 def _stage_config(args, stage: str, flags: dict):
@@ -104,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a train or generate setting and its values (repeatable), "
                    "e.g. --grid rank=4,16 --grid lr=1e-4,5e-5")
     p.add_argument("--seeds", nargs="+", type=int, help="generation seeds for every run")
+    p.add_argument("--train-seeds", nargs="+", type=int, help="repeat every combination with "
+                   "these training seeds, for confidence intervals over seeds and images")
+    p.add_argument("--ray", metavar="ADDRESS", help="run the jobs on a Ray cluster, one GPU "
+                   "each: auto (the cluster this machine is in) or ray://host:10001; --data "
+                   "and --out must be folders every node sees")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their predicted "
+                   "GPU hours (from the fit check's step time) without running them")
+    p.add_argument("--gpu", default="t4", help="the GPU the --dry-run estimate is for (as in "
+                   "fitcheck)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
 
     p = sub.add_parser("demo", help="run all four stages on the bundled sample photos")
@@ -154,10 +164,7 @@ def run(args) -> int:
         return fitcheck_cli(_stage_config(args, "train", {}), args.gpu, as_json=args.json,
                             mode="full" if args.full else "lora")
     elif args.command == "sweep":
-        from .sweep import parse_grid, sweep
-
-        table = sweep(args.data, args.out, args.preset, parse_grid(args.grid), args.seeds)
-        print(f"{len(table)} runs in {args.out}/experiments.csv")
+        return _sweep(args)
     elif args.command == "demo":
         from .demo import run_demo
 
@@ -165,11 +172,31 @@ def run(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from .stats import seed_intervals
+    from .sweep import cost_summary, estimate_cost, parse_grid, plan_runs, sweep
+
+    grid = parse_grid(args.grid)
+    if args.dry_run:
+        cost = estimate_cost(plan_runs(args.preset, grid, args.seeds, args.train_seeds),
+                             args.gpu)
+        print(cost.to_string(index=False, float_format="{:.2f}".format))
+        print(cost_summary(cost, args.gpu))
+        return 0
+    table = sweep(args.data, args.out, args.preset, grid, args.seeds,
+                  train_seeds=args.train_seeds, ray=args.ray)
+    print(f"{len(table)} runs in {args.out}/experiments.csv")
+    if args.train_seeds and len(args.train_seeds) > 1:
+        intervals = seed_intervals(table, list(grid))
+        print(intervals.to_string(index=False, float_format="{:.3f}".format))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, DataError, FileNotFoundError, ModelUnavailable) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ModelUnavailable, SweepError) as exc:
         print(f"headshot-kit {args.command}: {exc}", file=sys.stderr)
         return 2
 

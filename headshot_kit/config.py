@@ -142,7 +142,8 @@ class TrainConfig:
     # The UNet attention projections: what diffusers' DreamBooth LoRA script adapts.
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     # bitsandbytes 8-bit AdamW: optimizer state in 1 byte instead of 4 per value. Also "adamw"
-    # and "prodigy" (pip install prodigyopt; set lr=1.0).
+    # and "prodigy" (pip install prodigyopt), which takes lr 1.0 and weight decay 1e-4 where
+    # lr and adam_weight_decay are left at these AdamW defaults.
     optimizer: str = "adamw8bit"
     # bitsandbytes keeps tensors smaller than this in 32-bit state (its own default).
     optimizer_min_8bit_size: int = 4096
@@ -347,6 +348,25 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
         raise ConfigError(f"{what} is {value!r}; choose one of {', '.join(choices)}.")
 
 
+# Prodigy estimates its own step size and lr only scales it: the advanced SDXL DreamBooth recipe
+# (diffusers' examples/advanced_diffusion_training) uses lr 1.0 and weight decay 1e-4.
+PRODIGY_LR = 1.0
+PRODIGY_WEIGHT_DECAY = 1e-4
+
+
+def with_optimizer_defaults(cfg: TrainConfig) -> TrainConfig:
+    """cfg with Prodigy's own lr and weight decay wherever they are still TrainConfig's AdamW
+    defaults; a value someone set is kept (and a too small lr is refused by validate_train)."""
+    if cfg.optimizer != "prodigy":
+        return cfg
+    changes = {}
+    if cfg.lr == TrainConfig.lr:
+        changes["lr"] = PRODIGY_LR
+    if cfg.adam_weight_decay == TrainConfig.adam_weight_decay:
+        changes["adam_weight_decay"] = PRODIGY_WEIGHT_DECAY
+    return dataclasses.replace(cfg, **changes)
+
+
 def validate_train(cfg: TrainConfig) -> TrainConfig:
     """Reject settings that cannot work, before any model is loaded."""
     _check_choice(cfg.family, ("sd15", "sdxl"), "family")
@@ -369,6 +389,10 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
     if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
         raise ConfigError(f"snr_gamma is {cfg.snr_gamma}; use a positive value (5 is usual) "
                           "or None to switch min-SNR weighting off.")
+    if cfg.optimizer == "prodigy" and cfg.lr < 0.1 and cfg.lr != TrainConfig.lr:
+        raise ConfigError(f"optimizer='prodigy' with lr={cfg.lr}: Prodigy finds its own step "
+                          f"size and lr multiplies it, so this would barely train. Set "
+                          f"lr={PRODIGY_LR}, as the published Prodigy recipe does.")
     if cfg.device == "cpu" and cfg.mixed_precision == "fp16":
         raise ConfigError("mixed_precision='fp16' needs a GPU; on the CPU use 'no' or 'auto'.")
     return cfg

@@ -4,9 +4,10 @@ Reads a folder of reference photos of the person and the generate stage's output
 `manifest.csv`, or any plain folder of images) and writes, into its own folder:
 
 - `scores.csv`: one row per generated image: is there a face, how much it looks like the
-  references (likeness 0-1, the embedder's same-person threshold at 0.5), technical quality of
-  the face, and the manifest's columns (style, seed, prompt, ...). An image without a face is a
-  failure row, never skipped, so it counts against the "look like you" rate.
+  references (likeness 0-1, the embedder's same-person threshold at 0.5) and like the run's
+  other faces (consistency), technical quality of the face, and the manifest's columns (style,
+  seed, prompt, ...). An image without a face is a failure row, never skipped, so it counts
+  against the "look like you" rate.
 - `summary.csv`: overall and per style: how many look like you, likeness, how consistent the
   faces are with each other, how diverse they are, and mean quality.
 - plots (`likeness_by_style.png`, `likeness_vs_quality.png`, `consistency.png`), an annotated
@@ -23,7 +24,8 @@ probability and CLIP-T prompt adherence (DreamBench) are added when CLIP weights
 
 `validate_metric` checks on real photos that same-person pairs and different-person pairs fall
 on the right sides of the threshold; `record_experiment` and `compare` keep one row per run in
-an experiments table and plot any metric against any setting.
+an experiments table and plot any metric against any setting, with confidence intervals over
+seeds and images (headshot_kit.stats) where they exist.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ from . import faces
 from .config import ConfigError, EvaluateConfig, save_config, to_dict
 from .images import contact_sheet, list_images, load_image
 from .models import hub_reachable, pick_device
+from .stats import METRICS as INTERVAL_METRICS
+from .stats import seed_intervals
 from .storage import atomic_path, atomic_write_text
 from .workspace import SCORES
 
@@ -562,9 +566,25 @@ def _group_faces(idx: Sequence[int], names: Sequence[str], similarity: np.ndarra
     stats["consistency_min"] = float(sim[off].min())
     stats["diversity_ssim"] = float((1 - ssim[np.ix_(idx, idx)])[off].mean())
     if len(idx) >= 3:  # with two faces neither is odder than the other
-        mean_to_others = (sim * off).sum(axis=1) / (len(idx) - 1)
-        stats["odd_one_out"] = names[idx[int(np.argmin(mean_to_others))]]
+        stats["odd_one_out"] = names[idx[int(np.argmin(_mean_to_others(sim)))]]
     return stats
+
+
+def _consistency_per_image(n_images: int, face_rows: list[int], similarity: np.ndarray
+                           ) -> np.ndarray:
+    """Each face's mean likeness to the run's other faces (NaN without a face or a second one).
+
+    Their mean is the run's consistency_mean, so a per-image column lets the sweep's intervals
+    (headshot_kit.stats) resample images for consistency as they do for likeness."""
+    out = np.full(n_images, np.nan)
+    if len(face_rows) >= 2:
+        out[face_rows] = _mean_to_others(similarity)
+    return out
+
+
+def _mean_to_others(sim: np.ndarray) -> np.ndarray:
+    """Row means of a square similarity matrix without its diagonal (each face with itself)."""
+    return (sim * ~np.eye(len(sim), dtype=bool)).sum(axis=1) / (len(sim) - 1)
 
 
 def _face_region(image: Image.Image, face: faces.Face) -> Image.Image | None:
@@ -618,15 +638,15 @@ class EvalResult:
 
 def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
                     out_dir: PathLike, cfg: EvaluateConfig | None = None,
-                    run_id: str | None = None, settings: dict[str, Any] | None = None
-                    ) -> EvalResult:
+                    run_id: str | None = None, settings: dict[str, Any] | None = None,
+                    progress: bool = True) -> EvalResult:
     """Score every image in `images` against the person in `references`; write into `out_dir`.
 
     `references`: a folder of photos of the person (the prepare stage's images/, or raw photos)
     or a list of photo files. `images`: the generate stage's folder (read through its
     manifest.csv) or any folder of images. `run_id` (default: the out_dir's name) and
     `settings` (default: the manifest's columns that are the same for every image, e.g. steps,
-    lora_scale) are kept for the experiments table.
+    lora_scale) are kept for the experiments table. `progress=False` hides the progress bar.
     """
     cfg = _check_config(cfg or EvaluateConfig())
     out_dir = Path(out_dir)
@@ -639,7 +659,8 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
     prompts = ([p or None for p in manifest["prompt"].fillna("").astype(str)]
                if "prompt" in manifest.columns else [None] * len(generated))
 
-    bar = tqdm(total=len(reference_paths) + len(generated), desc="evaluate")
+    bar = tqdm(total=len(reference_paths) + len(generated), desc="evaluate",
+               disable=not progress)
     bar.set_postfix(step="references")
     reference_vectors, skipped = [], []
     for path in reference_paths:
@@ -685,6 +706,7 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
         matrix = np.array([vectors[i] for i in face_rows])
         similarity = embedder.similarity(matrix, matrix)
         ssim = _ssim_matrix(np.array([crops[i] for i in face_rows]))
+    scores["consistency"] = _consistency_per_image(len(scores), face_rows, similarity)
     face_yaws = np.array([yaws[i] for i in face_rows])
     quality_cols = [m.name for m in metrics] + [c for c in (ClipScorer.photo_name,
                                                             ClipScorer.prompt_name)
@@ -1094,8 +1116,11 @@ def record_experiment(result: EvalResult, run_id: str | None = None,
 def compare(table: PathLike | pd.DataFrame, setting: str, metric: str, ax=None):
     """Plot `metric` against `setting` over the runs in the experiments table.
 
-    Each dot is a run; the line joins the mean of the runs sharing a setting value, and the bars
-    span one standard deviation: runs that differ only in seed show the spread a seed causes.
+    Each dot is a run. For the same-person rate, median likeness and consistency the line joins
+    each setting value's estimate over all its runs' images, the bars are its 95% bootstrap
+    interval over runs (seeds) and images (headshot_kit.stats), and the title gives the
+    verdict. For other metrics the line joins the runs' mean and the bars span one standard
+    deviation.
     """
     import matplotlib.pyplot as plt
 
@@ -1104,6 +1129,9 @@ def compare(table: PathLike | pd.DataFrame, setting: str, metric: str, ax=None):
         if name not in data.columns:
             raise ValueError(f"The experiments table has no {what} {name!r}; its columns are "
                              f"{', '.join(map(str, data.columns))}.")
+    with_intervals = metric in INTERVAL_METRICS and "out_dir" in data.columns
+    intervals = (seed_intervals(data.dropna(subset=[setting]), [setting], [metric])
+                 if with_intervals else None)
     data = data[[setting, metric]].dropna()
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -1112,14 +1140,23 @@ def compare(table: PathLike | pd.DataFrame, setting: str, metric: str, ax=None):
     xs = values if numeric else list(range(len(values)))
     ax.scatter([xs[values.index(v)] for v in data[setting]], data[metric], alpha=0.5, s=20,
                label="runs")
-    stats = data.groupby(setting)[metric].agg(["mean", "std"]).reindex(values)
-    ax.errorbar(xs, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=4,
-                color="black", label="mean ± 1 s.d.")
+    title = f"{metric} vs {setting} ({len(data)} runs)"
+    if intervals is not None:
+        found = intervals.set_index(setting).reindex(values)
+        ax.errorbar(xs, found["estimate"], marker="o", capsize=4, color="black",
+                    yerr=[(found["estimate"] - found["low"]).fillna(0),
+                          (found["high"] - found["estimate"]).fillna(0)],
+                    label="95% interval (bootstrap over seeds and images)")
+        title += f": {intervals['verdict'].iloc[0]}"
+    else:
+        stats = data.groupby(setting)[metric].agg(["mean", "std"]).reindex(values)
+        ax.errorbar(xs, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=4,
+                    color="black", label="mean ± 1 s.d.")
     # Ticks at the values that ran, only: a sweep over rank 4 and 8 has no rank 4.5.
     ax.set_xticks(xs, [f"{v:g}" if numeric else str(v) for v in values])
     ax.set_xlabel(setting)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs {setting} ({len(data)} runs)")
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.figure.tight_layout()
     return ax.figure

@@ -65,6 +65,18 @@ def cache_chunk(resolution: int) -> int:
     one at a time needs 9.6 GB. The count shrinks with the pixel count."""
     return max(1, 8 * (512 // resolution) ** 2)
 
+
+def parked_after_caching(cfg: TrainConfig) -> tuple[str, ...]:
+    """The pipeline parts train.py moves off the GPU once the photos and captions are encoded.
+
+    The VAE leaves when latents are cached; the text encoders too, unless a text-encoder LoRA
+    trains: its weights and their optimizer state stay on the GPU together."""
+    from .families import get_family
+
+    if not cfg.cache_latents:
+        return ()
+    return ("vae", *(() if cfg.train_text_encoder else get_family(cfg.family).text_encoders))
+
 # Prompts are padded to CLIP's full context (tokenizer.model_max_length).
 TEXT_TOKENS = 77
 # bitsandbytes 8-bit Adam (0.45+): two uint8 states, one fp32 absmax per block of 256 values per
@@ -200,30 +212,30 @@ class _Quiet:
             log.set_verbosity(level)
 
 
-def _meta_unet(family: str):
+def _meta_unet(family: str, device: str = "meta"):
     import torch
     from diffusers import UNet2DConditionModel
 
-    with _Quiet(), torch.device("meta"):
+    with _Quiet(), torch.device(device):
         return UNet2DConditionModel.from_config(_public(load_arch(family)["unet"]))
 
 
-def _meta_vae(family: str):
+def _meta_vae(family: str, device: str = "meta"):
     import torch
     from diffusers import AutoencoderKL
 
-    with _Quiet(), torch.device("meta"):
+    with _Quiet(), torch.device(device):
         return AutoencoderKL.from_config(_public(load_arch(family)["vae"]))
 
 
-def _meta_text_encoders(family: str) -> list:
+def _meta_text_encoders(family: str, device: str = "meta") -> list:
     import torch
     import transformers
 
     encoders = []
     for config in load_arch(family)["text_encoders"]:
         cls = getattr(transformers, config["_class_name"])
-        with _Quiet(), torch.device("meta"):
+        with _Quiet(), torch.device(device):
             encoders.append(cls(transformers.CLIPTextConfig(**_public(config))))
     return encoders
 
@@ -232,13 +244,19 @@ def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def build_arch(family: str, device: str = "meta") -> dict:
+    """A family's models from data/arch/, by pipeline name: shapes only on `meta`, freshly
+    initialised random weights on a real device (bench/gpu_check.py's stand-in models)."""
+    models = {"unet": _meta_unet(family, device), "vae": _meta_vae(family, device)}
+    for i, encoder in enumerate(_meta_text_encoders(family, device)):
+        models["text_encoder" + (f"_{i + 1}" if i else "")] = encoder
+    return models
+
+
 @functools.cache
 def parameter_counts(family: str) -> dict[str, int]:
     """Exact parameter counts of a family's models, from their configs built on `meta`."""
-    counts = {"unet": _count(_meta_unet(family)), "vae": _count(_meta_vae(family))}
-    for i, encoder in enumerate(_meta_text_encoders(family)):
-        counts["text_encoder" + (f"_{i + 1}" if i else "")] = _count(encoder)
-    return counts
+    return {name: _count(model) for name, model in build_arch(family).items()}
 
 
 def _add_lora(model, rank: int, targets: tuple[str, ...]) -> None:
@@ -827,10 +845,10 @@ def _duration(seconds: float) -> str:
 
 
 def training_dtype(cfg: TrainConfig, gpu: GPU) -> str:
-    """What train.py's "auto" picks on that GPU: bf16 where it exists, else fp16."""
-    if cfg.mixed_precision == "auto":
-        return "bf16" if gpu.bf16 else "fp16"
-    return {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)
+    """The precision train.py runs in on that GPU (models.training_precision decides both)."""
+    from .models import training_precision
+
+    return training_precision(cfg.mixed_precision, "cuda", gpu.bf16)
 
 
 def _split_overrides(cfg: TrainConfig, overrides: dict) -> tuple[TrainConfig, Recipe]:
@@ -895,11 +913,12 @@ def _plan(cfg: TrainConfig, gpu: GPU, mode: str, recipe: Recipe, measure: bool =
     vae_half = (recipe.vae_dtype or dtype) != "fp32"
     vae_bytes = counts["vae"] * (2 if vae_half else 4)
     text_bytes = text_count * wbytes
-    vae_every_step = (not cfg.cache_latents if recipe.vae_every_step is None
+    parked = parked_after_caching(cfg)
+    vae_every_step = ("vae" not in parked if recipe.vae_every_step is None
                       else recipe.vae_every_step)
     text_every_step = (cfg.train_text_encoder if recipe.text_encoders_every_step is None
                        else recipe.text_encoders_every_step)
-    text_on_gpu = (not cfg.cache_latents or cfg.train_text_encoder or text_every_step
+    text_on_gpu = (not set(parked) - {"vae"} or text_every_step
                    if recipe.text_encoders_on_gpu is None else recipe.text_encoders_on_gpu)
     targets = tuple(cfg.target_modules)
     sizes = trainable_sizes(family, mode, cfg.rank, targets, cfg.train_text_encoder)
@@ -1140,7 +1159,8 @@ def check_before_training(cfg: TrainConfig, gpu: str | None = None, force: bool 
     gpu: a table key or torch.cuda.get_device_name(); None = the GPU this process sees. A GPU
     missing from the table is planned with its own total memory and the T4's speed (the plan
     says so). Without a GPU the plan is made for a T4 and returned without refusing. force=True
-    returns the plan even when it does not fit. Tiny models (built locally) fit anywhere: None.
+    (TrainConfig.force_fit) returns the plan even when it does not fit. Tiny models (built
+    locally) fit anywhere: None.
     """
     from .models import TINY_MODELS
 
@@ -1150,8 +1170,12 @@ def check_before_training(cfg: TrainConfig, gpu: str | None = None, force: bool 
 
     note = None
     if gpu is None and torch.cuda.is_available():
+        from .models import cuda_has_bf16
+
         gpu_entry = resolve_gpu(torch.cuda.get_device_name(0),
                                 torch.cuda.get_device_properties(0).total_memory)
+        # Plan in the precision the run will use on this very card, whatever the table says.
+        gpu_entry = dataclasses.replace(gpu_entry, bf16=cuda_has_bf16())
     elif gpu is None:
         gpu_entry, note = GPUS["t4"], "No GPU here: planned for a T4 and not enforced."
     else:
@@ -1166,7 +1190,8 @@ def check_before_training(cfg: TrainConfig, gpu: str | None = None, force: bool 
         raise DoesNotFit(
             f"This run needs about {plan.total_gb:.1f} GB of GPU memory at its peak "
             f"({plan.peak_phase}), but the {gpu_entry.name} has {plan.budget_gb:.1f} GB. "
-            f"Cheapest fix: {plan.fix}. To try anyway, pass force=True (--force).")
+            f"Cheapest fix: {plan.fix}. To try anyway, set force_fit=True in the training "
+            "config (`--set force_fit=true` on the command line).")
     return plan
 
 

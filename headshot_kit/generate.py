@@ -284,17 +284,23 @@ def use_lora(pipe, lora_dir: str | Path | None, scale: float) -> None:
 
 
 def load_generate_pipeline(cfg: GenerateConfig):
-    """The pipeline for `cfg.model`: fp16 on a GPU, fp32 on the CPU, VAE memory savers on SDXL."""
+    """The pipeline for `cfg.model`: fp16 on a GPU, fp32 on the CPU, VAE memory savers on a GPU."""
     from .models import load_pipeline, pick_device, pick_dtype
 
     device = pick_device(cfg.device)
     pipe = load_pipeline(cfg.model, cfg.family, device=device,
                          dtype=pick_dtype(device, "no" if device == "cpu" else "fp16"))
-    if cfg.family == "sdxl" and device.startswith("cuda"):
-        # Decoding a 1024 px SDXL image at once needs more memory than a T4 has left.
-        pipe.vae.enable_slicing()
-        pipe.vae.enable_tiling()
+    if device.startswith("cuda"):
+        save_decode_memory(pipe, cfg.family)
     return pipe
+
+
+def save_decode_memory(pipe, family: str) -> None:
+    """Decode a batch one image at a time (what pick_batch_size counts on, for every family)
+    and, for SDXL, in tiles: a 1024 px decode at once needs more memory than a T4 has left."""
+    pipe.vae.enable_slicing()
+    if family == "sdxl":
+        pipe.vae.enable_tiling()
 
 
 def render(shot: Shot, pipe) -> Image.Image:

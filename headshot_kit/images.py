@@ -39,6 +39,14 @@ def load_image(path: str | Path) -> Image.Image:
     return upright.convert("RGB")
 
 
+def centre_square(image: Image.Image, size: int) -> Image.Image:
+    """The largest centred square of `image`, resized to size x size."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize(
+        (size, size), Image.Resampling.LANCZOS)
+
+
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .compat import require_compatible
-from .config import HUB_SDXL_FP16_VAE
+from .config import HUB_SDXL_FP16_VAE, ConfigError
 from .families import get_family
 from .storage import atomic_dir
 
@@ -71,17 +71,43 @@ def pick_device(requested: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cuda_has_bf16() -> bool:
+    """Whether this process's GPU computes in bf16 natively: compute capability 8.0 (Ampere:
+    A100, A10, L4) and later. A T4 (7.5) has no bf16 hardware and cuDNN no bf16 convolutions
+    below 8.0; `torch.cuda.is_bf16_supported()` still answers True there, since it counts
+    emulation, so the capability is read instead."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+# Names of the training precisions, as TrainConfig.mixed_precision and the fit check use them.
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def training_precision(mixed_precision: str, device: str, bf16: bool | None = None) -> str:
+    """The precision a run trains in: "fp32", "fp16" or "bf16". The one decision train.py and
+    the fit check both follow.
+
+    "auto" is fp32 on the CPU, bf16 on a GPU that has it (`bf16`: None = ask this process's
+    GPU) and fp16 on one that does not, such as Colab's T4; fp16 there is also what brings in
+    SDXL's fp16-fix VAE.
+    """
+    on_gpu = device.startswith("cuda")
+    if on_gpu and mixed_precision in ("auto", "bf16") and bf16 is None:
+        bf16 = cuda_has_bf16()
+    if mixed_precision == "bf16" and on_gpu and not bf16:
+        raise ConfigError("mixed_precision='bf16' on a GPU without bf16 (compute capability "
+                          "below 8.0, such as a T4): cuDNN has no bf16 convolutions there. Set "
+                          "mixed_precision='fp16' or 'auto'.")
+    if mixed_precision in ("fp16", "bf16"):
+        return mixed_precision
+    if mixed_precision == "no" or not on_gpu:
+        return "fp32"
+    return "bf16" if bf16 else "fp16"
+
+
 def pick_dtype(device: str, mixed_precision: str = "auto") -> torch.dtype:
     """fp16 on a T4 (it has no bf16), bf16 where the GPU has it, fp32 on the CPU."""
-    if mixed_precision == "fp16":
-        return torch.float16
-    if mixed_precision == "bf16":
-        return torch.bfloat16
-    if mixed_precision == "no" or device == "cpu":
-        return torch.float32
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    return PRECISION_DTYPES[training_precision(mixed_precision, device)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,15 +10,19 @@ Each failure Colab users keep reporting has its fix built in:
 - out of GPU memory: latents and text embeddings are computed once and the VAE and text
   encoders leave the GPU; gradient checkpointing; PyTorch SDPA attention (no xformers);
 - "Attempting to unscale FP16 gradients": trainable LoRA weights stay fp32 under an fp16 model;
-- bitsandbytes failing to load: detected, explained, torch AdamW used with its memory cost said;
+- bitsandbytes failing to load: detected (by one real step), explained, torch AdamW used with
+  its memory cost said;
 - disconnects: atomic, resumable checkpoints to a folder you choose (e.g. Google Drive), and a
-  resumed run continues exactly where it stopped;
+  resumed run continues exactly where it stopped, the fp16 loss scale included;
+- a T4's fp16: validation renders under autocast, skipped fp16 updates are recorded, and a
+  failed run hands its GPU memory back before the retry;
 - NaN losses: the step is skipped and reported; several in a row stop the run with advice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import random
 import re
@@ -37,17 +41,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import models
-from .config import (DEFAULT_CLASS, DEFAULT_TOKEN, ConfigError, DataError, TrainConfig, agree,
-                     config_hash, save_config, to_dict, validate_train)
+from .config import (DEFAULT_CLASS, DEFAULT_TOKEN, HUB_SDXL_FP16_VAE, ConfigError, DataError,
+                     TrainConfig, agree, config_hash, save_config, to_dict, validate_train,
+                     with_optimizer_defaults)
 from .families import Conditioning, get_family
-from .fitcheck import cache_chunk, check_before_training
-from .images import image_grid, list_images, load_image
+from .fitcheck import cache_chunk, check_before_training, parked_after_caching
+from .images import centre_square, image_grid, list_images, load_image
 from .storage import atomic_dir, atomic_path, atomic_write_text
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
+# Elements of the tensor that proves the 8-bit optimizer runs: a few of bitsandbytes' 256-value
+# quantisation blocks.
+BNB_PROBE_SIZE = 1024
 # Settings a checkpoint must share with the run that resumes it: anything else can change
-# (e.g. more steps).
+# (e.g. more steps). The optimizer that ran is checked too (its state fits no other).
 RESUME_KEYS = ("model", "family", "rank", "alpha", "target_modules", "train_text_encoder",
                "resolution", "prior_preservation")
 # Settings a resumed run may change: none of them shapes the weights already trained.
@@ -138,11 +146,7 @@ def with_dataset_subject(cfg: TrainConfig, data_dir: str | Path) -> TrainConfig:
 
 def image_tensor(path: Path, resolution: int) -> torch.Tensor:
     """A photo as a (3, H, W) tensor in [-1, 1], centre-cropped and resized to `resolution`."""
-    image = load_image(path)
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side)).resize(
-        (resolution, resolution), Image.Resampling.LANCZOS)
+    image = centre_square(load_image(path), resolution)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
 
@@ -181,11 +185,7 @@ def make_optimizer(params, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, str
     Prodigy when asked for, or torch AdamW."""
     if cfg.optimizer == "adamw8bit":
         try:
-            import bitsandbytes as bnb
-
-            opt = bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.adam_weight_decay,
-                                      min_8bit_size=cfg.optimizer_min_8bit_size)
-            return opt, "bitsandbytes AdamW8bit"
+            return adamw8bit(params, cfg), "bitsandbytes AdamW8bit"
         except Exception as exc:  # bitsandbytes fails in many ways when CUDA libraries move
             warnings.warn(
                 f"bitsandbytes could not load ({type(exc).__name__}: {exc}); training with torch "
@@ -203,6 +203,22 @@ def make_optimizer(params, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, str
         return Prodigy(params, lr=cfg.lr, weight_decay=cfg.adam_weight_decay,
                        safeguard_warmup=True, use_bias_correction=True), "Prodigy"
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.adam_weight_decay), "torch AdamW"
+
+
+def adamw8bit(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit for `params`, once it has been seen to step.
+
+    bitsandbytes 0.50 loads its native library at the first optimizer step, not at import or
+    construction, so a broken install would otherwise pass here and crash the run at step 1.
+    One step on a throwaway tensor on the parameters' device runs the same 8-bit kernels first.
+    """
+    import bitsandbytes as bnb
+
+    probe = torch.nn.Parameter(torch.zeros(BNB_PROBE_SIZE, device=params[0].device))
+    probe.grad = torch.ones_like(probe)
+    bnb.optim.AdamW8bit([probe], lr=cfg.lr, min_8bit_size=0).step()
+    return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.adam_weight_decay,
+                               min_8bit_size=cfg.optimizer_min_8bit_size)
 
 
 def optimizer_state_dtypes(optimizer: torch.optim.Optimizer) -> set[torch.dtype]:
@@ -250,6 +266,20 @@ def text_encoder_lora_state(encoder) -> dict[str, torch.Tensor]:
     return {f"text_model.{k}": v for k, v in state.items()}
 
 
+# LoraConfig fields every peft release since 0.9 knows: loaders rebuild the config from them.
+_PORTABLE_LORA_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "rank_pattern",
+                         "alpha_pattern", "use_dora", "use_rslora", "bias")
+
+
+def adapter_metadata(module) -> dict:
+    """The adapter's LoraConfig as the file's metadata, limited to fields that every loader
+    understands: older diffusers releases (0.35 among them) index `rank_pattern` directly,
+    and older peft releases refuse fields they do not know."""
+    config = module.peft_config["default"].to_dict()
+    return {k: sorted(config[k]) if isinstance(config[k], set) else config[k]
+            for k in _PORTABLE_LORA_FIELDS if k in config}
+
+
 def save_lora(pipe, folder: Path, cfg: TrainConfig) -> Path:
     """Write the LoRA where diffusers' `load_lora_weights` finds it, with its rank and alpha.
 
@@ -259,17 +289,14 @@ def save_lora(pipe, folder: Path, cfg: TrainConfig) -> Path:
     from diffusers.utils import convert_state_dict_to_diffusers
 
     family = get_family(cfg.family)
-    metadata = {"r": cfg.rank, "lora_alpha": cfg.lora_alpha,
-                "target_modules": list(cfg.target_modules)}
     kwargs = {"unet_lora_layers": convert_state_dict_to_diffusers(peft_state(pipe.unet)),
-              "unet_lora_adapter_metadata": metadata}
+              "unet_lora_adapter_metadata": adapter_metadata(pipe.unet)}
     if cfg.train_text_encoder:
-        te_meta = {"r": cfg.rank, "lora_alpha": cfg.lora_alpha,
-                   "target_modules": list(family.text_encoder_targets)}
         for name in family.text_encoders:
+            encoder = getattr(pipe, name)
             kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(
-                text_encoder_lora_state(getattr(pipe, name)))
-            kwargs[f"{name}_lora_adapter_metadata"] = te_meta
+                text_encoder_lora_state(encoder))
+            kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(encoder)
     cls = getattr(diffusers, family.pipeline_class)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / LORA_WEIGHTS) as tmp:
@@ -300,9 +327,11 @@ def kohya_key(key: str) -> str:
     return f"{_KOHYA_PREFIX[owner]}{module.replace('.', '_')}.lora_{kind}.weight"
 
 
-def export_kohya(lora_path: Path, alpha: float, single_text_encoder: bool = True) -> Path:
+def export_kohya(lora_path: Path, rank: int, alpha: float,
+                 single_text_encoder: bool = True) -> Path:
     """A copy of the LoRA with kohya key names and an `.alpha` per module, which A1111,
-    ComfyUI and kohya's scripts load."""
+    ComfyUI and kohya's scripts load; its metadata names the rank (ss_network_dim) and alpha
+    (ss_network_alpha) as kohya's own files do."""
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(lora_path))
@@ -315,7 +344,7 @@ def export_kohya(lora_path: Path, alpha: float, single_text_encoder: bool = True
         out[name.split(".lora_")[0] + ".alpha"] = torch.tensor(float(alpha))
     target = lora_path.with_name(KOHYA_WEIGHTS)
     with atomic_path(target) as tmp:
-        save_file(out, str(tmp), metadata={"ss_network_dim": str(int(alpha)),
+        save_file(out, str(tmp), metadata={"ss_network_dim": str(int(rank)),
                                             "ss_network_alpha": str(alpha)})
     return target
 
@@ -376,6 +405,22 @@ def fixed_batch_loss(unet, noise_scheduler, latents, cond: Conditioning, seed: i
 # The run
 
 
+def fresh_accelerator(dtype: torch.dtype, device: str):
+    """An Accelerator for one run, in its precision.
+
+    accelerate keeps one state per process and refuses another precision later in the same
+    process ("AcceleratorState has already been initialized"), so a notebook could not retry a
+    diverged fp16 run in fp32. A run here is always a single process: each starts clean.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
+    return Accelerator(mixed_precision=precision, cpu=device == "cpu")
+
+
 class Trainer:
     """One LoRA training run, in steps, so notebooks can watch it and tests can probe it.
 
@@ -386,11 +431,7 @@ class Trainer:
     def __init__(self, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
                  progress: bool = True, on_step: Callable | None = None,
                  on_validation: Callable | None = None):
-        from accelerate import Accelerator
-        from diffusers import DDPMScheduler
-        from diffusers.optimization import get_scheduler
-
-        self.cfg = validate_train(cfg)
+        self.cfg = cfg = with_optimizer_defaults(validate_train(cfg))
         self.family = get_family(cfg.family)
         self.data_dir, self.out_dir = Path(data_dir), Path(out_dir)
         self.checkpoint_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else (
@@ -403,10 +444,20 @@ class Trainer:
             # Refuse a plan that cannot fit before minutes of loading end in out-of-memory.
             self.fit_plan = check_before_training(cfg, force=cfg.force_fit)
         self.dtype = models.pick_dtype(device, cfg.mixed_precision)
-        precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "no")
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
+        try:
+            self._build(device)
+        except BaseException:
+            self.close()  # a retry must not find this attempt's models still on the GPU
+            raise
+
+    def _build(self, device: str) -> None:
+        """Load the models, encode the inputs, attach the LoRA, resume: the heavy part."""
+        from diffusers import DDPMScheduler
+        from diffusers.optimization import get_scheduler
+
+        cfg, progress = self.cfg, self.progress
+        self.accelerator = fresh_accelerator(self.dtype, device)
         self.device = self.accelerator.device
-        torch.manual_seed(cfg.seed)
         self.pipe = models.load_pipeline(cfg.model, cfg.family, device=str(self.device),
                                          dtype=self.dtype)
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
@@ -417,6 +468,9 @@ class Trainer:
         unet = self.pipe.unet
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        # Seeded here, after loading: building a tiny model on first use (or a cache miss of any
+        # kind) draws from the same generator, and the LoRA's start must not depend on it.
+        torch.manual_seed(cfg.seed)
         params = add_lora(unet, cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
         if cfg.train_text_encoder:
             for name in self.family.text_encoders:
@@ -424,7 +478,11 @@ class Trainer:
                 params += add_lora(encoder, cfg.rank, cfg.lora_alpha, cfg.lora_dropout,
                                    self.family.text_encoder_targets)
                 if cfg.gradient_checkpointing:
-                    encoder.gradient_checkpointing_enable()
+                    # transformers 5 renamed it; older releases (as Colab may have) only know
+                    # the old name.
+                    enable = (getattr(encoder, "activation_checkpointing_enable", None)
+                              or encoder.gradient_checkpointing_enable)
+                    enable()
         self.params = params
         self.n_trainable = sum(p.numel() for p in params)
         optimizer, self.optimizer_name = make_optimizer(params, cfg)
@@ -447,6 +505,22 @@ class Trainer:
             if latest is not None:
                 self.load_checkpoint(latest)
 
+    def close(self) -> None:
+        """Let go of the models, optimizer and cached inputs, and hand their GPU memory back.
+
+        A notebook keeps the last exception, and with it every frame that held this trainer:
+        after a failed run its models would stay on the GPU and the retry run out of memory.
+        """
+        accelerator = self.__dict__.pop("accelerator", None)
+        if accelerator is not None:
+            accelerator.free_memory()  # it holds the prepared UNet and optimizer too
+        for name in ("pipe", "unet", "optimizer", "lr_scheduler", "params", "inputs",
+                     "cached_cond", "noise_scheduler"):
+            self.__dict__.pop(name, None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     # -- inputs --------------------------------------------------------------------------------
 
     def _cache_inputs(self, class_images: list[Path]) -> None:
@@ -466,14 +540,23 @@ class Trainer:
         with torch.no_grad():
             self.cached_cond = self.family.encode_prompts(
                 pipe, self.captions, cfg.resolution).to(dtype=torch.float32).detach()
-        if cfg.cache_latents and not cfg.train_text_encoder and self.device.type == "cuda":
-            self._offload_encoders("cpu")
+        self._move(self._parked(), "cpu")
 
-    def _offload_encoders(self, device: str) -> None:
-        for name in ("vae", *self.family.text_encoders):
+    def _parked(self) -> tuple[str, ...]:
+        """The pipeline parts that wait on the CPU while the UNet trains (none on the CPU)."""
+        return parked_after_caching(self.cfg) if self.device.type == "cuda" else ()
+
+    def _move(self, names: tuple[str, ...], device: str) -> None:
+        for name in names:
             getattr(self.pipe, name).to(device)
-        if device == "cpu" and torch.cuda.is_available():
+        if names and device == "cpu" and torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def _train_mode(self, training: bool) -> None:
+        """Train mode for every model with a LoRA while it learns: gradient checkpointing and
+        dropout act only then. Eval mode for fixed losses and validation."""
+        for name in self._lora_modules():
+            getattr(self.pipe, name).train(training)
 
     def _draw(self, pool: torch.Tensor) -> torch.Tensor:
         pick = torch.randint(0, len(pool), (self.cfg.batch_size,), generator=self.generator)
@@ -515,8 +598,8 @@ class Trainer:
         a row raise TrainingDiverged with advice.
         """
         cfg = self.cfg
-        self.unet.train()
-        losses, bad = [], False
+        self._train_mode(True)
+        losses, bad, overflow = [], False, False
         for _ in range(cfg.grad_accum):
             loss = self.micro_loss()
             if not torch.isfinite(loss):
@@ -533,22 +616,26 @@ class Trainer:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_row = 0
+            # In fp16 the loss scaler skips an update whose gradients overflowed and lowers its
+            # scale (the LR schedule waits too): normal early in a run, not divergence.
+            overflow = self.accelerator.optimizer_step_was_skipped
         self.step += 1
         record = {"step": self.step, "loss": float(np.mean(losses)) if not bad else float("nan"),
-                  "lr": self.lr_scheduler.get_last_lr()[0], "skipped": bad}
+                  "lr": self.lr_scheduler.get_last_lr()[0], "skipped": bad or overflow}
         self.history.append(record)
         if self.bad_in_row >= cfg.max_bad_steps:
             self.save_metrics()
             raise TrainingDiverged(
                 f"The loss was NaN/inf for {self.bad_in_row} steps in a row (up to step "
                 f"{self.step}); the run stopped. Try a lower learning rate (now {cfg.lr}), "
-                "mixed_precision='no' or 'bf16', and for SDXL in fp16 the fp16-fix VAE. The last "
-                f"good checkpoint is in {self.checkpoint_dir}.")
+                "mixed_precision='no' (or 'bf16' on a GPU that has it, not a T4), and for SDXL "
+                "in fp16 the fp16-fix VAE. The last good checkpoint is in "
+                f"{self.checkpoint_dir}.")
         return record
 
     def fixed_loss(self) -> float:
         """The plain loss on every photo with fixed noise and timesteps."""
-        self.unet.eval()
+        self._train_mode(False)
         latents = self.inputs if self.cfg.cache_latents else encode_latents(self.pipe,
                                                                             self.inputs)
         return fixed_batch_loss(self.unet, self.noise_scheduler, latents.to(self.device),
@@ -560,20 +647,23 @@ class Trainer:
         """Render the validation prompts at this step; grow the grid (steps x prompts)."""
         cfg = self.cfg
         prompts = [p.format(subject=cfg.subject) for p in cfg.validation_prompts]
-        self.unet.eval()
-        offloaded = cfg.cache_latents and self.device.type == "cuda"
-        if offloaded:
-            self._offload_encoders(str(self.device))
+        self._train_mode(False)
+        parked = self._parked()
+        self._move(parked, str(self.device))
         images = []
-        with torch.no_grad():
-            for prompt in prompts:
-                for seed in cfg.validation_seeds:
-                    images.append(self.pipe(
-                        prompt, num_inference_steps=cfg.validation_steps, height=cfg.resolution,
-                        width=cfg.resolution,
-                        generator=torch.Generator().manual_seed(seed)).images[0])
-        if offloaded:
-            self._offload_encoders("cpu")
+        try:
+            # Under mixed precision the prepared UNet returns fp32 (accelerate wraps its
+            # forward): autocast hands the half-precision VAE what it computes in, as diffusers'
+            # DreamBooth scripts validate inside torch.autocast.
+            with torch.no_grad(), self.accelerator.autocast():
+                for prompt in prompts:
+                    for seed in cfg.validation_seeds:
+                        images.append(self.pipe(
+                            prompt, num_inference_steps=cfg.validation_steps,
+                            height=cfg.resolution, width=cfg.resolution,
+                            generator=torch.Generator().manual_seed(seed)).images[0])
+        finally:
+            self._move(parked, "cpu")
         self.validation_rows.append((self.step, images))
         # Label by what follows the subject words: every prompt starts the same way.
         columns = [f"{p.split(cfg.subject)[-1].strip(' ,')[:28]} s{s}" for p in prompts
@@ -592,7 +682,8 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Everything needed to continue exactly: LoRA weights, optimizer, scheduler, RNGs.
+        """Everything needed to continue exactly: LoRA weights, optimizer, scheduler, the fp16
+        loss scaler, RNGs.
 
         Written to a temporary folder renamed into place, so the latest checkpoint on disk is
         always complete, whenever the process dies."""
@@ -601,6 +692,7 @@ class Trainer:
             "step": self.step, "bad_in_row": self.bad_in_row, "history": self.history,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict() if (scaler := self.accelerator.scaler) else None,
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
             "lora": {name: peft_state(getattr(self.pipe, name)) for name in self._lora_modules()},
@@ -609,6 +701,7 @@ class Trainer:
             torch.save(state, tmp / "state.pt")
             (tmp / "meta.json").write_text(json.dumps({
                 "step": self.step, "config": to_dict(self.cfg),
+                "optimizer_used": self.optimizer_name,
                 "resume_hash": config_hash({k: to_dict(self.cfg)[k] for k in RESUME_KEYS}),
             }, indent=2, default=str) + "\n")
         for old in list_checkpoints(self.checkpoint_dir)[: -max(1, self.cfg.checkpoints_keep)]:
@@ -623,6 +716,12 @@ class Trainer:
 
         meta = json.loads((folder / "meta.json").read_text())
         check_resume(folder, meta, self.cfg)
+        used = meta.get("optimizer_used", self.optimizer_name)
+        if used != self.optimizer_name:
+            raise ConfigError(f"{folder} holds {used} state but this run steps with "
+                              f"{self.optimizer_name}; they cannot continue each other. Set the "
+                              "optimizer the checkpoint used, use a new checkpoint_dir, or set "
+                              "resume=False to start over.")
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
         for name, weights in state["lora"].items():
             set_peft_model_state_dict(getattr(self.pipe, name), weights)
@@ -630,6 +729,8 @@ class Trainer:
             p.data = p.data.float()
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if state.get("scaler") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
@@ -675,7 +776,8 @@ class Trainer:
     def save(self, seconds: float = 0.0) -> TrainResult:
         out = self.out_dir
         lora_path = save_lora(self.pipe, out, self.cfg)
-        export_kohya(lora_path, self.cfg.lora_alpha, single_text_encoder=self.cfg.family == "sd15")
+        export_kohya(lora_path, self.cfg.rank, self.cfg.lora_alpha,
+                     single_text_encoder=self.cfg.family == "sd15")
         metrics = self.save_metrics()
         skipped = int(metrics["skipped"].sum()) if len(metrics) else 0
         token, class_name = dataset_subject(self.data_dir)
@@ -726,6 +828,25 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def usage_snippet(cfg: TrainConfig, lora_folder: str) -> str:
+    """Python that renders with the LoRA on a GPU: the fp16 files (half the download), SDXL's
+    fp16-fix VAE (the stock one decodes black in fp16), straight onto the GPU. Loading SDXL in
+    fp32 on the CPU first is what runs Colab's 12.7 GB of host RAM out."""
+    hub = models.is_hub_id(cfg.model)
+    fix_vae = hub and cfg.family == "sdxl"
+    classes = "AutoencoderKL, DiffusionPipeline" if fix_vae else "DiffusionPipeline"
+    lines = ["import torch", f"from diffusers import {classes}"]
+    load = f'"{cfg.model}", torch_dtype=torch.float16' + (', variant="fp16"' if hub else "")
+    if fix_vae:
+        lines.append(f'vae = AutoencoderKL.from_pretrained("{HUB_SDXL_FP16_VAE}", '
+                     "torch_dtype=torch.float16)")
+        load += ", vae=vae"
+    lines += [f'pipe = DiffusionPipeline.from_pretrained({load}).to("cuda")',
+              f'pipe.load_lora_weights("{lora_folder}")',
+              f'image = pipe("a photo of {cfg.subject}, corporate headshot").images[0]']
+    return "\n".join(lines)
+
+
 def write_model_card(out: Path, cfg: TrainConfig, result: TrainResult, n_images: int) -> Path:
     """README.md beside the weights: what the LoRA is, how it was made, how to use it."""
     final = result.metrics["loss"].dropna()
@@ -748,10 +869,7 @@ This LoRA was trained on photos of a real person: share it only with their conse
 
 ## Use
 ```python
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("{cfg.model}")
-pipe.load_lora_weights("{out.name}")
-image = pipe("a photo of {cfg.subject}, corporate headshot").images[0]
+{usage_snippet(cfg, out.name)}
 ```
 `{KOHYA_WEIGHTS}` holds the same weights under kohya names for A1111 and ComfyUI.
 {samples}
@@ -770,17 +888,14 @@ def train_lora(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | Non
     Keyword arguments go to `Trainer` (progress, on_step, on_validation).
     """
     trainer = Trainer(data_dir, out_dir, cfg or TrainConfig(), **kwargs)
-    print(f"Training a rank-{trainer.cfg.rank} LoRA ({trainer.n_trainable:,} parameters) on "
-          f"{len(trainer.examples)} photos for {trainer.cfg.steps} steps on "
-          f"{trainer.device.type} ({trainer.dtype}), optimizer: {trainer.optimizer_name}.")
-    result = trainer.run()
-    del trainer
-    # Free the training models before anything loads an inference pipeline: on Colab, holding
-    # both runs the 12.7 GB of host RAM out.
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return result
+    try:
+        print(f"Training a rank-{trainer.cfg.rank} LoRA ({trainer.n_trainable:,} parameters) "
+              f"on {len(trainer.examples)} photos for {trainer.cfg.steps} steps on "
+              f"{trainer.device.type} ({trainer.dtype}), optimizer: {trainer.optimizer_name}.")
+        return trainer.run()
+    finally:
+        # Free the training models before anything loads an inference pipeline (on Colab,
+        # holding both runs the 12.7 GB of host RAM out), and after a failure, so that a retry
+        # starts with an empty GPU.
+        trainer.close()
 

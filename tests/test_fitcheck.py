@@ -108,6 +108,7 @@ def test_refuses_what_cannot_fit_and_names_a_fix():
     with pytest.raises(fc.DoesNotFit, match="Cheapest fix: train a LoRA") as err:
         fc.check_before_training(cfg, "Tesla T4", mode="full")
     assert "gradient checkpointing" in str(err.value) and "T4" in str(err.value)
+    assert "--set force_fit=true" in str(err.value)  # the setting that really exists
     assert not fc.check_before_training(cfg, "t4", force=True, mode="full").fits
     # No GPU in this process: the plan comes back, marked, and nothing is refused.
     if not torch.cuda.is_available():

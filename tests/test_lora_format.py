@@ -59,3 +59,22 @@ def test_reloaded_text_encoder_lora_changes_the_encoder_as_in_memory(trained):
 
     assert (in_memory - base).abs().max() > 1e-3  # the LoRA really moved the encoder
     torch.testing.assert_close(loaded, in_memory, atol=1e-5, rtol=1e-4)
+
+
+def test_adapter_metadata_is_a_config_older_loaders_rebuild(trained):
+    """diffusers 0.35 indexes `rank_pattern` in the stored config, and peft 0.17 refuses
+    fields it does not know: the file stores the fields every release reads, and no others."""
+    import json
+
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    _, result = trained
+    with safe_open(str(result.lora_path), "pt") as f:
+        stored = json.loads(f.metadata()["lora_adapter_metadata"])
+    unet = {k.removeprefix("unet."): v for k, v in stored.items() if k.startswith("unet.")}
+    assert unet["r"] == 4 and unet["lora_alpha"] == 4 and unet["rank_pattern"] == {}
+    assert set(unet["target_modules"]) == {"to_q", "to_k", "to_v", "to_out.0"}
+    assert set(unet) <= {"r", "lora_alpha", "target_modules", "lora_dropout", "rank_pattern",
+                         "alpha_pattern", "use_dora", "use_rslora", "bias"}
+    LoraConfig(**unet)  # rebuilds as a loader does

@@ -3,13 +3,20 @@ the compare plot shows the metric against the swept setting."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
+
+from safetensors.torch import load_file
 
 from headshot_kit.cli import main
 from headshot_kit.config import ConfigError
 from headshot_kit.evaluate import compare
-from headshot_kit.sweep import parse_grid, plan_runs
+from headshot_kit.stats import seed_intervals
+from headshot_kit.sweep import cost_summary, parse_grid, plan_runs
+from headshot_kit.train import LORA_WEIGHTS
 
 
 def test_grid_settings_are_parsed_and_checked_before_running():
@@ -29,8 +36,21 @@ def test_sweep_2x1_records_each_run_once_and_compares(prepared_dataset, tmp_path
     table = pd.read_csv(tmp_path / "experiments.csv")
     assert sorted(table["rank"]) == [2, 8] and set(table["steps"]) == {6}
     assert {"likeness_mean", "faces_found", "n_images"} <= set(table.columns)
-    for run in ("rank=2_steps=6", "rank=8_steps=6"):
-        assert (tmp_path / run / "scores" / "scores.csv").is_file()
+    for rank in (2, 8):
+        run = tmp_path / f"rank={rank}_steps=6"
+        # The setting reached the weights: every LoRA down-projection has `rank` rows.
+        weights = load_file(run / "lora" / LORA_WEIGHTS)
+        downs = [v for k, v in weights.items() if "lora.down" in k or "lora_A" in k]
+        assert downs and {v.shape[0] for v in downs} == {rank}
+        assert len(pd.read_csv(run / "lora" / "metrics.csv")) == 6  # one row per step
+        scores = pd.read_csv(run / "scores" / "scores.csv")
+        row = table[table["rank"] == rank].iloc[0]
+        assert row["n_images"] == len(scores) == 3 * 1  # three styles, one seed
+        assert row["same_person_rate"] == scores["same_person"].mean()
+    # The intervals read each run's images through the table's out_dir column.
+    intervals = seed_intervals(table, ["rank"], ["same_person_rate"])
+    assert list(intervals["n_images"]) == [3, 3] and list(intervals["n_runs"]) == [1, 1]
+    assert list(intervals["estimate"]) == list(table.sort_values("rank")["same_person_rate"])
 
     capsys.readouterr()
     assert main(argv) == 0  # a re-run skips finished combinations
@@ -39,3 +59,44 @@ def test_sweep_2x1_records_each_run_once_and_compares(prepared_dataset, tmp_path
 
     fig = compare(tmp_path / "experiments.csv", "rank", "n_images")
     assert fig.axes[0].get_xlabel() == "rank"
+
+
+def test_training_seeds_repeat_every_combination():
+    runs = plan_runs("tiny", parse_grid(["rank=2,4"]), train_seeds=[0, 1])
+    assert [r[0] for r in runs] == ["rank=2_train_seed=0", "rank=2_train_seed=1",
+                                    "rank=4_train_seed=0", "rank=4_train_seed=1"]
+    assert [r[2].train.seed for r in runs] == [0, 1, 0, 1]
+    assert runs[3][1] == {"rank": 4, "train_seed": 1}
+
+
+def test_dry_run_prints_the_gpu_hours_without_training(tmp_path, capsys):
+    argv = ["sweep", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "out"),
+            "--preset", "tiny", "--grid", "rank=4", "--train-seeds", "0", "1", "2", "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "3 runs, about" in out and "GPU hours of training on a t4" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_cost_line_counts_gpu_hours_and_names_runs_that_do_not_fit():
+    cost = pd.DataFrame({"run_id": ["rank=4", "rank=16", "rank=64"], "fits": [True, True, False],
+                         "gpu_hours": [0.5, 1.0, float("nan")]})
+    line = cost_summary(cost, "t4", n_gpus=(1, 8))
+    # One GPU runs both in turn; eight GPUs wait for the longest run.
+    assert "about 1.5 GPU hours" in line and "1 h 30 min on 1 GPU, 1 h 00 min on 8 GPUs" in line
+    assert "1 do not fit a t4 (rank=64)" in line
+
+
+def test_ray_is_optional_and_its_absence_is_one_line(monkeypatch, tmp_path, capsys):
+    code = ("import sys, headshot_kit.sweep, headshot_kit.cli, headshot_kit.stats; "
+            "print('ray' in sys.modules)")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True, timeout=120).stdout.strip()
+    assert imported == "False"  # the normal path never imports Ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where it is absent
+    argv = ["sweep", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--grid",
+            "rank=2", "--ray", "auto"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'pip install "headshot-kit[cluster]"' in err

@@ -296,3 +296,15 @@ def test_prodigy_optimizer_option_trains(prepared_dataset, tmp_path):
     assert trainer.optimizer_name == "Prodigy"
     assert result.metrics["loss"].notna().all()
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
+
+
+def test_the_lora_starts_the_same_whether_or_not_the_model_was_just_built(
+        prepared_dataset, tmp_path, monkeypatch):
+    """Same seed, same run: building the tiny model on first use draws random numbers too."""
+    monkeypatch.setenv("HEADSHOT_KIT_CACHE", str(tmp_path / "fresh-cache"))
+    cfg = tiny(steps=1, validate_every=0, checkpoint_every=0)
+    first = Trainer(prepared_dataset, tmp_path / "a", cfg, progress=False)  # builds the model
+    again = Trainer(prepared_dataset, tmp_path / "b", cfg, progress=False)  # finds it built
+    a, b = peft_state(first.pipe.unet), peft_state(again.pipe.unet)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
