@@ -147,6 +147,7 @@ class TrainConfig:
     optimizer: str = "adamw8bit"
     # bitsandbytes keeps tensors smaller than this in 32-bit state (its own default).
     optimizer_min_8bit_size: int = 4096
+    # diffusers' DreamBooth default for AdamW; Prodigy's recipe uses 1e-4 (see optimizer).
     adam_weight_decay: float = 1e-2
     # "auto": fp16 on a T4 (no bf16 there), bf16 where the GPU has it, fp32 on the CPU.
     mixed_precision: str = "auto"
@@ -191,6 +192,7 @@ class TrainConfig:
     # Render validation images every N steps (0 = never) so over-fitting and weak likeness
     # show while training; 100 adds about 5% to an 800-step run.
     validate_every: int = 100
+    # Two headshot prompts; {subject} becomes the dataset's subject words.
     validation_prompts: tuple[str, ...] = (
         "a photo of {subject}, corporate headshot, navy background",
         "a photo of {subject}, smiling, outdoors")
@@ -217,13 +219,16 @@ class TrainConfig:
 
 @dataclass
 class GenerateConfig:
+    # The base model the LoRA was trained on (a hub id, a local folder or a tiny model).
     model: str = HUB_SD15
+    # Its model family: "sd15" or "sdxl".
     family: str = "sd15"
     # Style names from headshot_kit/data/styles.yaml; empty = every style. Ten styles x four
     # seeds: the 40 headshots the paid services deliver.
     styles: list[str] = field(default_factory=lambda: [
         "corporate", "creative", "executive", "linkedin", "studio-white", "office", "outdoor",
         "black-and-white", "tech", "editorial"])
+    # One image per style and seed; the same seed gives the same image again.
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     # 30 DPM-Solver++ steps is where SD 1.5 stops improving visibly.
     steps: int = 30
@@ -231,11 +236,15 @@ class GenerateConfig:
     guidance: float = 7.0
     # 1.0 applies the LoRA as trained; lower it if every face looks the same.
     lora_scale: float = 1.0
+    # The model's native size: 512 px for SD 1.5, 1024 px for SDXL.
     resolution: int = 512
     # The subject words; "" = those recorded in the LoRA's config.json (from the dataset).
     token: str = ""
+    # The class noun; "" = the one recorded in the LoRA's config.json.
     class_name: str = ""
+    # DPM-Solver++ with Karras sigmas: sharp results in 30 steps; also "euler-a" and "ddim".
     scheduler: str = "dpmpp-karras"
+    # "auto": the GPU when there is one, else the CPU.
     device: str = "auto"
     # Replaces every style's own negative prompt when set; "" keeps each style's.
     negative_prompt: str = ""

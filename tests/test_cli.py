@@ -111,19 +111,20 @@ def test_a_misspelt_setting_suggests_the_closest_name():
         _stage_config(args, "train", {})
 
 
-@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate"])
+@pytest.mark.parametrize("stage", ["prepare", "train", "generate", "evaluate"])
 def test_help_documents_every_setting_with_its_config_comment(stage, capsys):
     import dataclasses
 
     from headshot_kit import config
 
     cls = {"prepare": config.PrepareConfig, "train": config.TrainConfig,
-           "evaluate": config.EvaluateConfig}[stage]
+           "generate": config.GenerateConfig, "evaluate": config.EvaluateConfig}[stage]
     with pytest.raises(SystemExit):
         main([stage, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     docs = config.field_docs(cls)
     for f in dataclasses.fields(cls):
+        assert docs[f.name], f"{cls.__name__}.{f.name} has no comment saying why"
         assert f"{f.name} = " in text, f.name
         assert " ".join(docs[f.name].split()) in text, f.name
     if stage == "train":
