@@ -1,5 +1,5 @@
 """Host RAM of the whole SDXL flow at full size: load, cache, train, save, free, reload for
-generation. Issue #4: on free Colab (12.7 GB of host RAM) it must stay under 11 GB.
+generation. On free Colab (12.7 GB of host RAM) it must stay under 11 GB.
 Writes results/bench/host_ram.json.
 
 The model is SDXL base 1.0's architecture with random weights (bench/_sdxl_fullsize.py), stored

@@ -1,5 +1,5 @@
 """Fit check: will a training run fit the GPU, how long will a step take, and what is the
-cheapest change when it does not fit (issue #4).
+cheapest change when it does not fit.
 
 `fit_check(cfg, gpu="t4")` predicts, without a GPU and without downloading weights:
 
@@ -92,7 +92,7 @@ ADAM_TRAFFIC = {"adamw8bit": 4 + 4 + 4 + 2 * 2, "adamw": 4 + 4 + 4 + 2 * 8,
 # Host RAM: the Python kernel with torch, CUDA and diffusers imported, before any model, shows
 # about 2 GB on Colab's RAM gauge. An estimate, not measured here (bench/ measures RSS).
 HOST_BASELINE_GB = 2.0
-# Free Colab's host RAM (REFERENCE.md).
+# Free Colab's host RAM, as its resource panel shows it for a T4 runtime.
 COLAB_HOST_RAM_GB = 12.7
 # Photos held as float pixels while training without cached latents: 5-20 selfies (REFERENCE).
 HOST_PHOTOS = 20
@@ -713,7 +713,7 @@ def _fork_run(fp16: bool, batch: int, checkpointing: bool, eight_bit: bool) -> P
 
 
 def published_runs() -> dict[str, PublishedRun]:
-    """The figures this module is checked against (REFERENCE.md), as runnable settings."""
+    """The published figures this module is checked against, as runnable settings."""
     runs = [_fork_run(*key) for key in FORK_ROWS]
     # huggingface/notebooks SDXL_DreamBooth_LoRA_.ipynb (saved output, Nov 2023): 1024 px, batch
     # 1, accumulation 3, checkpointing, fp16, 8-bit Adam, the fp16-fix VAE; 500 steps at 7.96
@@ -1061,7 +1061,7 @@ def _host_ram(cfg: TrainConfig, mode: str, counts: dict[str, int], wbytes: int,
 
 
 def _candidates(cfg: TrainConfig, mode: str) -> list[tuple[str, dict]]:
-    """Changes in the order the issue asks for: free ones first, then the ones that cost
+    """Changes in order of cost: free ones first, then the ones that cost
     quality. Each is (what to tell a person, the overrides that make it)."""
     out = []
     if not cfg.gradient_checkpointing:
