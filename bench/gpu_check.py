@@ -30,7 +30,7 @@ data/samples' obama*.jpg), or let it fall back to centre crops of those photos w
 preset's caption (the JSON says which it used).
 
 Usage:
-  python bench/gpu_check.py                 # on a CUDA GPU: about 5 minutes on an H200
+  python bench/gpu_check.py                 # on a CUDA GPU (estimated 5 minutes on an H200)
   python bench/gpu_check.py --tiny          # the same code, tiny models, on the CPU (~1 min)
   python bench/gpu_check.py --presets sdxl-t4 --steps 10 --resume-steps 3 --data DIR
 """
