@@ -35,7 +35,7 @@ from PIL import Image, PngImagePlugin
 from .config import (DEFAULT_CLASS, DEFAULT_TOKEN, ConfigError, GenerateConfig, agree,
                      save_config, validate_generate)
 from .images import image_grid
-from .storage import atomic_dir, atomic_path
+from .storage import atomic_dir, atomic_path, safetensors_digest
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # Our scheduler names and the sampler names AUTOMATIC1111 writes for the same samplers.
@@ -465,10 +465,10 @@ def t4_estimate(cfg: GenerateConfig, n_images: int) -> str:
 
 
 def weights_digest(lora_dir: Path | None) -> str:
-    """A fingerprint of the LoRA's weights file ("" for the base model)."""
+    """A fingerprint of the LoRA's weights, not of the file's bytes ("" for the base model)."""
     if lora_dir is None:
         return ""
-    return hashlib.sha256(lora_weights(lora_dir).read_bytes()).hexdigest()[:16]
+    return safetensors_digest(lora_weights(lora_dir))
 
 
 def _file(shot: Shot) -> str:

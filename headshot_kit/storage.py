@@ -7,17 +7,23 @@ never half of one.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+def atomic_path(path: str | Path,
+                same: Callable[[Path, Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    With `same`, an existing `path` for which `same(new, old)` holds is kept as it is.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -25,7 +31,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        os.replace(tmp, path)
+        if same is None or not (path.is_file() and same(tmp, path)):
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -58,3 +65,29 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+
+def safetensors_digest(path: str | Path) -> str:
+    """A fingerprint of a .safetensors file's content: tensor names, dtypes, shapes, values
+    and metadata, in sorted order.
+
+    The file's bytes are no fingerprint: safetensors writes its metadata header in hash-map
+    order, which changes from one write to the next, so the same weights saved twice differ.
+    """
+    import torch
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), "pt") as f:
+        digest.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
+        for key in sorted(f.keys()):
+            tensor = f.get_tensor(key).contiguous()
+            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def same_safetensors(new: Path, old: Path) -> bool:
+    """For `atomic_path(..., same=...)`: a re-run that trained nothing rewrites no weights."""
+    return safetensors_digest(new) == safetensors_digest(old)

@@ -47,7 +47,7 @@ from .config import (DEFAULT_CLASS, DEFAULT_TOKEN, HUB_SDXL_FP16_VAE, ConfigErro
 from .families import Conditioning, get_family
 from .fitcheck import cache_chunk, check_before_training, parked_after_caching
 from .images import centre_square, image_grid, list_images, load_image
-from .storage import atomic_dir, atomic_path, atomic_write_text
+from .storage import atomic_dir, atomic_path, atomic_write_text, same_safetensors
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
@@ -299,7 +299,7 @@ def save_lora(pipe, folder: Path, cfg: TrainConfig) -> Path:
             kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(encoder)
     cls = getattr(diffusers, family.pipeline_class)
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / LORA_WEIGHTS) as tmp:
+    with atomic_path(folder / LORA_WEIGHTS, same=same_safetensors) as tmp:
         cls.save_lora_weights(tmp.parent, weight_name=tmp.name, **kwargs)
     return folder / LORA_WEIGHTS
 
@@ -343,7 +343,7 @@ def export_kohya(lora_path: Path, rank: int, alpha: float,
         out[name] = value.to(torch.float16)
         out[name.split(".lora_")[0] + ".alpha"] = torch.tensor(float(alpha))
     target = lora_path.with_name(KOHYA_WEIGHTS)
-    with atomic_path(target) as tmp:
+    with atomic_path(target, same=same_safetensors) as tmp:
         save_file(out, str(tmp), metadata={"ss_network_dim": str(int(rank)),
                                             "ss_network_alpha": str(alpha)})
     return target

@@ -211,14 +211,31 @@ def test_8bit_optimizer_failing_at_its_first_step_falls_back(monkeypatch, prepar
     assert trainer.run().metrics["loss"].notna().all()
 
 
-def test_resume_into_another_optimizer_is_refused_in_a_sentence(prepared_dataset, tmp_path):
-    pytest.importorskip("bitsandbytes")
-    first = Trainer(prepared_dataset, tmp_path, tiny(optimizer="adamw"), progress=False)
+def test_resume_into_another_optimizer_is_refused_in_a_sentence(monkeypatch, prepared_dataset,
+                                                                 tmp_path):
+    """A run whose bitsandbytes failed fell back to torch AdamW; resumed once bitsandbytes
+    works, the same settings would load AdamW state into AdamW8bit (KeyError: 'state1')."""
+    import bitsandbytes as bnb
+
+    working = bnb.optim.AdamW8bit
+
+    class BrokenAdamW8bit(working):
+        def step(self, closure=None):
+            raise RuntimeError("libbitsandbytes_cuda128.so: cannot open shared object file")
+
+    monkeypatch.setattr(bnb.optim, "AdamW8bit", BrokenAdamW8bit)
+    with pytest.warns(UserWarning, match="bitsandbytes could not load"):
+        first = Trainer(prepared_dataset, tmp_path, tiny(), progress=False)
+    assert first.optimizer_name == "torch AdamW"
     first.train_step()
     first.save_checkpoint()
+    monkeypatch.setattr(bnb.optim, "AdamW8bit", working)
     with pytest.raises(ConfigError, match="torch AdamW state") as err:
-        Trainer(prepared_dataset, tmp_path, tiny(optimizer="adamw8bit"), progress=False)
+        Trainer(prepared_dataset, tmp_path, tiny(), progress=False)
     assert "\n" not in str(err.value) and "checkpoint_dir" in str(err.value)
+    # Asking for another optimizer outright is named as the changed setting.
+    with pytest.raises(ConfigError, match="optimizer 'adamw8bit' \\(now 'adamw'\\)"):
+        Trainer(prepared_dataset, tmp_path, tiny(optimizer="adamw"), progress=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -308,3 +308,22 @@ def test_the_lora_starts_the_same_whether_or_not_the_model_was_just_built(
     a, b = peft_state(first.pipe.unet), peft_state(again.pipe.unet)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rerunning_a_finished_run_leaves_its_weight_files_byte_for_byte(prepared_dataset,
+                                                                         tmp_path):
+    """safetensors writes its header in hash-map order, so the same weights saved again
+    differ in bytes; a re-run that trains nothing must not touch the files (nor make generate
+    think the LoRA changed)."""
+    from headshot_kit.generate import weights_digest
+    from headshot_kit.train import train_lora
+
+    cfg = tiny(steps=3, validate_every=0)
+    first = train_lora(prepared_dataset, tmp_path, cfg, progress=False)
+    files = [first.lora_path, first.out_dir / KOHYA_WEIGHTS]
+    before = [f.read_bytes() for f in files]
+    digest = weights_digest(tmp_path)
+    for _ in range(2):  # two tries: a header order can repeat by chance
+        train_lora(prepared_dataset, tmp_path, cfg, progress=False)
+        assert [f.read_bytes() for f in files] == before
+    assert weights_digest(tmp_path) == digest
