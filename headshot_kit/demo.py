@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .config import get_preset
-from .workspace import HEADSHOTS, LORA, PREPARED, SCORES
+from .workspace import Workspace
 
 PACKAGE = Path(__file__).resolve().parent
 STAGE_NOTEBOOKS = ("01_prepare.ipynb", "02_finetune.ipynb", "03_generate.ipynb",
@@ -44,10 +44,6 @@ def samples_dir() -> Path:
     return _shipped("data/samples", "data/samples")
 
 
-def stage_dirs(workdir: str | Path) -> dict[str, Path]:
-    return {name: Path(workdir) / name for name in (PREPARED, LORA, HEADSHOTS, SCORES)}
-
-
 def _photos(photos: str | Path | None) -> Path:
     path = Path(photos) if photos else samples_dir()
     if not path.exists():
@@ -63,14 +59,14 @@ def run_stages(out: str | Path, preset: str = "tiny", photos: str | Path | None 
     from .prepare import prepare_photos
     from .train import train_lora
 
-    p, dirs = get_preset(preset), stage_dirs(out)
-    prepared = prepare_photos(_photos(photos), dirs["prepared"], p.prepare)
+    p, ws = get_preset(preset), Workspace(root=Path(out), photos=_photos(photos))
+    prepared = prepare_photos(ws.photos, ws.prepared, p.prepare)
     for line in prepared.advice:
         print(line)
-    train_lora(dirs["prepared"], dirs["lora"], p.train)
-    generate_pack(dirs["lora"], dirs["headshots"], p.generate)
-    result = evaluate_images(dirs["prepared"] / "images", dirs["headshots"], dirs["scores"],
-                             p.evaluate, run_id=f"demo-{preset}")
+    train_lora(ws.prepared, ws.lora, p.train)
+    generate_pack(ws.lora, ws.headshots, p.generate)
+    result = evaluate_images(ws.prepared / "images", ws.headshots, ws.scores, p.evaluate,
+                             run_id=f"demo-{preset}")
     print(result.headline)
     return result
 

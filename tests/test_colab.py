@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAMPLES
+from conftest import ROOT, SAMPLES, clean_env
 
 pytestmark = pytest.mark.slow
 
@@ -37,13 +37,11 @@ class Runtime:
         self.executed = root / "executed"
         for folder in (self.content, self.drive, self.executed):
             folder.mkdir(parents=True)
-        self.env = {k: v for k, v in os.environ.items()
-                    if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-        self.env.update(PATH=f"{venv.bin}{os.pathsep}{os.environ['PATH']}",
-                        HEADSHOT_KIT_DRIVE=str(self.drive), HF_HUB_OFFLINE="1",
-                        # A runtime of its own: its own model cache and Jupyter folders.
-                        HEADSHOT_KIT_CACHE=str(root / "cache"),
-                        JUPYTER_DATA_DIR=str(root / "jupyter"), PYTHONUNBUFFERED="1")
+        self.env = clean_env(PATH=f"{venv.bin}{os.pathsep}{os.environ['PATH']}",
+                             HEADSHOT_KIT_DRIVE=str(self.drive),
+                             # A runtime of its own: its own model cache and Jupyter folders.
+                             HEADSHOT_KIT_CACHE=str(root / "cache"),
+                             JUPYTER_DATA_DIR=str(root / "jupyter"))
 
     @property
     def workdir(self) -> Path:
