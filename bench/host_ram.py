@@ -116,6 +116,7 @@ def measured_flow(model: Path, data_dir: Path, steps: int, resolution: int) -> d
     from headshot_kit import models
     from headshot_kit import train as train_mod
     from headshot_kit.config import get_preset
+    from headshot_kit.lora import LORA_WEIGHTS
 
     rec.mark("imports")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -183,7 +184,7 @@ def measured_flow(model: Path, data_dir: Path, steps: int, resolution: int) -> d
 
     # Reload for generation, as the generate stage does on a GPU (fp16), with the LoRA.
     pipe = models.load_pipeline(str(model), "sdxl", dtype=torch.float16)
-    pipe.load_lora_weights(str(out_dir), weight_name=train_mod.LORA_WEIGHTS)
+    pipe.load_lora_weights(str(out_dir), weight_name=LORA_WEIGHTS)
     rec.mark("reload", what="models.load_pipeline + pipe.load_lora_weights(out_dir)")
     # One denoising step of the real pipeline call pages in the text encoders and UNet, as
     # generation would; the VAE decode is left out (output_type='latent').

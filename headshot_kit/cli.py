@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn 5-20 selfies into professional headshots, and score them.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = _stage_parser(sub, "prepare", PrepareConfig, help="check, crop and caption selfies into a dataset")
+    p = _stage_parser(sub, "prepare", PrepareConfig,
+                      help="check, crop and caption selfies into a dataset")
     p.add_argument("--photos", required=True, help="a folder, a .zip, or one image file")
     p.add_argument("--out", required=True, help="the dataset folder to write")
     _common(p)
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, dest="n", help="number of seeds per style (0..n-1)")
     _common(p)
 
-    p = _stage_parser(sub, "evaluate", EvaluateConfig, help="score likeness, quality and consistency")
+    p = _stage_parser(sub, "evaluate", EvaluateConfig,
+                      help="score likeness, quality and consistency")
     p.add_argument("--references", required=True, help="photos of the person (e.g. the "
                    "prepared dataset's images/ folder)")
     p.add_argument("--images", required=True, help="the generate stage's output folder")
@@ -135,7 +137,7 @@ def run(args) -> int:
             print(line)
         print(f"{result.n_used} photos prepared in {args.out} (report: {args.out}/report.csv)")
     elif args.command == "purge":
-        from .prepare import purge
+        from .storage import purge
 
         purge(args.paths, args.older_than_days, dry_run=args.dry_run)
     elif args.command == "train":
@@ -203,4 +205,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -20,7 +20,6 @@ from typing import Any
 
 HUB_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 HUB_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
-HUB_SDXL_FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
 # The subject words when nothing recorded others: a rare token and the class noun.
 DEFAULT_TOKEN, DEFAULT_CLASS = "ohwx", "person"
 
@@ -52,9 +51,9 @@ class PrepareConfig:
     detect_max_side: int = 1024
     # One upsampling pass lets dlib's HOG detector find faces down to about 40 px.
     detect_upsample: int = 1
-    # dlib's own same-person threshold for its 128-d descriptor (dlib.net face_recognition).
-    identity_threshold: float = 0.6
-    # Sample Obama photos lie 0.17-0.25 from their centroid; from 0.5 the likeness is doubtful.
+    # Face distance from the other photos' centroid that earns a warning (a different person
+    # is dlib's own same-person distance, faces.DLIB_SAME_PERSON_DISTANCE, 0.6): sample Obama
+    # photos lie 0.17-0.25 from their centroid; from 0.5 the likeness is doubtful.
     identity_warn: float = 0.5
     # Refused unread above this: a 60 MP JPEG is ~30 MB; a zip entry inflating past it is a bomb.
     max_file_mb: int = 200
@@ -74,18 +73,21 @@ class PrepareConfig:
     upscale_warn: float = 1.2
     # Enlarging more than 2x trains the model on blur: the face is too small.
     upscale_fail: float = 2.0
-    # Laplacian/intensity variance on the face at 128 px: samples 0.09-0.28, blur sigma 2: 0.022.
+    # Sharpness (headshot_kit.quality: Laplacian over intensity variance on the face at 128 px):
+    # samples 0.09-0.28, Gaussian blur sigma 2: 0.022.
     sharpness_warn: float = 0.035
     # Gaussian blur sigma 4 on obama2.jpg's 262 px face scores 0.006: clearly unusable.
     sharpness_fail: float = 0.012
-    # Mean face luminance (0-255): samples 108-147, obama2 at half exposure 61.
-    dark_warn: float = 55.0
-    # Obama2 at 0.2x exposure scores 24: features lost in noise once brightened.
-    dark_fail: float = 30.0
-    # Fraction of face pixels with a channel >= 250: samples 0.3-1.7%, +1 stop 69%.
+    # Face brightness (0 black, 1 white): samples 0.42-0.58, obama2 at half exposure 0.24.
+    dark_warn: float = 0.215
+    # Obama2 at 0.2x exposure scores 0.094: features lost in noise once brightened.
+    dark_fail: float = 0.118
+    # Share of face pixels with a channel at 250 or more (highlights_clipped): samples
+    # 0.003-0.017, +1 stop 0.69.
     clipped_warn: float = 0.05
     clipped_fail: float = 0.2
-    # (p95-p5)/(p95+p5) of face luminance: samples 0.44-0.71, contrast 0.3x scores 0.28.
+    # Contrast, (p95-p5)/(p95+p5) of the face's grey levels: samples 0.44-0.71, contrast 0.3x
+    # scores 0.28.
     contrast_warn: float = 0.3
     # Approximate yaw from the 5 landmarks; beyond this the far eye is hidden (dlib's HOG: ~40).
     yaw_warn_deg: float = 35.0
@@ -115,7 +117,7 @@ class PrepareConfig:
 class TrainConfig:
     # A hub id (downloaded on Colab) or a local diffusers folder; "tiny-sd15" is built locally.
     model: str = HUB_SD15
-    # Which model family module drives the training step: "sd15" or "sdxl".
+    # Which model family (headshot_kit.families) drives the training step: "sd15" or "sdxl".
     family: str = "sd15"
     # SD 1.5 was trained at 512 px; training elsewhere costs likeness.
     resolution: int = 512
@@ -254,6 +256,10 @@ class GenerateConfig:
     style_settings: bool = False
     # Images per pipeline call; 0 = as many as the GPU's free memory allows (1 on the CPU).
     batch_size: int = 0
+    # A LoRA learns the difference from the model it was trained on; on another model of its
+    # family (an SD 1.5 fine-tune, say) it still loads, but the face comes out less alike.
+    # False refuses that mix-up; True allows it on purpose.
+    other_base_model: bool = False
 
 
 @dataclass
@@ -352,6 +358,12 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]()
 
 
+def _check_family(name: str) -> None:
+    from .families import FAMILIES  # light: the families import torch only when they run
+
+    _check_choice(name, tuple(FAMILIES), "family")
+
+
 def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
     if value not in choices:
         raise ConfigError(f"{what} is {value!r}; choose one of {', '.join(choices)}.")
@@ -378,7 +390,7 @@ def with_optimizer_defaults(cfg: TrainConfig) -> TrainConfig:
 
 def validate_train(cfg: TrainConfig) -> TrainConfig:
     """Reject settings that cannot work, before any model is loaded."""
-    _check_choice(cfg.family, ("sd15", "sdxl"), "family")
+    _check_family(cfg.family)
     _check_choice(cfg.optimizer, ("adamw8bit", "adamw", "prodigy"), "optimizer")
     _check_choice(cfg.mixed_precision, ("auto", "no", "fp16", "bf16"), "mixed_precision")
     _check_choice(cfg.lr_scheduler, ("constant", "constant_with_warmup", "linear", "cosine"),
@@ -408,7 +420,7 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
 
 
 def validate_generate(cfg: GenerateConfig) -> GenerateConfig:
-    _check_choice(cfg.family, ("sd15", "sdxl"), "family")
+    _check_family(cfg.family)
     if cfg.resolution % 8:
         raise ConfigError(f"resolution is {cfg.resolution}; use a multiple of 8 (e.g. 512).")
     if cfg.steps < 1:
@@ -473,7 +485,12 @@ def update_config(cfg: Any, overrides: dict[str, Any], source: str = "settings")
 
 
 def _parse_as(text: str, annotation: Any, key: str, source: str) -> Any:
-    """`text` as a value of the type a field declares (`int`, `float | None`, `list[int]`)."""
+    """`text` as a value of the type a field declares (`int`, `float | None`, `list[int]`).
+
+    transformers' HfArgumentParser converts dataclass fields too, but as one flag per field
+    (`--rank 8`), with lists as separate words and tuple fields not at all; `--set` takes
+    NAME=VALUE pairs, lists as V1,V2, from the command line and config files alike. For every
+    setting it can read, tests/test_config.py checks that both give the same value."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     optional = type(None) in typing.get_args(annotation)
     if optional and text.lower() in ("none", "null", ""):

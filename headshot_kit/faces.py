@@ -11,6 +11,7 @@ its folder is located with `importlib.util.find_spec` and the package is never i
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -76,6 +77,14 @@ def _dlib():
     return dlib, detector, shape5, encoder
 
 
+def clip_box(box: tuple[float, ...], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """`box` cut to an image of `size`, never empty (a face at the edge still has a pixel)."""
+    left = min(max(0, int(box[0])), size[0] - 1)
+    top = min(max(0, int(box[1])), size[1] - 1)
+    return (left, top, max(min(size[0], math.ceil(box[2])), left + 1),
+            max(min(size[1], math.ceil(box[3])), top + 1))
+
+
 def to_rgb_array(image: Image.Image) -> np.ndarray:
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -100,7 +109,7 @@ def detect_faces(image: Image.Image, upsample: int = 1, max_side: int = 1024) ->
         shape = shape5(pixels, rect)
         points = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64) / scale
         box = tuple(int(round(v / scale)) for v in (rect.left(), rect.top(), rect.right(),
-                                                     rect.bottom()))
+                                                    rect.bottom()))
         faces.append(Face(box=box, score=float(score), landmarks=points))
     faces.sort(key=lambda f: f.area, reverse=True)
     return faces
@@ -119,9 +128,35 @@ def face_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)))
 
 
-def distance_to_similarity(distance: float | np.ndarray) -> float | np.ndarray:
-    """Map a dlib distance onto a 0-1 likeness where dlib's threshold 0.6 lands on 0.5.
+def distance_to_similarity(distance: float | np.ndarray,
+                           threshold: float = DLIB_SAME_PERSON_DISTANCE) -> np.ndarray:
+    """Map an embedder's distance onto a 0-1 likeness where its same-person threshold lands
+    on 0.5 (dlib's 0.6 by default).
 
-    Linear, so it keeps the distance's ordering: 0 is identical, 1.2 and beyond is 0.
+    Linear, so it keeps the distance's ordering: 0 is identical, twice the threshold and
+    beyond is 0. Every embedder's likeness goes through here.
     """
-    return np.clip(1.0 - np.asarray(distance) / (2 * DLIB_SAME_PERSON_DISTANCE), 0.0, 1.0)
+    return np.clip(1.0 - np.asarray(distance) / (2 * threshold), 0.0, 1.0)
+
+
+def eyes_and_nose(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The two eye centres (image-right first) and the nose base, from dlib's 5 points (two
+    corners of each eye, then the nose base)."""
+    a, b = landmarks[0:2].mean(axis=0), landmarks[2:4].mean(axis=0)
+    return (a, b, landmarks[4]) if a[0] >= b[0] else (b, a, landmarks[4])
+
+
+def head_pose(landmarks: np.ndarray) -> tuple[float, float]:
+    """Approximate (yaw, roll) in degrees from the 5 landmarks; yaw > 0 is the nose towards
+    the image's right, roll > 0 the head tilted clockwise on screen.
+
+    The nose base sits about half an eye distance in front of the eyes, so its sideways
+    offset from their midpoint, measured along the eye line (a tilt does not count as a
+    turn), is about 0.5 * tan(yaw) eye distances.
+    """
+    right, left, nose = eyes_and_nose(landmarks)
+    line = right - left
+    dist = max(float(np.hypot(*line)), 1e-6)
+    roll = math.degrees(math.atan2(line[1], line[0]))
+    offset = float(np.dot(nose - (right + left) / 2, line / dist)) / dist
+    return math.degrees(math.atan(2 * offset)), roll

@@ -7,11 +7,15 @@ no notebook redefines them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+# Neutral grey for padding and flattened transparency: black or white would fake an exposure
+# problem, and a model sees a flat grey border as what it is.
+GREY = (128, 128, 128)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".mpo", ".heic",
                   ".heif", ".gif")
 
@@ -33,8 +37,7 @@ def load_image(path: str | Path) -> Image.Image:
     if upright.mode in ("RGBA", "LA", "PA") or (upright.mode == "P"
                                                 and "transparency" in upright.info):
         rgba = upright.convert("RGBA")
-        # Flatten transparency onto neutral grey: black or white would fake an exposure problem.
-        background = Image.new("RGBA", rgba.size, (128, 128, 128, 255))
+        background = Image.new("RGBA", rgba.size, (*GREY, 255))
         upright = Image.alpha_composite(background, rgba)
     return upright.convert("RGB")
 
@@ -94,29 +97,90 @@ def image_grid(images: Sequence[Image.Image], rows: int, cols: int, *,
     return sheet
 
 
-def contact_sheet(images: Sequence[Image.Image], captions: Sequence[Sequence[str]], *,
-                  colors: Sequence[str] | None = None, cols: int = 4, cell: int = 200,
+@dataclass
+class Card:
+    """One picture of a contact sheet and what is written around it."""
+
+    image: Image.Image | None  # None: a grey "?" (a file that could not be read)
+    lines: Sequence[str] = ()  # caption lines under the picture
+    line_color: Any = "black"  # e.g. a verdict's colour
+    banner: tuple[str, Any] | None = None  # a coloured bar across the card: (text, colour)
+    badges: Sequence[tuple[str, Any]] = ()  # rounded labels (text, colour), up to 3 rows
+    # Rectangles drawn on the picture, in the picture's own pixels: (box, colour, width).
+    boxes: Sequence[tuple[tuple[float, float, float, float], Any, int]] = ()
+
+
+BADGE_ROWS = 3
+
+
+def contact_sheet(cards: Sequence[Card], *, cols: int = 4, cell: int = 200,
                   title: str = "") -> Image.Image:
-    """Thumbnails with a few caption lines each; `colors` tints each caption (verdicts)."""
-    n = max(1, len(images))
+    """Thumbnails in a grid, each with its boxes, banner, caption lines and badges: the
+    prepare stage's verdict sheet and the evaluate stage's ranked sheet alike."""
+    n = max(1, len(cards))
     cols = min(cols, n)
-    rows = math.ceil(n / cols)
-    lines = max((len(c) for c in captions), default=0)
-    text_h = 16 * lines + 6
-    head = 28 if title else 0
-    sheet = Image.new("RGB", (cols * cell, head + rows * (cell + text_h)), "white")
+    text, pad = font(13), 6
+    banner_h = 22 if any(c.banner for c in cards) else 0
+    lines_h = 16 * max((len(c.lines) for c in cards), default=0)
+    badges_h = BADGE_ROWS * 20 if any(c.badges for c in cards) else 0
+    card_h = cell + banner_h + lines_h + badges_h + pad
+    head = 34 if title else 0
+    sheet = Image.new("RGB", (cols * cell, head + math.ceil(n / cols) * card_h), "white")
     draw = ImageDraw.Draw(sheet)
-    small = font(12)
     if title:
-        draw.text((8, 6), title, fill="black", font=font(16))
-    for i, image in enumerate(images):
-        r, c = divmod(i, cols)
-        x, y = c * cell, head + r * (cell + text_h)
-        sheet.paste(_fit(image, cell - 8), (x + 4, y + 4))
-        color = colors[i] if colors else "black"
-        for j, line in enumerate(captions[i]):
-            draw.text((x + 6, y + cell + 16 * j), line[: cell // 7], fill=color, font=small)
+        draw.text((8, 8), title, fill="black", font=font(18))
+    for i, card in enumerate(cards):
+        x, y = (i % cols) * cell, head + (i // cols) * card_h
+        _draw_picture(sheet, draw, card, x, y, cell)
+        top = y + cell
+        if card.banner:
+            label, color = card.banner
+            draw.rectangle((x + 6, top, x + cell - 6, top + banner_h - 2), fill=color)
+            draw.text((x + 10, top + 3), label, fill="white", font=text)
+            top += banner_h
+        for j, line in enumerate(card.lines):
+            draw.text((x + 8, top + 1 + 16 * j), _shorten(line, cell // 7),
+                      fill=card.line_color, font=text)
+        _draw_badges(draw, card.badges, x, top + lines_h + 2, cell, text)
     return sheet
+
+
+def _draw_picture(sheet: Image.Image, draw: ImageDraw.ImageDraw, card: Card, x: int, y: int,
+                  cell: int) -> None:
+    inner = cell - 12
+    if card.image is None:
+        draw.rectangle((x + 6, y + 6, x + cell - 6, y + cell - 6), fill=(225, 225, 225))
+        draw.text((x + cell // 2 - 8, y + cell // 2 - 20), "?", fill="grey", font=font(40))
+        return
+    image = card.image.convert("RGB")
+    k = min(inner / image.width, inner / image.height)
+    size = (max(1, round(image.width * k)), max(1, round(image.height * k)))
+    ox, oy = x + (cell - size[0]) // 2, y + (cell - size[1]) // 2
+    sheet.paste(image.resize(size, Image.Resampling.LANCZOS), (ox, oy))
+    for box, color, width in card.boxes:
+        draw.rectangle((ox + box[0] * k, oy + box[1] * k, ox + box[2] * k, oy + box[3] * k),
+                       outline=color, width=width)
+
+
+def _draw_badges(draw: ImageDraw.ImageDraw, badges: Sequence[tuple[str, Any]], x: int, y: int,
+                 cell: int, text: ImageFont.ImageFont) -> None:
+    """Rounded labels left to right, wrapping to a new row, at most BADGE_ROWS rows."""
+    bx, by, row = x + 6, y, 0
+    for label, color in badges:
+        label = _shorten(label, 26)
+        width = int(draw.textlength(label, font=text)) + 10
+        if bx + width > x + cell - 6 and bx > x + 6:
+            row += 1
+            bx, by = x + 6, by + 20
+        if row >= BADGE_ROWS:
+            break
+        draw.rounded_rectangle((bx, by, bx + width, by + 17), radius=6, fill=color)
+        draw.text((bx + 5, by + 2), label, fill="white", font=text)
+        bx += width + 4
+
+
+def _shorten(text: str, n: int) -> str:
+    return text if len(text) <= n else "..." + text[-(n - 3):]
 
 
 def plot_loss(metrics, ax=None, title: str = "Training loss"):

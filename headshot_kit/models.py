@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .compat import require_compatible
-from .config import HUB_SDXL_FP16_VAE, ConfigError
+from .config import ConfigError
 from .families import get_family
 from .storage import atomic_dir
 
@@ -84,7 +84,7 @@ PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.
 
 
 def training_precision(mixed_precision: str, device: str, bf16: bool | None = None) -> str:
-    """The precision a run trains in: "fp32", "fp16" or "bf16". The one decision train.py and
+    """The precision a run trains in: "fp32", "fp16" or "bf16". The one decision the train stage and
     the fit check both follow.
 
     "auto" is fp32 on the CPU, bf16 on a GPU that has it (`bf16`: None = ask this process's
@@ -181,30 +181,29 @@ def load_pipeline(model: str, family: str = "sd15", *, device: str = "cpu",
                   dtype: torch.dtype = torch.float32, fp16_fix_vae: bool | None = None):
     """A diffusers pipeline for `model` (hub id, local folder or tiny name) on `device`.
 
-    Loads with `low_cpu_mem_usage` (Colab's 12.7 GB of host RAM runs out otherwise) and, for
-    SDXL in fp16, swaps in the fp16-fix VAE: the stock SDXL VAE overflows in fp16 and decodes
-    black images.
+    Loads with `low_cpu_mem_usage` (Colab's 12.7 GB of host RAM runs out otherwise) and, in
+    fp16 from the hub, swaps in the family's fp16-safe VAE where it has one (SDXL's stock VAE
+    overflows in fp16 and decodes black images).
     """
     require_compatible()  # a mismatched install fails here in one sentence, not minutes later
     import diffusers
 
     quiet_libraries()
     try:
-        cls = getattr(diffusers, get_family(family).pipeline_class)
+        spec = get_family(family)
     except ValueError as exc:
         raise ModelUnavailable(str(exc)) from None
+    cls = getattr(diffusers, spec.pipeline_class)
     source = resolve_model(model)
-    kwargs = {"dtype": dtype, "low_cpu_mem_usage": True}
+    kwargs = {"dtype": dtype, "low_cpu_mem_usage": True, **spec.pipeline_kwargs}
     if is_hub_id(model) and not hub_reachable():
         kwargs["local_files_only"] = True  # a model cached earlier still loads offline
-    if family == "sd15":
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
     if fp16_fix_vae is None:
-        fp16_fix_vae = family == "sdxl" and dtype == torch.float16 and is_hub_id(model)
+        fp16_fix_vae = bool(spec.fp16_vae) and dtype == torch.float16 and is_hub_id(model)
     try:
         if fp16_fix_vae:
             kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(
-                HUB_SDXL_FP16_VAE, dtype=dtype, local_files_only=kwargs.get(
+                spec.fp16_vae, dtype=dtype, local_files_only=kwargs.get(
                     "local_files_only", False))
         pipe = _from_pretrained(cls, source, half=is_hub_id(model) and dtype != torch.float32,
                                 **kwargs)

@@ -1,8 +1,9 @@
-"""Writing results so that nothing good is ever lost.
+"""Writing results so that nothing good is ever lost, and deleting them when asked.
 
 Every file a stage writes goes to a temporary name in the same folder first and is renamed into
 place when complete, so a crash or a Colab disconnect leaves either the old file or the new one,
-never half of one.
+never half of one. `purge` deletes a subject's uploads, datasets, weights and outputs when they
+are done, and nothing outside the folders it is given.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
+
+from .config import ConfigError
 
 
 @contextmanager
@@ -67,7 +71,6 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-
 def safetensors_digest(path: str | Path) -> str:
     """A fingerprint of a .safetensors file's content: tensor names, dtypes, shapes, values
     and metadata, in sorted order.
@@ -91,3 +94,121 @@ def safetensors_digest(path: str | Path) -> str:
 def same_safetensors(new: Path, old: Path) -> bool:
     """For `atomic_path(..., same=...)`: a re-run that trained nothing rewrites no weights."""
     return safetensors_digest(new) == safetensors_digest(old)
+
+
+def copy_ranked(table, column: str, out_dir: Path, folder: str) -> Path:
+    """Copy the images a table (pandas) names in `column`, in its order, into out_dir/folder
+    (replaced whole), with the table as <folder>.csv: the best images, the favourites."""
+    dest = out_dir / folder
+    with atomic_dir(dest) as tmp:
+        names = []
+        for rank, rel in enumerate(table[column], start=1):
+            source = out_dir / rel
+            if not source.is_file():
+                raise FileNotFoundError(f"{source} does not exist; pass the generate stage's "
+                                        "folder (the one holding manifest.csv) as out_dir.")
+            # The rank prefix keeps the order in any file browser.
+            names.append(f"{rank:02d}_{Path(rel).name}")
+            shutil.copy2(source, tmp / names[-1])
+        table.assign(rank=range(1, len(names) + 1), copy=names).to_csv(tmp / f"{folder}.csv",
+                                                                       index=False)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# Purging
+
+
+def purge(root_or_paths: str | Path | Iterable[str | Path], older_than_days: float | None = None,
+          *, dry_run: bool = False) -> list[Path]:
+    """Delete a subject's data: everything under each given folder (or file), and the folder.
+
+    With `older_than_days`, only files last changed longer ago than that go, and folders left
+    empty by them; the given folders stay. Links are deleted, never followed, so nothing
+    outside the given roots is touched. Folders that hold your home or current folder are
+    refused. Returns (and prints a summary of) what was deleted, or would be with `dry_run`.
+    """
+    roots = ([root_or_paths] if isinstance(root_or_paths, (str, os.PathLike))
+             else list(root_or_paths))
+    cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
+    deleted: list[Path] = []
+    for given in roots:
+        root = Path(given).expanduser().absolute()
+        if not root.exists() and not root.is_symlink():
+            continue
+        _refuse_broad_root(root)
+        if root.is_symlink() or root.is_file():
+            if cutoff is None or root.lstat().st_mtime < cutoff:
+                deleted.append(_delete(root, dry_run))
+            continue
+        deleted += _purge_tree(root, cutoff, dry_run)
+    size_note = "would delete" if dry_run else "deleted"
+    print(f"purge: {size_note} {len(deleted)} paths under {', '.join(str(r) for r in roots)}"
+          + (":" if dry_run and deleted else ""))
+    if dry_run:  # the list to check before deleting for real
+        for line in _outline(deleted, {Path(r).expanduser().absolute() for r in roots}):
+            print(f"  {line}")
+    return deleted
+
+
+def _outline(paths: list[Path], roots: set[Path]) -> list[str]:
+    """The paths of a dry run, one level into each given folder; a folder that would go whole
+    is one line with its file count."""
+    gone = set(paths) - roots
+    files = [p for p in paths if not p.is_dir() or p.is_symlink()]
+    lines = []
+    for path in sorted(paths):
+        if path.parent in gone or path in roots:
+            continue  # listed with its folder, or the given folder itself
+        if path in files:
+            lines.append(str(path))
+        else:
+            n = sum(path in f.parents for f in files)
+            lines.append(f"{path}/ ({n} file{'s' * (n != 1)})")
+    return lines
+
+
+def _refuse_broad_root(root: Path) -> None:
+    real = root.resolve()
+    for precious in (Path.home().resolve(), Path.cwd().resolve()):
+        if real == precious or real in precious.parents:
+            raise ConfigError(f"Refusing to purge {root}: it holds {precious}. Give the "
+                              "subject's own folder (its uploads, dataset, LoRA and outputs).")
+    if real == Path(real.anchor):
+        raise ConfigError(f"Refusing to purge {root}: it is a filesystem root.")
+
+
+def _delete(path: Path, dry_run: bool) -> Path:
+    if dry_run:
+        return path
+    if path.is_dir() and not path.is_symlink():
+        path.rmdir()
+    else:
+        path.unlink()
+    return path
+
+
+def _purge_tree(root: Path, cutoff: float | None, dry_run: bool) -> list[Path]:
+    deleted: list[Path] = []
+    gone: set[Path] = set()  # what is deleted (or would be, in a dry run), to spot empty folders
+    touched: set[Path] = set()  # folders this purge deleted something from
+    real = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):  # links never entered
+        here = Path(dirpath)
+        if not here.resolve().is_relative_to(real):  # a folder swapped for a link meanwhile
+            raise ConfigError(f"Refusing to purge {here}: it leads outside {root}.")
+        links = [d for d in dirnames if (here / d).is_symlink()]
+        for name in filenames + links:
+            path = here / name
+            if cutoff is None or path.lstat().st_mtime < cutoff:
+                deleted.append(_delete(path, dry_run))
+                gone.add(path)
+                touched.add(here)
+        # With a cutoff the given folder stays, and sub-folders go only when this purge
+        # emptied them (a folder a running stage just made is not touched).
+        emptied = all(c in gone for c in here.iterdir()) and (cutoff is None or here in touched)
+        if emptied and (here != root or cutoff is None):
+            deleted.append(_delete(here, dry_run))
+            gone.add(here)
+            touched.add(here.parent)
+    return deleted

@@ -197,11 +197,11 @@ def estimate_cost(runs: list[Run], gpu: str = "t4") -> pd.DataFrame:
 
 def cost_summary(cost: pd.DataFrame, gpu: str = "t4", n_gpus: tuple[int, ...] = (1, 8)) -> str:
     """One line: the sweep's GPU hours and its wall-clock time on a few cluster sizes."""
-    from .fitcheck import _duration
+    from .fitcheck import duration
 
     total = float(cost["gpu_hours"].sum())
     # With one job per GPU, no cluster finishes before its longest run.
-    walls = [f"{_duration(3600 * max(total / n, cost['gpu_hours'].max()))} on {n} GPU"
+    walls = [f"{duration(3600 * max(total / n, cost['gpu_hours'].max()))} on {n} GPU"
              f"{'s' * (n > 1)}" for n in n_gpus]
     line = (f"{len(cost)} runs, about {total:.1f} GPU hours of training on a {gpu} "
             f"(fit check, +-30%): " + ", ".join(walls) + ".")

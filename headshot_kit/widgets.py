@@ -84,7 +84,7 @@ class PromptStudio(_Panel):
                                       description="CFG")
         self.lora_scale = w.FloatSlider(value=self.cfg.lora_scale, min=0.0, max=1.5, step=0.05,
                                         description="LoRA scale", disabled=lora_dir is None)
-        self.scheduler = w.Dropdown(options=[(v, k) for k, v in SAMPLERS.items()],
+        self.scheduler = w.Dropdown(options=[(v.a1111, k) for k, v in SAMPLERS.items()],
                                     value=self.cfg.scheduler, description="Sampler")
         self.generate_button = w.Button(description="Generate", icon="play",
                                         button_style="primary")

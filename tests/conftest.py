@@ -51,23 +51,19 @@ def prepared_dataset(tmp_path_factory, obama_photos) -> Path:
 def make_lora(pipe, folder: Path, seed: int = 0) -> Path:
     """A LoRA in the train stage's format whose random weights visibly change the image."""
     import torch
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+
+    from headshot_kit.lora import add_lora, save_lora
 
     # A copy, so the shared pipeline's UNet stays free of adapters.
     unet = copy.deepcopy(pipe.unet)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    add_lora(unet, rank=4)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in unet.named_parameters():
             # lora_B starts at zero (a no-op LoRA); random values make it change the image.
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    save_lora(folder, "sd15", {"unet": unet})
     (folder / "config.json").write_text(json.dumps({"family": "sd15", "model": "tiny-sd15"}))
     return folder
 

@@ -156,14 +156,18 @@ def test_quality_metrics_respond_to_the_damage_they_measure(samples):
     clean.save(buffer, "JPEG", quality=5)
     jpeg = Image.open(buffer).convert("RGB")
     score = {m.name: m.score for m in metrics}
+    assert set(score) == {"sharpness", "brightness", "highlights_clipped", "shadows_clipped",
+                          "noise_sigma", "brisque_technical"}
     # The brisque package's own score of this image (measured with OpenCV installed): 29.206.
     assert score["brisque_technical"](clean) == pytest.approx(29.206, abs=0.05)
     assert score["brisque_technical"](blurred) > 60 and score["brisque_technical"](jpeg) > 70
-    assert score["sharpness_laplacian"](blurred) < score["sharpness_laplacian"](clean) / 3
+    assert score["sharpness"](blurred) < score["sharpness"](clean) / 3
     assert score["noise_sigma"](noisy) > 4 * score["noise_sigma"](clean)
-    assert score["exposure_mean"](dark) < score["exposure_mean"](clean) - 0.2
-    assert score["exposure_clipped"](clean) < 0.05
-    assert score["exposure_clipped"](ImageEnhance.Brightness(clean).enhance(3.0)) > 0.2
+    assert score["brightness"](dark) < score["brightness"](clean) - 0.2
+    assert score["highlights_clipped"](clean) < 0.05
+    assert score["highlights_clipped"](ImageEnhance.Brightness(clean).enhance(3.0)) > 0.2
+    assert score["shadows_clipped"](ImageEnhance.Brightness(clean).enhance(0.1)) > 0.2
+    assert score["shadows_clipped"](clean) < score["shadows_clipped"](dark)
 
 
 def test_clip_scores_from_a_local_model_and_a_note_when_missing(references, tmp_path,
@@ -240,7 +244,7 @@ def test_experiments_table_gains_a_row_per_run_and_compare_plots_it(result, tmp_
 
 
 def test_a_pack_without_faces_reads_plainly(references, tmp_path):
-    from headshot_kit.evaluate import _plot_likeness_vs_quality
+    from headshot_kit.evaluate.plots import plot_likeness_vs_quality
 
     pack = tmp_path / "work" / "headshots"
     (pack / "images").mkdir(parents=True)
@@ -251,7 +255,7 @@ def test_a_pack_without_faces_reads_plainly(references, tmp_path):
     # Named after the work folder: every work folder's scores/ would otherwise be "scores".
     assert result.run_id == "work"
     # One sentence instead of a row of empty panels.
-    assert len(_plot_likeness_vs_quality(result.scores, quality_metrics()[0]).axes) == 1
+    assert len(plot_likeness_vs_quality(result.scores, quality_metrics()[0]).axes) == 1
     assert "notes" not in result._repr_html_().split("<table")[1]
 
 

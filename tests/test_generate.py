@@ -11,14 +11,13 @@ import pytest
 from conftest import make_lora
 
 from headshot_kit import generate as gen
+from headshot_kit.evaluate import best_of
 from headshot_kit.config import ConfigError, get_preset
 from headshot_kit.images import image_grid
 
 
 def pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
 
 
 @pytest.fixture(scope="module")
@@ -220,12 +219,12 @@ def test_best_of_takes_top_scores_with_a_face(pack, tmp_path):
     scores = pd.DataFrame({
         "image": list(pack.manifest["file"]), "face_found": [True, False, True, True],
         "likeness": [0.5, 0.99, 0.9, None]})
-    best = gen.best_of(scores, pack.out_dir, k=2)
+    best = best_of(scores, pack.out_dir, k=2)
     assert list(best["image"]) == ["images/executive_seed0.png", "images/corporate_seed0.png"]
     assert sorted(p.name for p in (pack.out_dir / "best").iterdir()) == [
         "01_executive_seed0.png", "02_corporate_seed0.png", "best.csv"]
     with pytest.raises(ValueError, match="likeness"):
-        gen.best_of(pack.manifest, pack.out_dir)
+        best_of(pack.manifest, pack.out_dir)
 
 
 def test_batched_pack_matches_one_image_at_a_time(pack, pipe, lora_dir, cfg, tmp_path):
@@ -244,7 +243,7 @@ def test_regenerating_keeps_stars_picks_and_unchanged_images(pipe, lora_dir, cfg
     first = gen.generate_pack(lora_dir, out, cfg, pipe=pipe, progress=False)
     gen.set_starred(out, "images/corporate_seed1.png")
     gen.export_starred(out)
-    gen.best_of(first.manifest.assign(likeness=[0.1, 0.9, 0.5, 0.3]), out, k=2)
+    best_of(first.manifest.assign(likeness=[0.1, 0.9, 0.5, 0.3]), out, k=2)
     rendered = []
     real_render = gen.render_batch
     monkeypatch.setattr(gen, "render_batch",

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from headshot_kit import models
 from headshot_kit.config import get_preset
 from headshot_kit.families import tokenize
-from headshot_kit.train import KOHYA_WEIGHTS, Trainer
+from headshot_kit.lora import KOHYA_WEIGHTS
+from headshot_kit.train import Trainer
 
 PROMPT = "a photo of ohwx person"
 

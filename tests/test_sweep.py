@@ -16,7 +16,7 @@ from headshot_kit.config import ConfigError
 from headshot_kit.evaluate import compare
 from headshot_kit.stats import seed_intervals
 from headshot_kit.sweep import cost_summary, parse_grid, plan_runs
-from headshot_kit.train import LORA_WEIGHTS
+from headshot_kit.lora import LORA_WEIGHTS
 
 
 def test_grid_settings_are_parsed_and_checked_before_running():

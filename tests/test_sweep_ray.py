@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from headshot_kit.sweep import SweepError, sweep
-from headshot_kit.train import LORA_WEIGHTS
+from headshot_kit.lora import LORA_WEIGHTS
 
 GRID = {"rank": [2, 4], "steps": [20]}  # the tiny preset checkpoints every 10 steps
 KILLED = "rank=4_steps=20"

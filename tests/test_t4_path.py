@@ -21,8 +21,8 @@ from safetensors import safe_open
 from headshot_kit import fitcheck, models
 from headshot_kit.config import (PRODIGY_LR, PRODIGY_WEIGHT_DECAY, ConfigError, TrainConfig,
                                  get_preset, validate_train, with_optimizer_defaults)
-from headshot_kit.train import (KOHYA_WEIGHTS, Trainer, peft_state, train_lora,
-                                usage_snippet)
+from headshot_kit.lora import KOHYA_WEIGHTS, peft_state
+from headshot_kit.train import Trainer, train_lora, usage_snippet
 
 
 def tiny(**changes):

@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from headshot_kit import models
 from headshot_kit.config import ConfigError, get_preset
-from headshot_kit.train import (KOHYA_WEIGHTS, LORA_WEIGHTS, Trainer, TrainingDiverged,
-                                latest_checkpoint, load_dataset, optimizer_state_dtypes,
-                                peft_state, train_lora)
+from headshot_kit.lora import KOHYA_WEIGHTS, LORA_WEIGHTS, peft_state
+from headshot_kit.train import (Trainer, TrainingDiverged, latest_checkpoint, load_dataset,
+                                optimizer_state_dtypes, train_lora)
 
 PROMPT = "a photo of ohwx person"
 

@@ -1,18 +1,24 @@
 """Model families: what differs between SD 1.5, SDXL and the next one, behind one interface.
 
 A family knows its diffusers pipeline class, which text encoders it has, how to turn captions
-into the UNet's conditioning, and how to build its tiny offline stand-in. Training, generation
-and the fit check ask the family; they never test `if sdxl`. A new family (e.g. FLUX) is one
-more module registered in `FAMILIES`.
+into the UNet's conditioning, what loading and decoding need (a safety checker to leave out,
+an fp16-safe VAE, tiled decoding), its native size and T4 speed, and how to build its tiny
+offline stand-in. Training, generation, loading and the fit check ask the family; none of them
+tests `if sdxl`. A new family (e.g. FLUX) is one more module registered in `FAMILIES`; its name
+is what `TrainConfig.family` and `GenerateConfig.family` take.
+
+torch is imported inside the functions that need it, so the settings can be checked against
+`FAMILIES` before torch loads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -38,11 +44,6 @@ class Conditioning:
     def detach(self) -> Conditioning:
         return self._map(lambda t: t.detach())
 
-    def cat(self, other: Conditioning) -> Conditioning:
-        merged = {k: torch.cat([v, getattr(other, k)]) for k, v in vars(self).items()
-                  if v is not None}
-        return Conditioning(**merged)
-
     def unet_kwargs(self, dtype: torch.dtype) -> dict:
         kwargs = {"encoder_hidden_states": self.prompt_embeds.to(dtype)}
         if self.pooled is not None:
@@ -57,6 +58,18 @@ class Family(Protocol):
     text_encoders: tuple[str, ...]
     # Attention projections of its text encoders, for an optional text-encoder LoRA.
     text_encoder_targets: tuple[str, ...]
+    # Extra from_pretrained arguments of its pipeline.
+    pipeline_kwargs: dict[str, Any]
+    # A VAE that decodes in fp16 without overflowing, loaded instead of the model's own when
+    # rendering from the hub in fp16 (None: the model's own VAE is fine in fp16).
+    fp16_vae: str | None
+    # Decode in tiles on a GPU: a whole image at once needs more memory than a T4 has left.
+    tiled_decode: bool
+    # The size the model was trained at.
+    native_resolution: int
+    # Seconds per sampling step (with classifier-free guidance) and per VAE decode on a T4 in
+    # fp16 at the native size: a stated estimate from commonly reported T4 speeds.
+    t4_seconds: tuple[float, float]
 
     def build_tiny(self, folder: Path, seed: int = 0) -> None: ...
 
@@ -104,9 +117,12 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def get_family(name: str) -> Family:
-    from . import sd15, sdxl
+    if name not in FAMILIES:
+        raise ValueError(f"Unknown model family {name!r}; choose one of {', '.join(FAMILIES)}.")
+    return FAMILIES[name]
 
-    families = {"sd15": sd15.FAMILY, "sdxl": sdxl.FAMILY}
-    if name not in families:
-        raise ValueError(f"Unknown model family {name!r}; choose one of {', '.join(families)}.")
-    return families[name]
+
+# Registered last: each family module builds on the helpers above.
+from . import sd15, sdxl  # noqa: E402
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (sd15.FAMILY, sdxl.FAMILY)}

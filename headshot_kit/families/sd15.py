@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from . import Conditioning, tiny_text_config, tiny_tokenizer, tokenize
 
 
@@ -14,6 +12,12 @@ class SD15:
     pipeline_class = "StableDiffusionPipeline"
     text_encoders = ("text_encoder",)
     text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # No safety checker: it blacks out false positives and adds a download.
+    pipeline_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    fp16_vae = None
+    tiled_decode = False
+    native_resolution = 512
+    t4_seconds = (0.22, 0.3)
 
     def encode_prompts(self, pipe, captions: list[str], resolution: int) -> Conditioning:
         encoder = pipe.text_encoder
@@ -23,8 +27,8 @@ class SD15:
     def build_tiny(self, folder: Path, seed: int = 0) -> None:
         """SD 1.5's layout (cross-attention down/up blocks, a mid block, 4 latent channels, a
         VAE that downsamples 8x) at a width a CPU trains in seconds."""
-        from diffusers import (StableDiffusionPipeline,
-                               UNet2DConditionModel)
+        import torch
+        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextModel
 
         torch.manual_seed(seed)

@@ -1,0 +1,383 @@
+"""Evaluate: do the generated headshots look like you, and are they any good?
+
+Reads a folder of reference photos of the person and the generate stage's output folder (its
+`manifest.csv`, or any plain folder of images) and writes, into its own folder:
+
+- `scores.csv`: one row per generated image: is there a face, how much it looks like the
+  references (likeness 0-1, the embedder's same-person threshold at 0.5) and like the run's
+  other faces (consistency), technical quality of the face, and the manifest's columns (style,
+  seed, prompt, ...). An image without a face is a failure row, never skipped, so it counts
+  against the "look like you" rate.
+- `summary.csv`: overall and per style: how many look like you, likeness, how consistent the
+  faces are with each other, how diverse they are, and mean quality.
+- plots (`likeness_by_style.png`, `likeness_vs_quality.png`, `consistency.png`), an annotated
+  `contact_sheet.png` ranked best first, and the resolved `config.json`.
+
+Identity is scored with a face network that the generator did not train against (PuLID's
+advice): dlib's 128-d ResNet descriptor by default, which works offline; ArcFace and FaceNet
+when their weights can be downloaded (Colab). Every score names its embedder.
+
+Quality numbers are technical quality (sharpness, exposure, noise, BRISQUE): generic no-reference
+metrics predict human "does this face look real" ratings poorly (F-Bench / FaceQ), so none of
+them is called realism. A CLIP zero-shot "photograph vs digital art / 3D render / painting"
+probability and CLIP-T prompt adherence (DreamBench) are added when CLIP weights can be loaded.
+
+`best_of` copies the most alike to the generate folder's best/. `validate_metric` checks on
+real photos that same-person pairs and different-person pairs fall on the right sides of the
+threshold; `record_experiment` and `compare` keep one row per run in an experiments table and
+plot any metric against any setting, with confidence intervals over seeds and images
+(headshot_kit.stats) where they exist.
+
+The parts: `embedders` (the face networks, and validating them), `consistency`, `clip`,
+`plots` and `experiments`; technical quality is headshot_kit.quality's, shared with the
+prepare stage.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .. import faces
+from ..config import ConfigError, EvaluateConfig, save_config
+from ..images import list_images, load_image
+from ..quality import Metric, quality_metrics
+from ..storage import atomic_write_text, copy_ranked
+from ..workspace import SCORES
+from .clip import ClipScorer, clip_or_note
+from .consistency import (consistency_per_image, crop_grey, face_region, group_faces,
+                          ssim_matrix, yaw)
+from .embedders import (EMBEDDERS, EmbedderUnavailable, FaceEmbedder, MetricCheck, NoFaceError,
+                        embed_photo, get_embedder, validate_metric)
+from .experiments import EXPERIMENTS_TABLE, compare, record_experiment
+from .plots import (plot_consistency, plot_likeness_by_style, plot_likeness_vs_quality,
+                    save_contact_sheet, save_figure)
+
+__all__ = ["EMBEDDERS", "EXPERIMENTS_TABLE", "EmbedderUnavailable", "EvalResult",
+           "FaceEmbedder", "MetricCheck", "NoFaceError", "best_of", "compare",
+           "evaluate_images", "get_embedder", "quality_metrics", "record_experiment",
+           "validate_metric"]
+
+PathLike = str | Path
+
+
+@dataclass
+class EvalResult:
+    """What evaluate_images found; displays itself in a notebook."""
+
+    scores: pd.DataFrame
+    summary: pd.DataFrame
+    headline: str
+    out_dir: Path
+    embedder: str
+    run_id: str
+    settings: dict[str, Any]
+    config: EvaluateConfig
+    notes: list[str] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def _repr_html_(self) -> str:
+        parts = [f"<h4>{html.escape(self.headline)}</h4>"]
+        parts += [f"<p><i>{html.escape(note)}</i></p>" for note in self.notes]
+        # The notes are shown above: in the table they would stretch one row into a band.
+        table = self.summary.drop(columns=["notes"], errors="ignore")
+        parts.append(table.to_html(index=False, na_rep="", float_format="{:.3f}".format))
+        for key in ("likeness_by_style", "likeness_vs_quality", "consistency", "contact_sheet"):
+            if key in self.files:
+                data = base64.b64encode(self.files[key].read_bytes()).decode()
+                parts.append(f'<img src="data:image/png;base64,{data}" style="max-width:100%">')
+        parts.append(f"<p>Scores, plots and config in <code>{html.escape(str(self.out_dir))}"
+                     "</code></p>")
+        return "\n".join(parts)
+
+
+def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
+                    out_dir: PathLike, cfg: EvaluateConfig | None = None,
+                    run_id: str | None = None, settings: dict[str, Any] | None = None,
+                    progress: bool = True) -> EvalResult:
+    """Score every image in `images` against the person in `references`; write into `out_dir`.
+
+    `references`: a folder of photos of the person (the prepare stage's images/, or raw photos)
+    or a list of photo files. `images`: the generate stage's folder (read through its
+    manifest.csv) or any folder of images. `run_id` (default: the out_dir's name) and
+    `settings` (default: the manifest's columns that are the same for every image, e.g. steps,
+    lora_scale) are kept for the experiments table. `progress=False` hides the progress bar.
+    """
+    cfg = _check_config(cfg or EvaluateConfig())
+    out_dir = Path(out_dir)
+    embedder = get_embedder(cfg)
+    reference_paths = _reference_files(references)
+    generated, manifest = _generated_files(Path(images))
+    metrics, notes = quality_metrics()
+    clip, clip_note = clip_or_note(cfg)
+    notes += [clip_note] if clip_note else []
+    prompts = ([p or None for p in manifest["prompt"].fillna("").astype(str)]
+               if "prompt" in manifest.columns else [None] * len(generated))
+
+    bar = tqdm(total=len(reference_paths) + len(generated), desc="evaluate",
+               disable=not progress)
+    bar.set_postfix(step="references")
+    reference_vectors, skipped = [], []
+    for path in reference_paths:
+        found = embed_photo(embedder, path)
+        if found:
+            reference_vectors.append(found[0][1])
+        else:
+            skipped.append(path.name)
+        bar.update()
+    if not reference_vectors:
+        bar.close()
+        raise NoFaceError(f"No face was found in any of the {len(reference_paths)} reference "
+                          f"photos ({reference_paths[0].parent}); give clear, frontal photos "
+                          "of the person, e.g. the prepare stage's images/ folder.")
+    if skipped:
+        notes.append(f"No face in {len(skipped)} reference photo(s), not used: "
+                     f"{', '.join(skipped)}.")
+    references_matrix = np.array(reference_vectors)
+
+    bar.set_postfix(step="images")
+    rows, thumbs, vectors, crops, yaws = [], [], {}, {}, {}
+    for i, (path, name, prompt) in enumerate(zip(generated, manifest["file"], prompts)):
+        image = load_image(path)
+        row, face, vector = _score_image(image, embedder, references_matrix, metrics)
+        row = {"image": str(name), **row}
+        if clip is not None:
+            row.update(clip.score(image, prompt))
+        if face is not None:
+            vectors[i], crops[i], yaws[i] = vector, crop_grey(image, face), yaw(face)
+        rows.append(row)
+        thumb = image.copy()
+        thumb.thumbnail((256, 256))
+        thumbs.append(thumb)
+        bar.update()
+    bar.close()
+
+    # The manifest's columns (style, seed, prompt, ...) follow the scores; "file" is "image".
+    extra = manifest.drop(columns=["file", *[c for c in manifest.columns if c in rows[0]]])
+    scores = pd.concat([pd.DataFrame(rows), extra.reset_index(drop=True)], axis=1)
+    face_rows = sorted(vectors)  # rows with a face; the tiny model's noise has none
+    similarity, ssim = np.zeros((0, 0)), np.zeros((0, 0))
+    if face_rows:
+        matrix = np.array([vectors[i] for i in face_rows])
+        similarity = embedder.similarity(matrix, matrix)
+        ssim = ssim_matrix(np.array([crops[i] for i in face_rows]))
+    scores["consistency"] = consistency_per_image(len(scores), face_rows, similarity)
+    face_yaws = np.array([yaws[i] for i in face_rows])
+    quality_cols = [m.name for m in metrics] + [c for c in (ClipScorer.photo_name,
+                                                            ClipScorer.prompt_name)
+                                                if c in scores.columns]
+    summary = _summarise(scores, face_rows, similarity, ssim, face_yaws, quality_cols, notes)
+    headline = _headline(scores, embedder, cfg.best_n)
+
+    # A work folder's scores/ is named after the work folder: every run's is called "scores".
+    run_id = run_id or (out_dir.absolute().parent.name if out_dir.name == SCORES
+                        else out_dir.name)
+    settings = {**_constant_settings(manifest), **(settings or {})}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "scores.csv", scores.to_csv(index=False))
+    atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
+    pairs = similarity[np.triu_indices(len(face_rows), 1)]
+    files = {
+        "likeness_by_style": save_figure(plot_likeness_by_style(scores, embedder),
+                                          out_dir / "likeness_by_style.png"),
+        "likeness_vs_quality": save_figure(plot_likeness_vs_quality(scores, metrics),
+                                            out_dir / "likeness_vs_quality.png"),
+        "consistency": save_figure(plot_consistency(pairs, embedder),
+                                    out_dir / "consistency.png"),
+        "contact_sheet": save_contact_sheet(scores, thumbs, run_id,
+                                             out_dir / "contact_sheet.png"),
+    }
+    save_config(cfg, out_dir / "config.json", run_id=run_id, settings=settings,
+                references=[str(p) for p in reference_paths], images=str(images),
+                embedder_name=embedder.name, embedder_threshold=embedder.threshold,
+                embedder_licence=embedder.licence, headline=headline, notes=notes,
+                quality_metrics={m.name: m.measures for m in metrics})
+    return EvalResult(scores=scores, summary=summary, headline=headline, out_dir=out_dir,
+                      embedder=embedder.name, run_id=run_id, settings=settings, config=cfg,
+                      notes=notes, files=files)
+
+
+def _check_config(cfg: EvaluateConfig) -> EvaluateConfig:
+    if cfg.best_n < 1:
+        raise ConfigError(f"best_n is {cfg.best_n}; name at least 1 best image (8 is usual).")
+    return cfg
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """Images in `folder`, or in its images/ subfolder (a prepare or generate stage folder)."""
+    found = list_images(folder)
+    if not found and (folder / "images").is_dir():
+        found = list_images(folder / "images")
+    return found
+
+
+def _reference_files(references: PathLike | Sequence[PathLike]) -> list[Path]:
+    if isinstance(references, (str, Path)):
+        folder = Path(references)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"Reference folder {folder} does not exist; point "
+                                    "references at a folder of photos of the person.")
+        paths = _folder_images(folder)
+        if not paths:
+            raise FileNotFoundError(f"No photos in {folder}; add 5-20 photos of the person "
+                                    "or use the prepare stage's images/ folder.")
+        return paths
+    paths = [Path(p) for p in references]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise FileNotFoundError(f"Reference photos missing: {', '.join(missing) or 'none given'}"
+                                "; pass existing photo files or a folder of them.")
+    return paths
+
+
+def _generated_files(folder: Path) -> tuple[list[Path], pd.DataFrame]:
+    """The images to score and a table (one row each, `file` first) of what is known of them."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Image folder {folder} does not exist; point images at the "
+                                "generate stage's output folder.")
+    manifest_path = folder / "manifest.csv"
+    if manifest_path.is_file():
+        manifest = pd.read_csv(manifest_path)
+        if "file" not in manifest.columns:
+            raise ValueError(f"{manifest_path} has no 'file' column (the image path relative "
+                             "to its folder); re-run the generate stage to rewrite it.")
+        paths = [folder / str(f) for f in manifest["file"]]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{manifest_path} lists {len(missing)} image(s) that do not exist, e.g. "
+                f"{missing[0]}; re-run the generate stage or delete those rows.")
+    else:
+        paths = _folder_images(folder)
+        manifest = pd.DataFrame({"file": [p.relative_to(folder).as_posix() for p in paths]})
+    if not paths:
+        raise FileNotFoundError(f"No images in {folder}; run the generate stage first.")
+    return paths, manifest
+
+
+def _score_image(image: Image.Image, embedder: FaceEmbedder, references: np.ndarray,
+                 metrics: Sequence[Metric]
+                 ) -> tuple[dict[str, Any], faces.Face | None, np.ndarray | None]:
+    found = embedder.embed(image)
+    row: dict[str, Any] = {"face_found": bool(found), "n_faces": len(found)}
+    face, vector = found[0] if found else (None, None)
+    if vector is not None:
+        distances = embedder.distances(vector[None, :], references)[0]
+        likeness = embedder.to_similarity(distances)
+        row.update(likeness=float(likeness.mean()), likeness_best=float(likeness.max()),
+                   distance_mean=float(distances.mean()),
+                   same_person=bool(distances.mean() < embedder.threshold))
+    else:
+        row.update(likeness=np.nan, likeness_best=np.nan, distance_mean=np.nan,
+                   same_person=False)
+    row["embedder"] = embedder.name
+    # Quality of the face is what a headshot is judged on; with no face, of the whole image.
+    region = face_region(image, face) if face is not None else None
+    row["quality_region"] = "face" if region is not None else "image"
+    for metric in metrics:
+        row[metric.name] = metric.score(region if region is not None else image)
+    return row, face, vector
+
+
+def _summarise(scores: pd.DataFrame, face_rows: list[int], similarity: np.ndarray,
+               ssim: np.ndarray, yaws: np.ndarray, quality_cols: list[str],
+               notes: list[str]) -> pd.DataFrame:
+    names = scores["image"].tolist()
+    groups = [("all", scores.index)]
+    if "style" in scores.columns:
+        groups += [(str(style), rows.index) for style, rows in scores.groupby("style", sort=False)]
+    position = {row: k for k, row in enumerate(face_rows)}
+    face_names = [names[row] for row in face_rows]
+    records = []
+    for group, index in groups:
+        part = scores.loc[index]
+        record = {
+            "group": group,
+            "n_images": len(part),
+            "faces_found": int(part["face_found"].sum()),
+            "same_person": int(part["same_person"].sum()),
+            "same_person_rate": float(part["same_person"].mean()),
+            "likeness_mean": part["likeness"].mean(),
+            "likeness_median": part["likeness"].median(),
+            "likeness_best": part["likeness"].max(),
+            **group_faces([position[r] for r in index if r in position], face_names,
+                           similarity, ssim, yaws),
+        }
+        record.update({f"{col}_mean": part[col].mean() for col in quality_cols})
+        records.append(record)
+    summary = pd.DataFrame(records)
+    summary["notes"] = [" ".join(notes)] + [""] * (len(summary) - 1)
+    return summary
+
+
+def _headline(scores: pd.DataFrame, embedder: FaceEmbedder, best_n: int) -> str:
+    text = (f"{int(scores['same_person'].sum())} of {len(scores)} look like you "
+            f"({embedder.name}, threshold {embedder.threshold:g})")
+    best = scores[scores["same_person"]].nlargest(best_n, "likeness")
+    if len(best):
+        text += f"; best {len(best)}: " + ", ".join(
+            f"{Path(name).stem} ({value:.2f})" for name, value in zip(best["image"],
+                                                                      best["likeness"]))
+    no_face = int((~scores["face_found"]).sum())
+    if no_face:
+        text += f"; no face found in {no_face}"
+    return text + "."
+
+
+def _constant_settings(manifest: pd.DataFrame) -> dict[str, Any]:
+    """Manifest columns with one value for the whole run (steps, lora_scale, ...): the run's
+    settings. Prompts are sentences, not settings to plot against, and `starred` is the
+    user's mark on an image, so both are left out."""
+    settings = {}
+    for col in manifest.columns:
+        if (col in ("file", "starred") or "prompt" in col
+                or manifest[col].nunique(dropna=False) != 1):
+            continue
+        value = manifest[col].iloc[0]
+        # Plain Python values: config.json must stay valid JSON (no NaN, no numpy types).
+        if pd.isna(value):
+            value = None
+        elif hasattr(value, "item"):
+            value = value.item()
+        settings[col] = value
+    return settings
+
+
+def best_of(manifest_or_scores: pd.DataFrame, out_dir: str | Path, k: int = 8,
+            by: Sequence[str] = ("likeness",)) -> pd.DataFrame:
+    """Copy the top `k` images by the columns `by` (higher is better) into out_dir/best/.
+
+    Takes the evaluate stage's scores (an `image` column) or a manifest (a `file` column);
+    images where `face_found` is False are left out. Returns the chosen rows, best first.
+    """
+    table = manifest_or_scores
+    column = "image" if "image" in table else "file"
+    if column not in table:
+        raise ValueError("The table needs an 'image' column (scores.csv) or a 'file' column "
+                         "(manifest.csv) naming each image.")
+    missing = [c for c in by if c not in table]
+    if missing:
+        raise ValueError(f"No column {', '.join(missing)} to rank by (columns: "
+                         f"{', '.join(table.columns)}); run the evaluate stage for 'likeness', "
+                         "or rank by ('starred',).")
+    n_images = len(table)
+    if "face_found" in table:
+        table = table[table["face_found"].astype(str).str.lower().isin(("true", "1"))]
+    ranked = table.sort_values(list(by), ascending=False, na_position="last", kind="stable")
+    ranked = ranked.head(k).reset_index(drop=True)
+    dest = copy_ranked(ranked, column, Path(out_dir), "best")
+    if ranked.empty:
+        print(f"No face was found in any of the {n_images} images, so {dest} stays empty: "
+              "look at the pack (the offline tiny model draws no faces).")
+    else:
+        print(f"The best {len(ranked)} of {n_images} by {', '.join(by)} are in {dest}.")
+    return ranked

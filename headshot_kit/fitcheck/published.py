@@ -1,0 +1,104 @@
+"""Published memory and time figures, as runnable settings: what the fit check is checked
+against, and what its T4 time calibration is derived from (`calibrate`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..config import TrainConfig, get_preset
+from .gpus import GB, GPUS, Calibration
+from .measure import measure_step, trainable_sizes
+from .plan import ADAM_TRAFFIC
+
+
+@dataclass(frozen=True)
+class PublishedRun:
+    """A published memory/time figure, with the settings that reproduce the run."""
+
+    name: str
+    source: str
+    cfg: TrainConfig
+    mode: str
+    overrides: dict
+    gpu: str
+    memory_gb: float | None  # None: only "it ran", i.e. it fitted
+    seconds_per_step: float | None
+
+
+# The fork's README table (ShivamShrirao/diffusers, examples/dreambooth, commit f5d8aec8, 2 Oct
+# 2022): "Tested on Tesla T4 GPU with `--cache_latents`". SD 1.4 (the UNet of 1.5), 512 px,
+# fp16 autocast over an fp32 UNet, 8-bit Adam, xformers attention; caching freed the VAE and
+# text encoder; torch 1.12's AdamW looped over tensors (no foreach). Its launch.sh and notebook
+# train with prior preservation, which doubles the UNet's batch, and only that reproduces the
+# table's own batch-2 and no-checkpointing rows (13.58 GB predicted for 13.67 published).
+_FORK = "ShivamShrirao/diffusers DreamBooth README table (T4)"
+# (fp16?, batch, checkpointing, 8-bit Adam) -> (GB, it/s), the rows this module uses.
+FORK_ROWS = {
+    (True, 1, True, True): (9.92, 0.93),
+    (False, 1, True, True): (10.08, 0.42),
+    (True, 2, True, True): (10.4, 0.66),
+    (True, 1, False, True): (11.17, 1.14),
+    (True, 1, True, False): (15.79, 0.77),
+}
+
+
+def _fork_run(fp16: bool, batch: int, checkpointing: bool, eight_bit: bool) -> PublishedRun:
+    gb, its = FORK_ROWS[(fp16, batch, checkpointing, eight_bit)]
+    cfg = TrainConfig(family="sd15", resolution=512, batch_size=batch,
+                      mixed_precision="fp16" if fp16 else "no",
+                      gradient_checkpointing=checkpointing, cache_latents=True,
+                      optimizer="adamw8bit" if eight_bit else "adamw", prior_preservation=True)
+    name = (f"sd15-full-{'fp16' if fp16 else 'fp32'}-b{batch}"
+            f"{'-ckpt' if checkpointing else ''}-{'8bit' if eight_bit else 'adamw'}")
+    # It cached latents one training batch (instance + class image) at a time.
+    overrides = {"adam_foreach": False, "cache_batch": 2 * batch}
+    return PublishedRun(name, _FORK, cfg, "full", overrides, "t4", gb, 1 / its)
+
+
+def published_runs() -> dict[str, PublishedRun]:
+    """The published figures this module is checked against, as runnable settings."""
+    runs = [_fork_run(*key) for key in FORK_ROWS]
+    # huggingface/notebooks SDXL_DreamBooth_LoRA_.ipynb (saved output, Nov 2023): 1024 px, batch
+    # 1, accumulation 3, checkpointing, fp16, 8-bit Adam, the fp16-fix VAE; 500 steps at 7.96
+    # s/it, then host RAM ran out reloading the pipeline. Its train_dreambooth_lora_sdxl.py (21
+    # Nov 2023) kept the VAE in fp32 on the GPU, encoding every micro-batch, and, with a BLIP
+    # caption per image, kept both text encoders there too, encoding every micro-batch.
+    sdxl = dataclasses.replace(get_preset("sdxl-t4").train, mixed_precision="fp16",
+                               cache_latents=False, prior_preservation=False)
+    runs.append(PublishedRun(
+        "sdxl-lora-t4", "huggingface/notebooks SDXL_DreamBooth_LoRA_.ipynb (T4)", sdxl, "lora",
+        {"vae_dtype": "fp32", "text_encoders_on_gpu": True, "text_encoders_every_step": True},
+        "t4", None, 7.96))
+    return {run.name: run for run in runs}
+
+
+def calibrate() -> Calibration:
+    """Re-derive T4_CALIBRATION from the fork's T4 table and our FLOP counts.
+
+    Three rows of one table, all full SD 1.x fine-tunes at 512 px with checkpointing and 8-bit
+    Adam (the UNet sees 2 images per batch: prior preservation):
+    - fp16, batch 1 at 0.93 it/s and batch 2 at 0.66 it/s: the extra time of the extra images
+      is pure FLOPs, which gives the tensor-core efficiency; what remains of the batch-1 step
+      beyond its FLOPs and its optimizer traffic is the fixed overhead;
+    - fp32 ("no" mixed precision), batch 1 at 0.42 it/s: with that overhead, the fp32 efficiency.
+    """
+    t4 = GPUS["t4"]
+    runs = published_runs()
+    one, two, fp32 = (runs[n] for n in ("sd15-full-fp16-b1-ckpt-8bit",
+                                        "sd15-full-fp16-b2-ckpt-8bit",
+                                        "sd15-full-fp32-b1-ckpt-8bit"))
+
+    def flops(run: PublishedRun) -> int:  # fp32 runs the same ops as fp16, so the same FLOPs
+        c = run.cfg
+        return measure_step(c.family, c.resolution, 2 * c.batch_size, True, "full").flops
+
+    tensor = (flops(two) - flops(one)) / (
+        t4.fp16_tflops * 1e12 * (two.seconds_per_step - one.seconds_per_step))
+    sizes = trainable_sizes("sd15", "full", 4, tuple(one.cfg.target_modules), False)
+    optimizer_s = sum(sizes) * ADAM_TRAFFIC["adamw8bit"] / (t4.bandwidth_gbs * GB)
+    overhead = (one.seconds_per_step - optimizer_s
+                - flops(one) / (t4.fp16_tflops * 1e12 * tensor))
+    fp32_eff = flops(one) / (t4.fp32_tflops * 1e12 * (fp32.seconds_per_step - optimizer_s
+                                                       - overhead))
+    return Calibration(tensor, fp32_eff, overhead)

@@ -1,0 +1,351 @@
+"""One image: the settings that decide it (a `Shot`), and rendering it again exactly.
+
+The noise of every image comes from a CPU `torch.Generator` seeded for that image alone, so
+the same Shot gives the same picture on the same device, batched or not; each PNG carries its
+Shot in the AUTOMATIC1111 "parameters" text chunk, which `read_parameters` reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from PIL import Image, PngImagePlugin
+
+from ..config import (DEFAULT_CLASS, DEFAULT_TOKEN, ConfigError, GenerateConfig, agree,
+                      validate_generate)
+from ..families import get_family
+from ..lora import LORA_WEIGHTS, lora_weights
+from ..storage import atomic_path
+from .styles import Style
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler: the name AUTOMATIC1111 writes for it, and diffusers' scheduler for it."""
+
+    a1111: str
+    scheduler: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+# Our scheduler names (GenerateConfig.scheduler), each with its sampler.
+SAMPLERS = {
+    # DPM-Solver++ 2M with Karras sigmas: sharp results in 30 steps.
+    "dpmpp-karras": Sampler("DPM++ 2M Karras", "DPMSolverMultistepScheduler",
+                            {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                             "use_karras_sigmas": True}),
+    "euler-a": Sampler("Euler a", "EulerAncestralDiscreteScheduler"),
+    # DDIM's own default clips samples to [-1, 1], which is wrong for latents.
+    "ddim": Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}),
+}
+
+
+@dataclass(frozen=True)
+class Shot:
+    """Everything that decides one image; the same Shot always gives the same picture."""
+    style: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    scheduler: str
+    lora_scale: float
+    width: int
+    height: int
+    model: str
+    family: str = "sd15"
+    # The LoRA folder; None = the base model.
+    lora_dir: str | None = None
+
+    @property
+    def lora(self) -> str:
+        return Path(self.lora_dir).name if self.lora_dir else ""
+
+    def parameters(self) -> str:
+        """The settings as AUTOMATIC1111 writes them, so other tools can read them too."""
+        fields = {"Steps": self.steps, "Sampler": SAMPLERS[self.scheduler].a1111,
+                  "CFG scale": self.guidance, "Seed": self.seed,
+                  "Size": f"{self.width}x{self.height}", "Model": self.model}
+        if self.lora_dir:
+            fields.update({"Lora": self.lora, "Lora scale": self.lora_scale})
+        line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items())
+        return f"{self.prompt}\nNegative prompt: {self.negative_prompt}\n{line}"
+
+    def row(self) -> dict[str, Any]:
+        row = asdict(self)
+        del row["lora_dir"]
+        return {**row, "lora": self.lora}
+
+
+def make_shot(cfg: GenerateConfig, style: Style, seed: int, lora_dir: str | Path | None,
+              **overrides: Any) -> Shot:
+    """The Shot for `style` and `seed` under `cfg`; `overrides` set any Shot field directly."""
+    suggest = cfg.style_settings
+    shot = Shot(
+        style=style.name,
+        prompt=style.prompt,
+        negative_prompt=cfg.negative_prompt or style.negative_prompt,
+        seed=int(seed),
+        steps=style.steps if suggest and style.steps else cfg.steps,
+        guidance=float(style.guidance if suggest and style.guidance else cfg.guidance),
+        # Without a LoRA the scale is recorded as 0, as the PNG (with no "Lora scale") reads back.
+        scheduler=cfg.scheduler, lora_scale=float(cfg.lora_scale) if lora_dir else 0.0,
+        width=cfg.resolution, height=cfg.resolution, model=cfg.model, family=cfg.family,
+        lora_dir=str(lora_dir) if lora_dir else None)
+    shot = replace(shot, **overrides)
+    return replace(shot, prompt=fill_subject(shot.prompt, cfg))
+
+
+def fill_subject(template: str, cfg: GenerateConfig) -> str:
+    """Put the trained words ("ohwx person") where the template says {subject}."""
+    token, class_name = cfg.token or DEFAULT_TOKEN, cfg.class_name or DEFAULT_CLASS
+    return template.replace("{subject}", f"{token} {class_name}")
+
+
+def with_lora_subject(cfg: GenerateConfig, lora_dir: str | Path | None) -> GenerateConfig:
+    """`cfg` with the subject words the LoRA was trained on (its config.json records them);
+    a token or class_name setting that names other words is refused."""
+    trained = Path(lora_dir) / "config.json" if lora_dir is not None else None
+    recorded = json.loads(trained.read_text()) if trained and trained.is_file() else {}
+    if "token" not in recorded:  # the base model, or a LoRA from elsewhere: the settings hold
+        return cfg
+    fix = ", or train a LoRA on a dataset prepared with those words"
+    return replace(cfg, token=agree("GenerateConfig.token", cfg.token, recorded["token"],
+                                    trained, fix),
+                   class_name=agree("GenerateConfig.class_name", cfg.class_name,
+                                    recorded["class_name"], trained, fix))
+
+
+def check_generate(cfg: GenerateConfig, styles: Mapping[str, Style]) -> list[str]:
+    """Validate `cfg` against the known styles; returns the style names to render, in order."""
+    validate_generate(cfg)
+    if cfg.scheduler not in SAMPLERS:
+        raise ConfigError(f"scheduler is {cfg.scheduler!r}; choose one of "
+                          f"{', '.join(SAMPLERS)}.")
+    names = list(cfg.styles) or list(styles)
+    unknown = [n for n in names if n not in styles]
+    if unknown:
+        raise ConfigError(f"Unknown style(s) {', '.join(unknown)}; available: "
+                          f"{', '.join(styles)} (or add your own with style_dirs).")
+    for what, values in (("styles", names), ("seeds", cfg.seeds)):
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{what} lists a value twice ({values}); each image needs its own "
+                              "file name, so list each once.")
+    return names
+
+
+def make_scheduler(name: str, base_config: Mapping[str, Any]):
+    """A fresh scheduler of kind `name` on the model's own noise schedule.
+
+    Only the noise-schedule keys are carried over, so switching samplers never leaks one
+    sampler's options (Karras sigmas, say) into the next.
+    """
+    import diffusers
+
+    if name not in SAMPLERS:
+        raise ConfigError(f"scheduler is {name!r}; choose one of {', '.join(SAMPLERS)}.")
+    sampler = SAMPLERS[name]
+    cls = getattr(diffusers, sampler.scheduler)
+    accepted = inspect.signature(cls.__init__).parameters
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+            "prediction_type", "steps_offset", "timestep_spacing", "set_alpha_to_one")
+    base = {k: base_config[k] for k in keys if k in base_config and k in accepted}
+    return cls(**base, **sampler.options)
+
+
+def check_lora(lora_dir: str | Path | None, cfg: GenerateConfig) -> Path | None:
+    """Reject a missing LoRA, or one trained for another model family or another base model
+    (unless `cfg.other_base_model` allows it), before any rendering."""
+    if lora_dir is None:
+        return None
+    lora_weights(lora_dir)
+    trained = Path(lora_dir) / "config.json"
+    recorded = json.loads(trained.read_text()) if trained.is_file() else {}
+    family, model = recorded.get("family"), recorded.get("model")
+    if family and family != cfg.family:
+        raise ConfigError(f"{trained}: this LoRA was trained for family {family!r} but "
+                          f"GenerateConfig.family is {cfg.family!r}; set family={family!r} "
+                          "and a matching model.")
+    if model and model != cfg.model and not cfg.other_base_model:
+        raise ConfigError(f"{trained}: this LoRA was trained on {model!r} but "
+                          f"GenerateConfig.model is {cfg.model!r}; set model={model!r}, or "
+                          "other_base_model=True to use it on another model of its family on "
+                          "purpose (the face comes out less alike).")
+    return Path(lora_dir)
+
+
+def use_lora(pipe, lora_dir: str | Path | None, scale: float) -> None:
+    """Make `lora_dir` the pipeline's only active LoRA at `scale`, or turn LoRAs off (None).
+
+    Each LoRA is loaded once per pipeline, under a name derived from its file's path and
+    modification time, so switching back and forth is free and a retrained LoRA is reloaded.
+    """
+    loaded = {name for names in pipe.get_list_adapters().values() for name in names}
+    if lora_dir is None:
+        if loaded:
+            pipe.disable_lora()
+        return
+    weights = lora_weights(lora_dir)
+    stat = weights.stat()
+    key = f"{weights.resolve()}:{stat.st_mtime_ns}:{stat.st_size}"
+    # Adapter names become module keys, which may not contain dots.
+    name = "lora_" + hashlib.sha1(key.encode()).hexdigest()[:12]
+    if name not in loaded:
+        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS, adapter_name=name)
+    pipe.enable_lora()
+    pipe.set_adapters([name], adapter_weights=[scale])
+
+
+def load_generate_pipeline(cfg: GenerateConfig):
+    """The pipeline for `cfg.model`: fp16 on a GPU, fp32 on the CPU, VAE memory savers on a GPU."""
+    from ..models import load_pipeline, pick_device, pick_dtype
+
+    device = pick_device(cfg.device)
+    pipe = load_pipeline(cfg.model, cfg.family, device=device,
+                         dtype=pick_dtype(device, "no" if device == "cpu" else "fp16"))
+    if device.startswith("cuda"):
+        save_decode_memory(pipe, cfg.family)
+    return pipe
+
+
+def save_decode_memory(pipe, family: str) -> None:
+    """Decode a batch one image at a time (what pick_batch_size counts on, for every family)
+    and, where the family asks for it (SDXL), in tiles: a 1024 px decode at once needs more
+    memory than a T4 has left."""
+    pipe.vae.enable_slicing()
+    if get_family(family).tiled_decode:
+        pipe.vae.enable_tiling()
+
+
+def render(shot: Shot, pipe) -> Image.Image:
+    """One image for `shot`: the same shot gives the same pixels on the same device."""
+    return render_batch([shot], pipe)[0]
+
+
+def render_batch(shots: Sequence[Shot], pipe) -> list[Image.Image]:
+    """Images for shots that differ only in seed, in one pipeline call.
+
+    Each image draws its starting noise from its own seeded CPU generator, so batching changes
+    no image's noise; on the CPU the pixels are the same as one at a time.
+    """
+    import torch
+
+    first = shots[0]
+    if any(dataclasses.replace(s, seed=first.seed) != first for s in shots):
+        raise ValueError("render_batch takes shots that differ only in their seed.")
+    use_lora(pipe, first.lora_dir, first.lora_scale)
+    pipe.scheduler = make_scheduler(first.scheduler, pipe.scheduler.config)
+    # Our own bars count images; diffusers' per-step bar would only add noise.
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator("cpu").manual_seed(s.seed) for s in shots]
+    with torch.inference_mode():
+        result = pipe(prompt=[first.prompt] * len(shots),
+                      negative_prompt=[first.negative_prompt] * len(shots),
+                      num_inference_steps=first.steps, guidance_scale=first.guidance,
+                      width=first.width, height=first.height, generator=generators)
+    return result.images
+
+
+def pick_batch_size(cfg: GenerateConfig, pipe) -> int:
+    """cfg.batch_size, or for 0 as many images per call as the GPU's free memory allows.
+
+    About 1.5 GB per 512 px image in fp16 (SD 1.5, activations of the UNet with classifier-free
+    guidance, VAE decode sliced) and four times that at 1024 px; at most 8. One on the CPU,
+    where a batch gains nothing.
+    """
+    if cfg.batch_size:
+        return cfg.batch_size
+    import torch
+
+    if pipe.device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(pipe.device)
+    per_image = 1.5e9 * (cfg.resolution / 512) ** 2
+    return int(max(1, min(8, free * 0.8 // per_image)))
+
+
+def save_png(image: Image.Image, path: str | Path, shot: Shot) -> Path:
+    """Write `image` atomically with its settings in the PNG "parameters" text chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", shot.parameters())
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+def _quote(value: Any) -> str:
+    # AUTOMATIC1111 quotes values that would break its "key: value, " line.
+    text = str(value)
+    return json.dumps(text) if any(c in text for c in ',:"\n') else text
+
+
+def read_parameters(png_path: str | Path) -> dict[str, Any]:
+    """The settings stored in a PNG's "parameters" chunk, under the manifest's column names."""
+    png_path = Path(png_path)
+    with Image.open(png_path) as im:
+        text = im.info.get("parameters")
+    if not text:
+        raise ValueError(f"{png_path}: no 'parameters' text chunk. Only PNGs written by "
+                         "generate_pack carry one (image editors often strip it).")
+    *head, line = text.strip("\n").split("\n")
+    params = {k: (json.loads(v) if v.startswith('"') else v)
+              for k, v in re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)',
+                                     line)}
+    negative_at = next((i for i, h in enumerate(head) if h.startswith("Negative prompt:")),
+                       len(head))
+    negative = "\n".join(head[negative_at:])[len("Negative prompt:"):].strip()
+    width, height = (int(v) for v in params["Size"].split("x"))
+    by_sampler = {v.a1111: k for k, v in SAMPLERS.items()}
+    return {
+        "prompt": "\n".join(head[:negative_at]), "negative_prompt": negative,
+        "steps": int(params["Steps"]), "guidance": float(params["CFG scale"]),
+        "scheduler": by_sampler.get(params["Sampler"], params["Sampler"]),
+        "seed": int(params["Seed"]), "width": width, "height": height,
+        "model": params.get("Model", ""), "lora": params.get("Lora", ""),
+        "lora_scale": float(params.get("Lora scale", 0.0)),
+    }
+
+
+def cell_text(value: Any) -> str:
+    # pandas reads an empty CSV cell as NaN.
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def shot_from_row(row: Mapping[str, Any], lora_dir: str | Path | None) -> Shot:
+    """The Shot a manifest row (or a `read_parameters` dict) describes, LoRA at `lora_dir`."""
+    lora = cell_text(row.get("lora", ""))
+    if lora and lora_dir is None:
+        raise ValueError(f"This image was made with the LoRA {lora!r}; pass its folder as "
+                         "lora_dir.")
+    if not lora and lora_dir is not None:
+        raise ValueError("This image was made with the base model; pass lora_dir=None.")
+    return Shot(style=cell_text(row.get("style", "")), prompt=cell_text(row["prompt"]),
+                negative_prompt=cell_text(row["negative_prompt"]), seed=int(row["seed"]),
+                steps=int(row["steps"]), guidance=float(row["guidance"]),
+                scheduler=str(row["scheduler"]), lora_scale=float(row["lora_scale"]),
+                width=int(row["width"]), height=int(row["height"]), model=str(row["model"]),
+                family=cell_text(row.get("family", "")) or "sd15",
+                lora_dir=str(lora_dir) if lora_dir is not None else None)
+
+
+def describe_shot(shot: Shot, skip: Sequence[str] = ()) -> str:
+    """A short line of the settings not in `skip` (the ones a grid's axes already show)."""
+    if "checkpoint" in skip:
+        lora = "" if "lora_scale" in skip else f"LoRA x{shot.lora_scale:g}"
+    elif not shot.lora_dir:
+        lora = "base model"
+    else:
+        lora = f"LoRA {shot.lora}" + ("" if "lora_scale" in skip else f" x{shot.lora_scale:g}")
+    parts = {"style": shot.style, "seed": f"seed {shot.seed}", "steps": f"{shot.steps} steps",
+             "guidance": f"CFG {shot.guidance:g}", "scheduler": SAMPLERS[shot.scheduler].a1111,
+             "lora": lora}
+    return ", ".join(v for k, v in parts.items() if v and k not in skip)
