@@ -203,6 +203,12 @@ class TrainConfig:
     validation_seeds: tuple[int, ...] = (0,)
     # Sampling steps of each validation render: enough to judge the face, not a final image.
     validation_steps: int = 25
+    # Validation images are scored for likeness to the prepared photos with this face network,
+    # and the LoRA of the most alike checkpoint is kept in <out>/best/ beside the last one, as
+    # EasyPhoto judges checkpoints by face similarity. "auto": ArcFace or FaceNet where
+    # installed (then evaluate can score with another network), else dlib; or "dlib",
+    # "arcface", "facenet".
+    checkpoint_embedder: str = "auto"
     # Skip a step whose loss is NaN/inf; stop after this many in a row (the run has diverged).
     max_bad_steps: int = 5
     # On a GPU, training first checks that the plan fits (headshot_kit.fitcheck) and refuses
@@ -256,6 +262,10 @@ class GenerateConfig:
     style_settings: bool = False
     # Images per pipeline call; 0 = as many as the GPU's free memory allows (1 on the CPU).
     batch_size: int = 0
+    # The LoRA's weights to render with: "best" (the checkpoint whose validation images looked
+    # most like you, kept in <lora>/best/; the last weights when training chose none) or
+    # "last".
+    lora_checkpoint: str = "best"
     # A LoRA learns the difference from the model it was trained on; on another model of its
     # family (an SD 1.5 fine-tune, say) it still loads, but the face comes out less alike.
     # False refuses that mix-up; True allows it on purpose.
@@ -264,8 +274,11 @@ class GenerateConfig:
 
 @dataclass
 class EvaluateConfig:
-    # Which face embedder scores likeness; "dlib" works offline.
-    embedder: str = "dlib"
+    # Which face network scores likeness: "dlib" (offline), "arcface" or "facenet" (weights
+    # download on Colab), or "auto": the first of ArcFace, FaceNet and dlib that loads, other
+    # than the one that chose the LoRA's checkpoint while another loads (a network that chose
+    # a checkpoint flatters its likeness).
+    embedder: str = "auto"
     # Upsampling pass so small generated faces are still found.
     detect_upsample: int = 1
     # Face descriptors are computed on a copy whose long side is at most this.
@@ -421,6 +434,7 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
 
 def validate_generate(cfg: GenerateConfig) -> GenerateConfig:
     _check_family(cfg.family)
+    _check_choice(cfg.lora_checkpoint, ("best", "last"), "lora_checkpoint")
     if cfg.resolution % 8:
         raise ConfigError(f"resolution is {cfg.resolution}; use a multiple of 8 (e.g. 512).")
     if cfg.steps < 1:

@@ -183,19 +183,35 @@ def _shorten(text: str, n: int) -> str:
     return text if len(text) <= n else "..." + text[-(n - 3):]
 
 
-def plot_loss(metrics, ax=None, title: str = "Training loss"):
-    """Loss per step (faint) and its running mean (bold) from a metrics table."""
+def plot_loss(metrics, ax=None, title: str = "Training loss", best_step: int | None = None):
+    """Loss per step (faint) and its running mean (bold) from a metrics table; with a
+    `likeness` column, the validation steps' likeness on a second axis, and `best_step` (the
+    checkpoint chosen by it) marked."""
     import matplotlib.pyplot as plt
 
     if ax is None:
-        _, ax = plt.subplots(figsize=(6, 3.2))
+        _, ax = plt.subplots(figsize=(6.5, 3.4))
     ax.plot(metrics["step"], metrics["loss"], alpha=0.35, label="loss")
     window = max(1, len(metrics) // 10)
     ax.plot(metrics["step"], metrics["loss"].rolling(window, min_periods=1).mean(), lw=2,
             label=f"mean of {window}")
     ax.set_xlabel("step")
-    ax.set_ylabel("diffusion loss (MSE)")
+    ax.set_ylabel("diffusion loss")
     ax.set_title(title)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    scored = (metrics.dropna(subset=["likeness"]) if "likeness" in metrics
+              else metrics.iloc[:0])
+    if len(scored):
+        right = ax.twinx()
+        right.plot(scored["step"], scored["likeness"], "o-", color="#1b7f3a",
+                   label="likeness of the validation images")
+        right.set_ylim(-0.05, 1.05)
+        right.set_ylabel("likeness (median)")
+        if best_step is not None:
+            right.axvline(best_step, ls="--", color="#1b7f3a", lw=1,
+                          label=f"kept in best/: step {best_step}")
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, fontsize=8, loc="best")
     ax.figure.tight_layout()
     return ax.figure

@@ -19,6 +19,8 @@ from .storage import atomic_path, same_safetensors
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
+# The sub-folder where training keeps the LoRA of the checkpoint chosen by likeness.
+BEST_DIR = "best"
 # The UNet attention projections: what diffusers' DreamBooth LoRA script adapts.
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -169,3 +171,10 @@ def lora_weights(lora_dir: str | Path) -> Path:
         raise FileNotFoundError(f"{lora_dir}: no {LORA_WEIGHTS} there. Point lora_dir at the "
                                 "folder the train stage wrote (or pass None for the base model).")
     return path
+
+
+def pick_checkpoint(lora_dir: str | Path, which: str) -> Path:
+    """The LoRA folder to render with: `lora_dir/best/` for "best" when training chose a
+    checkpoint by likeness, else `lora_dir` itself (its last weights)."""
+    best = Path(lora_dir) / BEST_DIR
+    return best if which == "best" and (best / LORA_WEIGHTS).is_file() else Path(lora_dir)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ from .clip import ClipScorer, clip_or_note
 from .consistency import (consistency_per_image, crop_grey, face_region, group_faces,
                           ssim_matrix, yaw)
 from .embedders import (EMBEDDERS, EmbedderUnavailable, FaceEmbedder, MetricCheck, NoFaceError,
-                        embed_photo, get_embedder, validate_metric)
+                        get_embedder, likeness, reference_vectors, validate_metric)
 from .experiments import EXPERIMENTS_TABLE, compare, record_experiment
 from .plots import (plot_consistency, plot_likeness_by_style, plot_likeness_vs_quality,
                     save_contact_sheet, save_figure)
@@ -114,10 +115,13 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
     """
     cfg = _check_config(cfg or EvaluateConfig())
     out_dir = Path(out_dir)
-    embedder = get_embedder(cfg)
+    chosen = _checkpoint_choice(Path(images))
+    embedder = get_embedder(cfg, avoid=chosen.get("chosen_by"))
     reference_paths = _reference_files(references)
     generated, manifest = _generated_files(Path(images))
     metrics, notes = quality_metrics()
+    if chosen:
+        notes.append(_choice_note(chosen, embedder))
     clip, clip_note = clip_or_note(cfg)
     notes += [clip_note] if clip_note else []
     prompts = ([p or None for p in manifest["prompt"].fillna("").astype(str)]
@@ -126,23 +130,15 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
     bar = tqdm(total=len(reference_paths) + len(generated), desc="evaluate",
                disable=not progress)
     bar.set_postfix(step="references")
-    reference_vectors, skipped = [], []
-    for path in reference_paths:
-        found = embed_photo(embedder, path)
-        if found:
-            reference_vectors.append(found[0][1])
-        else:
-            skipped.append(path.name)
-        bar.update()
-    if not reference_vectors:
+    try:
+        references_matrix, skipped = reference_vectors(embedder, reference_paths)
+    except NoFaceError:
         bar.close()
-        raise NoFaceError(f"No face was found in any of the {len(reference_paths)} reference "
-                          f"photos ({reference_paths[0].parent}); give clear, frontal photos "
-                          "of the person, e.g. the prepare stage's images/ folder.")
+        raise
+    bar.update(len(reference_paths))
     if skipped:
         notes.append(f"No face in {len(skipped)} reference photo(s), not used: "
                      f"{', '.join(skipped)}.")
-    references_matrix = np.array(reference_vectors)
 
     bar.set_postfix(step="images")
     rows, thumbs, vectors, crops, yaws = [], [], {}, {}, {}
@@ -197,6 +193,8 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
                                              out_dir / "contact_sheet.png"),
     }
     save_config(cfg, out_dir / "config.json", run_id=run_id, settings=settings,
+                checkpoint_chosen_by=chosen.get("chosen_by"),
+                likeness_scored_by=embedder.name,
                 references=[str(p) for p in reference_paths], images=str(images),
                 embedder_name=embedder.name, embedder_threshold=embedder.threshold,
                 embedder_licence=embedder.licence, headline=headline, notes=notes,
@@ -204,6 +202,28 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
     return EvalResult(scores=scores, summary=summary, headline=headline, out_dir=out_dir,
                       embedder=embedder.name, run_id=run_id, settings=settings, config=cfg,
                       notes=notes, files=files)
+
+
+def _checkpoint_choice(images: Path) -> dict:
+    """When the images are a generate stage's pack rendered with a checkpoint that training
+    chose by likeness: that LoRA folder's record of the choice (step, likeness, chosen_by)."""
+    try:
+        lora_dir = json.loads((images / "config.json").read_text()).get("lora_dir")
+        record = json.loads((Path(lora_dir) / "config.json").read_text()) if lora_dir else {}
+    except (OSError, ValueError):
+        return {}
+    return record if record.get("checkpoint") == "best" and record.get("chosen_by") else {}
+
+
+def _choice_note(chosen: dict, embedder: FaceEmbedder) -> str:
+    note = (f"The LoRA's checkpoint (step {chosen.get('step')}) was chosen by likeness with "
+            f"{chosen['chosen_by']}; this report scores likeness with {embedder.name}.")
+    if chosen["chosen_by"] == embedder.name:
+        note += (" The same network chose the checkpoint and scores it, which flatters its "
+                 "likeness: with a second network installed (ArcFace: pip install insightface "
+                 "onnxruntime, weights for non-commercial research), embedder='auto' scores "
+                 "with that one instead.")
+    return note
 
 
 def _check_config(cfg: EvaluateConfig) -> EvaluateConfig:
@@ -270,15 +290,7 @@ def _score_image(image: Image.Image, embedder: FaceEmbedder, references: np.ndar
     found = embedder.embed(image)
     row: dict[str, Any] = {"face_found": bool(found), "n_faces": len(found)}
     face, vector = found[0] if found else (None, None)
-    if vector is not None:
-        distances = embedder.distances(vector[None, :], references)[0]
-        likeness = embedder.to_similarity(distances)
-        row.update(likeness=float(likeness.mean()), likeness_best=float(likeness.max()),
-                   distance_mean=float(distances.mean()),
-                   same_person=bool(distances.mean() < embedder.threshold))
-    else:
-        row.update(likeness=np.nan, likeness_best=np.nan, distance_mean=np.nan,
-                   same_person=False)
+    row.update(likeness(embedder, vector, references))
     row["embedder"] = embedder.name
     # Quality of the face is what a headshot is judged on; with no face, of the whole image.
     region = face_region(image, face) if face is not None else None

@@ -8,6 +8,7 @@ embedder's distance maps onto the same 0-1 likeness (its threshold at 0.5).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -190,16 +191,30 @@ EMBEDDERS: dict[str, type[FaceEmbedder]] = {
     "arcface": ArcFaceEmbedder,
     "facenet": FaceNetEmbedder,
 }
-
-
+# embedder="auto" takes the first of these that loads: ArcFace or FaceNet where installed
+# (Colab), dlib everywhere else.
+AUTO_ORDER = ("arcface", "facenet", "dlib")
 _LOADED_EMBEDDERS: dict[tuple, FaceEmbedder] = {}
 
 
-def get_embedder(cfg: EvaluateConfig | None = None) -> FaceEmbedder:
-    """The embedder `cfg.embedder` names, loaded once per session (ArcFace takes seconds)."""
+def get_embedder(cfg: EvaluateConfig | None = None, avoid: str | None = None) -> FaceEmbedder:
+    """The embedder `cfg.embedder` names, loaded once per session (ArcFace takes seconds).
+
+    "auto": the first of AUTO_ORDER that loads, passing over the network named `avoid` (the
+    one that chose a LoRA's checkpoint, say) while another one loads: a likeness chosen by one
+    network and reported by the same one is flattered (PuLID scores identity with a network
+    it did not optimise against for this reason)."""
     cfg = cfg or EvaluateConfig()
+    if cfg.embedder == "auto":
+        order = sorted(AUTO_ORDER, key=lambda n: EMBEDDERS[n].name == avoid)
+        for name in order:
+            try:
+                return get_embedder(dataclasses.replace(cfg, embedder=name))
+            except EmbedderUnavailable:
+                continue
     if cfg.embedder not in EMBEDDERS:
-        raise ConfigError(f"embedder is {cfg.embedder!r}; choose one of {', '.join(EMBEDDERS)}.")
+        raise ConfigError(f"embedder is {cfg.embedder!r}; choose one of auto, "
+                          f"{', '.join(EMBEDDERS)}.")
     key = (cfg.embedder, cfg.detect_upsample, cfg.detect_max_side, cfg.device)
     if key not in _LOADED_EMBEDDERS:
         _LOADED_EMBEDDERS[key] = EMBEDDERS[cfg.embedder](cfg)
@@ -216,6 +231,39 @@ def embed_photo(embedder: FaceEmbedder, path: Path) -> list[tuple[faces.Face, np
     if key not in _REFERENCE_CACHE:
         _REFERENCE_CACHE[key] = embedder.embed(load_image(path))
     return _REFERENCE_CACHE[key]
+
+
+def reference_vectors(embedder: FaceEmbedder, paths: Sequence[Path]
+                      ) -> tuple[np.ndarray, list[str]]:
+    """The identity vector of the largest face in each reference photo (n x d), and the names
+    of the photos without a face. NoFaceError when none has one."""
+    vectors, skipped = [], []
+    for path in paths:
+        found = embed_photo(embedder, Path(path))
+        if found:
+            vectors.append(found[0][1])
+        else:
+            skipped.append(Path(path).name)
+    if not vectors:
+        raise NoFaceError(f"No face was found in any of the {len(paths)} reference photos "
+                          f"({Path(paths[0]).parent}); give clear, frontal photos of the "
+                          "person, e.g. the prepare stage's images/ folder.")
+    return np.array(vectors), skipped
+
+
+def likeness(embedder: FaceEmbedder, vector: np.ndarray | None, references: np.ndarray
+             ) -> dict[str, float | bool]:
+    """How much one face (its identity vector; None: no face) looks like the references:
+    `likeness` (0-1, the mean over the reference photos, the embedder's same-person
+    threshold at 0.5), `likeness_best`, `distance_mean` and `same_person`."""
+    if vector is None:
+        return {"likeness": np.nan, "likeness_best": np.nan, "distance_mean": np.nan,
+                "same_person": False}
+    distances = embedder.distances(vector[None, :], references)[0]
+    similar = embedder.to_similarity(distances)
+    return {"likeness": float(similar.mean()), "likeness_best": float(similar.max()),
+            "distance_mean": float(distances.mean()),
+            "same_person": bool(distances.mean() < embedder.threshold)}
 
 
 # ---------------------------------------------------------------------------------------------

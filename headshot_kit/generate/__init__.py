@@ -31,7 +31,7 @@ from PIL import Image
 from ..config import GenerateConfig, save_config
 from ..families import get_family
 from ..images import image_grid
-from ..lora import lora_weights
+from ..lora import BEST_DIR, lora_weights
 from ..storage import atomic_dir, atomic_path, copy_ranked, safetensors_digest
 from .compare import (AXES, ComparePlan, base_vs_lora_grid, compare_grid, default_axis_values,
                       parse_axis_values, plan_compare, render_plan)
@@ -86,6 +86,7 @@ def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
     kept = _unchanged(out_dir, digest, shots)
     todo = [s for s in shots if _file(s) not in kept]
     print(f"{len(shots)} images ({len(names)} styles x {len(cfg.seeds)} seeds)"
+          + _weights_used(lora_dir, cfg)
           + (f"; {len(kept)} unchanged since the last run are kept, with their stars"
              if kept else "") + f"; {len(todo)} to render, {t4_estimate(cfg, len(todo))}.")
     if todo and pipe is None:
@@ -115,6 +116,19 @@ def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
         save_config(cfg, tmp / "config.json", lora_sha256=digest,
                     lora_dir=str(lora_dir.resolve()) if lora_dir else None)
     return GenerateResult(out_dir=out_dir, manifest=manifest, images=images, grid=grid)
+
+
+def _weights_used(lora_dir: Path | None, cfg: GenerateConfig) -> str:
+    """Which of the LoRA's weights render the pack, as a clause of the summary line."""
+    if lora_dir is None:
+        return " with the base model"
+    if lora_dir.name == BEST_DIR and (lora_dir / "config.json").is_file():
+        chosen = json.loads((lora_dir / "config.json").read_text())
+        return (f" with the LoRA's most alike checkpoint (step {chosen.get('step')}, likeness "
+                f"{chosen.get('likeness')})")
+    if cfg.lora_checkpoint == "best":
+        return " with the LoRA's last weights (training chose no checkpoint by likeness)"
+    return " with the LoRA's last weights"
 
 
 def t4_estimate(cfg: GenerateConfig, n_images: int) -> str:

@@ -22,7 +22,7 @@ from PIL import Image, PngImagePlugin
 from ..config import (DEFAULT_CLASS, DEFAULT_TOKEN, ConfigError, GenerateConfig, agree,
                       validate_generate)
 from ..families import get_family
-from ..lora import LORA_WEIGHTS, lora_weights
+from ..lora import LORA_WEIGHTS, lora_weights, pick_checkpoint
 from ..storage import atomic_path
 from .styles import Style
 
@@ -163,11 +163,14 @@ def make_scheduler(name: str, base_config: Mapping[str, Any]):
 
 
 def check_lora(lora_dir: str | Path | None, cfg: GenerateConfig) -> Path | None:
-    """Reject a missing LoRA, or one trained for another model family or another base model
-    (unless `cfg.other_base_model` allows it), before any rendering."""
+    """The LoRA folder to render with (its best/ checkpoint when `cfg.lora_checkpoint` says
+    so and training chose one); a missing LoRA, or one trained for another model family or
+    another base model (unless `cfg.other_base_model` allows it), is refused before any
+    rendering."""
     if lora_dir is None:
         return None
     lora_weights(lora_dir)
+    lora_dir = pick_checkpoint(lora_dir, cfg.lora_checkpoint)
     trained = Path(lora_dir) / "config.json"
     recorded = json.loads(trained.read_text()) if trained.is_file() else {}
     family, model = recorded.get("family"), recorded.get("model")

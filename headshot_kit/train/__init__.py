@@ -46,7 +46,7 @@ from ..config import (ConfigError, TrainConfig, config_hash, save_config, to_dic
 from ..families import Conditioning, get_family
 from ..fitcheck import check_before_training
 from ..images import image_grid
-from ..lora import add_lora, export_kohya, peft_state, save_lora
+from ..lora import BEST_DIR, add_lora, export_kohya, peft_state, save_lora
 from ..placement import training_placement
 from ..storage import atomic_dir, atomic_path
 from .card import usage_snippet, write_model_card
@@ -55,10 +55,15 @@ from .data import (TrainExample, dataset_subject, ensure_class_images, image_ten
                    load_dataset, with_dataset_subject)
 from .loss import diffusion_loss, encode_latents, fixed_batch_loss
 from .optimizers import make_optimizer, optimizer_state_dtypes
+from .selection import RULE, LikenessJudge, choose_best, step_score
 
 __all__ = ["Trainer", "TrainExample", "TrainResult", "TrainingDiverged", "dataset_subject",
            "fresh_accelerator", "latest_checkpoint", "list_checkpoints", "load_dataset",
            "optimizer_state_dtypes", "train_lora", "usage_snippet"]
+
+
+# metrics.csv: one row per step; likeness (of the validation images) on validation steps only.
+METRICS_COLUMNS = ("step", "loss", "lr", "skipped", "likeness")
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,11 +78,15 @@ class TrainResult:
     optimizer: str  # the optimizer that actually ran, e.g. "bitsandbytes AdamW8bit"
     seconds: float
     skipped_steps: int = 0
+    # The checkpoint chosen by likeness (its LoRA in out_dir/best/), when one was.
+    best_step: int | None = None
+    best_likeness: float | None = None
+    chosen_by: str = ""  # the face network that scored it
 
     def plot(self):
         from ..images import plot_loss
 
-        return plot_loss(self.metrics.dropna(subset=["loss"]),
+        return plot_loss(self.metrics.dropna(subset=["loss"]), best_step=self.best_step,
                          title=f"Training loss ({self.optimizer})")
 
 
@@ -115,6 +124,8 @@ class Trainer:
         self.progress, self.on_step, self.on_validation = progress, on_step, on_validation
         self.examples = load_dataset(self.data_dir)
         self.cfg = cfg = with_dataset_subject(cfg, self.data_dir)
+        # Before any model loads: a wrong embedder name fails at once, not after the loading.
+        self.judge = self._likeness_judge() if cfg.validate_every else None
         device = models.pick_device(cfg.device)
         if device.startswith("cuda"):
             # Refuse a plan that cannot fit before minutes of loading end in out-of-memory.
@@ -322,26 +333,23 @@ class Trainer:
     # -- validation ----------------------------------------------------------------------------
 
     def validate(self) -> Image.Image:
-        """Render the validation prompts at this step; grow the grid (steps x prompts)."""
+        """Render the validation prompts at this step, score them for likeness (keeping the
+        most alike checkpoint's LoRA in best/) and grow the grid (steps x prompts)."""
         cfg = self.cfg
         prompts = [p.format(subject=cfg.subject) for p in cfg.validation_prompts]
         self._train_mode(False)
         parked = self._parked()
         self._move(parked, str(self.device))
-        images = []
         try:
             # Under mixed precision the prepared UNet returns fp32 (accelerate wraps its
             # forward): autocast hands the half-precision VAE what it computes in, as diffusers'
             # DreamBooth scripts validate inside torch.autocast.
             with torch.no_grad(), self.accelerator.autocast():
-                for prompt in prompts:
-                    for seed in cfg.validation_seeds:
-                        images.append(self.pipe(
-                            prompt, num_inference_steps=cfg.validation_steps,
-                            height=cfg.resolution, width=cfg.resolution,
-                            generator=torch.Generator().manual_seed(seed)).images[0])
+                images = [self._render_validation(prompt, seed) for prompt in prompts
+                          for seed in cfg.validation_seeds]
         finally:
             self._move(parked, "cpu")
+        self._judge(images)
         self.validation_rows.append((self.step, images))
         # Label by what follows the subject words: every prompt starts the same way.
         columns = [f"{p.split(cfg.subject)[-1].strip(' ,')[:28]} s{s}" for p in prompts
@@ -356,6 +364,35 @@ class Trainer:
         if self.on_validation:
             self.on_validation(self, self.step, images, grid)
         return grid
+
+    def _render_validation(self, prompt: str, seed: int) -> Image.Image:
+        cfg = self.cfg
+        return self.pipe(prompt, num_inference_steps=cfg.validation_steps,
+                         height=cfg.resolution, width=cfg.resolution,
+                         generator=torch.Generator().manual_seed(seed)).images[0]
+
+    def _likeness_judge(self) -> LikenessJudge | None:
+        from ..evaluate import NoFaceError
+
+        try:
+            return LikenessJudge(self.cfg, [e.image for e in self.examples])
+        except NoFaceError as exc:
+            print(f"Validation images will not be scored for likeness: {exc}")
+            return None
+
+    def _judge(self, images: list[Image.Image]) -> None:
+        """Record this step's likeness in its metrics row and, when it is the best so far,
+        keep its LoRA in best/ (headshot_kit.train.selection states the rule)."""
+        if self.judge is None or not self.history or self.history[-1]["step"] != self.step:
+            return
+        record = self.history[-1]
+        record["likeness"] = step_score(self.judge.likeness(images))
+        best = choose_best(self.history)
+        if best is record:
+            with atomic_dir(self.out_dir / BEST_DIR) as tmp:
+                self._save_lora(tmp, checkpoint="best", step=self.step,
+                                likeness=round(record["likeness"], 4),
+                                chosen_by=self.judge.name, rule=RULE)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -445,27 +482,44 @@ class Trainer:
         return self.save(time.perf_counter() - start)
 
     def save_metrics(self) -> pd.DataFrame:
-        metrics = pd.DataFrame(self.history, columns=["step", "loss", "lr", "skipped"])
+        metrics = pd.DataFrame(self.history, columns=list(METRICS_COLUMNS))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.out_dir / "metrics.csv") as tmp:
             metrics.to_csv(tmp, index=False)
         return metrics
 
-    def save(self, seconds: float = 0.0) -> TrainResult:
-        out = self.out_dir
-        lora_path = save_lora(out, self.cfg.family,
+    def _save_lora(self, folder: Path, **record) -> Path:
+        """The LoRA as it stands (diffusers and kohya files) and its config.json, in `folder`."""
+        lora_path = save_lora(folder, self.cfg.family,
                               {name: getattr(self.pipe, name) for name in self._lora_modules()})
         export_kohya(lora_path, self.cfg.rank, self.cfg.lora_alpha,
                      single_text_encoder=len(self.family.text_encoders) == 1)
+        token, class_name = dataset_subject(self.data_dir)
+        save_config(self.cfg, folder / "config.json", data_dir=str(self.data_dir),
+                    token=token, class_name=class_name, optimizer_used=self.optimizer_name,
+                    trainable_parameters=self.n_trainable, n_images=len(self.examples),
+                    **record)
+        return lora_path
+
+    def save(self, seconds: float = 0.0) -> TrainResult:
+        out = self.out_dir
         metrics = self.save_metrics()
         skipped = int(metrics["skipped"].sum()) if len(metrics) else 0
-        token, class_name = dataset_subject(self.data_dir)
-        save_config(self.cfg, out / "config.json", data_dir=str(self.data_dir),
-                    token=token, class_name=class_name,
-                    optimizer_used=self.optimizer_name, trainable_parameters=self.n_trainable,
-                    n_images=len(self.examples), skipped_steps=skipped,
-                    seconds=round(seconds, 2))
-        result = TrainResult(out, lora_path, metrics, self.optimizer_name, seconds, skipped)
+        best = choose_best(self.history)
+        chosen = {}
+        if best is None:
+            # A best/ left by an earlier run in this folder does not belong to these weights.
+            shutil.rmtree(out / BEST_DIR, ignore_errors=True)
+        elif (out / BEST_DIR / "config.json").is_file():
+            kept = json.loads((out / BEST_DIR / "config.json").read_text())
+            chosen = {"best_step": kept["step"], "best_likeness": kept["likeness"],
+                      "checkpoint_chosen_by": kept["chosen_by"]}
+        lora_path = self._save_lora(out, checkpoint="last", step=self.step,
+                                    skipped_steps=skipped, seconds=round(seconds, 2), **chosen)
+        result = TrainResult(out, lora_path, metrics, self.optimizer_name, seconds, skipped,
+                             best_step=chosen.get("best_step"),
+                             best_likeness=chosen.get("best_likeness"),
+                             chosen_by=chosen.get("checkpoint_chosen_by", ""))
         if metrics["loss"].notna().any():
             import matplotlib.pyplot as plt
 

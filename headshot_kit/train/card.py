@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from .. import models
 from ..config import TrainConfig, to_dict
 from ..families import get_family
-from ..lora import KOHYA_WEIGHTS
+from ..lora import BEST_DIR, KOHYA_WEIGHTS, LORA_WEIGHTS
 from ..storage import atomic_write_text
 
 if TYPE_CHECKING:
@@ -56,9 +56,12 @@ Final loss (mean of the last 10 steps): {final.tail(10).mean():.4f}; skipped ste
 
 This LoRA was trained on photos of a real person: share it only with their consent.
 
+## Which weights
+{_checkpoints(cfg, result)}
+
 ## Use
 ```python
-{usage_snippet(cfg, out.name)}
+{usage_snippet(cfg, f"{out.name}/{BEST_DIR}" if result.best_step is not None else out.name)}
 ```
 `{KOHYA_WEIGHTS}` holds the same weights under kohya names for A1111 and ComfyUI.
 {samples}
@@ -68,3 +71,22 @@ This LoRA was trained on photos of a real person: share it only with their conse
 {rows}
 """
     return atomic_write_text(out / "README.md", text)
+
+
+def _checkpoints(cfg: TrainConfig, result: TrainResult) -> str:
+    """Which checkpoint the likeness scores chose, by which rule and network, or why none."""
+    from .selection import RULE
+
+    last = f"`{LORA_WEIGHTS}` holds the weights after the last step ({cfg.steps})."
+    if result.best_step is None:
+        why = ("validation was off (validate_every=0)" if not cfg.validate_every else
+               "no validation image showed a face")
+        return f"{last} No checkpoint was chosen by likeness: {why}."
+    scored = result.metrics.dropna(subset=["likeness"])
+    steps = ", ".join(f"{int(r.step)}: {r.likeness:.2f}" for r in scored.itertuples())
+    return (f"{last} `{BEST_DIR}/` holds the weights of step {result.best_step}, whose "
+            f"validation images looked most like the photos (likeness {result.best_likeness:.2f}"
+            f" by {result.chosen_by}); generate uses them unless lora_checkpoint='last'. The "
+            f"rule: {RULE}. Likeness per validation step: {steps}. The same network choosing "
+            "and scoring flatters the chosen step: score the headshots with another "
+            "(EvaluateConfig.embedder) where one is installed.")
