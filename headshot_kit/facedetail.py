@@ -8,12 +8,15 @@ it back and pastes it under a feathered mask. It is what ADetailer does for A111
 (github.com/Bing-su/adetailer) and what FaceChain and EasyPhoto do after their first render.
 
 Only pixels inside the padded face box can change; an image without a face comes back as it
-was, with a note saying so.
+was, with a note saying so. Its two settings (strength and padding) are GenerateConfig's
+`face_detail_*` fields and travel with each image's Shot; the values below are fixed.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -22,32 +25,28 @@ from PIL import Image
 from .faces import detect_faces
 
 DETECTOR_NAME = "dlib-hog"
+# Width of the blend at the crop's edge as a fraction of the crop side: no visible seam.
+FEATHER = 0.12
+# Faces smaller than this (px) are left alone: too small to matter in the final picture.
+MIN_FACE = 24
+# At most this many faces per image, largest first (a headshot has one).
+MAX_FACES = 4
+# Upsampling passes of the detector: generated faces are smaller than selfie faces.
+DETECT_UPSAMPLE = 1
 
-
-@dataclass
-class FaceDetailConfig:
-    # Denoising strength of the face re-render: ADetailer's default 0.4 keeps the face's pose
-    # and lighting and redraws its detail; from about 0.6 it drifts from the first render.
-    strength: float = 0.4
-    # Margin around dlib's face box (eyebrows to chin) as a fraction of its side, on each side,
-    # so forehead, hair line and chin are redrawn with the face.
-    padding: float = 0.35
-    # Width of the blend at the crop's edge as a fraction of the crop side: no visible seam.
-    feather: float = 0.12
-    # Faces smaller than this (px) are left alone: too small to matter in the final picture.
-    min_face: int = 24
-    # At most this many faces per image, largest first (a headshot has one).
-    max_faces: int = 4
-    # Upsampling passes of the detector: generated faces are smaller than selfie faces.
-    detect_upsample: int = 1
-    # Sampling steps of the face pass; img2img runs strength x steps of them.
-    steps: int = 30
+# The PNG "parameters" keys: A1111 ADetailer's infotext names where ours mean the same
+# (adetailer/args.py in Bing-su/adetailer); our own where its value is in other units (its
+# inpaint padding and mask blur are pixels, ours fractions of the face and of the crop).
+STRENGTH_KEY = "ADetailer denoising strength"
+PADDING_KEY = "Face detail padding"
+NOTE_KEY = "Face detail"
 
 
 @dataclass
 class FaceDetailResult:
     image: Image.Image
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # padded crops
+    # What the pass did, for the manifest: "" when it did not run.
     note: str = ""
 
 
@@ -72,50 +71,74 @@ def feather_mask(side: int, feather: float) -> Image.Image:
     return Image.fromarray(np.round(mask * 255).astype(np.uint8), mode="L")
 
 
-def image_to_image(pipe):
-    """The image-to-image pipeline over the same components (weights, LoRA, scheduler)."""
-    from diffusers import AutoPipelineForImage2Image
+# One image-to-image pipeline per text-to-image pipeline: building it is cheap, but a notebook
+# renders hundreds of images with the same pipeline.
+_IMG2IMG: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    img2img = AutoPipelineForImage2Image.from_pipe(pipe)
-    img2img.set_progress_bar_config(disable=True)
-    return img2img
+
+def image_to_image(pipe):
+    """The image-to-image pipeline over the same components (weights, LoRA), made once per
+    pipeline. Set its scheduler before each use: `pipe`'s is replaced per render, its is not."""
+    if pipe not in _IMG2IMG:
+        from diffusers import AutoPipelineForImage2Image
+
+        img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+        img2img.set_progress_bar_config(disable=True)
+        _IMG2IMG[pipe] = img2img
+    return _IMG2IMG[pipe]
+
+
+def pass_steps(steps: int, strength: float) -> int:
+    """The sampling steps to ask img2img for: `steps`, or more where strength x steps would
+    round down to no step at all (A1111 runs at least one; diffusers would raise)."""
+    total = steps
+    while int(total * strength) < 1:
+        total += 1
+    return total
 
 
 def detail_faces(image: Image.Image, img2img, prompt: str, *, seed: int, resolution: int,
-                 cfg: FaceDetailConfig | None = None, negative_prompt: str = "",
+                 steps: int, strength: float, padding: float, negative_prompt: str = "",
                  guidance: float = 7.0, extra: dict | None = None) -> FaceDetailResult:
-    """Re-render every face of `image` (see the module docstring); `extra` goes to the
+    """Re-render every face of `image` (see the module docstring) at denoising `strength`,
+    each crop grown by `padding` x the face's side on every side; `extra` goes to the
     pipeline as it is (e.g. SDXL's micro-conditioning)."""
-    cfg = cfg or FaceDetailConfig()
-    faces = [f for f in detect_faces(image, upsample=cfg.detect_upsample)
-             if min(f.width, f.height) >= cfg.min_face][: cfg.max_faces]
+    faces = [f for f in detect_faces(image, upsample=DETECT_UPSAMPLE)
+             if min(f.width, f.height) >= MIN_FACE][:MAX_FACES]
     if not faces:
-        return FaceDetailResult(image, note="face detail: no face found, image as rendered")
+        return FaceDetailResult(image, note="no face found: image as rendered")
     out = image.convert("RGB").copy()
     boxes = []
     for i, face in enumerate(faces):
-        box = padded_box(face.box, out.size, cfg.padding)
+        box = padded_box(face.box, out.size, padding)
         side = box[2] - box[0]
         crop = out.crop(box).resize((resolution, resolution), Image.Resampling.LANCZOS)
         redrawn = img2img(prompt=prompt, negative_prompt=negative_prompt or None, image=crop,
-                          strength=cfg.strength, num_inference_steps=cfg.steps,
+                          strength=strength, num_inference_steps=pass_steps(steps, strength),
                           guidance_scale=guidance,
                           generator=torch.Generator().manual_seed(seed + i),
                           **(extra or {})).images[0]
         redrawn = redrawn.resize((side, side), Image.Resampling.LANCZOS)
-        out.paste(redrawn, box[:2], feather_mask(side, cfg.feather))
+        out.paste(redrawn, box[:2], feather_mask(side, FEATHER))
         boxes.append(box)
-    return FaceDetailResult(out, boxes, note=f"face detail: {len(boxes)} face(s) redrawn")
+    return FaceDetailResult(out, boxes, note=f"{len(boxes)} face{'s' * (len(boxes) > 1)} "
+                                             "redrawn")
 
 
-def detail_parameters(cfg: FaceDetailConfig, result: FaceDetailResult) -> dict[str, str]:
-    """The pass's settings for the PNG `parameters` chunk: A1111 ADetailer's key names where
-    they mean the same (its padding and blur are pixels, ours fractions of the crop)."""
-    if not result.boxes:
-        return {"Face detail": "no face found"}
-    return {"ADetailer model": DETECTOR_NAME,
-            "ADetailer denoising strength": f"{cfg.strength:g}",
-            "ADetailer steps": str(cfg.steps),
-            "Face detail padding": f"{cfg.padding:g}",
-            "Face detail feather": f"{cfg.feather:g}",
-            "Face detail faces": str(len(result.boxes))}
+def detail_parameters(strength: float, padding: float, note: str) -> dict[str, str]:
+    """The pass's settings and note for the PNG "parameters" chunk; none when it is off (as
+    A1111 writes no ADetailer keys then)."""
+    if not strength:
+        return {}
+    return {"ADetailer model": DETECTOR_NAME, STRENGTH_KEY: f"{strength:g}",
+            "ADetailer mask only top k largest": str(MAX_FACES),
+            PADDING_KEY: f"{padding:g}", "Face detail feather": f"{FEATHER:g}", NOTE_KEY: note}
+
+
+def read_detail_parameters(params: Mapping[str, str],
+                           default_padding: float) -> tuple[float, float, str]:
+    """(strength, padding, note) from the parsed "parameters" keys: (0, 0, "") without the
+    pass. A1111's own ADetailer names no padding of ours: `default_padding` stands in."""
+    strength = float(params.get(STRENGTH_KEY, 0.0))
+    padding = float(params.get(PADDING_KEY, default_padding)) if strength else 0.0
+    return strength, padding, params.get(NOTE_KEY, "") if strength else ""

@@ -86,6 +86,12 @@ class PromptStudio(_Panel):
                                         description="LoRA scale", disabled=lora_dir is None)
         self.scheduler = w.Dropdown(options=[(v.a1111, k) for k, v in SAMPLERS.items()],
                                     value=self.cfg.scheduler, description="Sampler")
+        # The face-detail pass: a second, full-resolution render of each face.
+        self.face_detail = w.Checkbox(value=self.cfg.face_detail, description="Face detail",
+                                      tooltip="Redraw each face at the model's resolution")
+        self.face_detail_strength = w.FloatSlider(
+            value=self.cfg.face_detail_strength, min=0.0, max=1.0, step=0.05,
+            description="Face strength", disabled=not self.cfg.face_detail)
         self.generate_button = w.Button(description="Generate", icon="play",
                                         button_style="primary")
         self.progress = w.IntProgress(value=0, min=0, max=1)
@@ -95,9 +101,13 @@ class PromptStudio(_Panel):
             self.style, self.prompt, self.negative,
             w.HBox([self.seed, self.dice, self.count]),
             w.HBox([self.steps, self.guidance]), w.HBox([self.lora_scale, self.scheduler]),
+            w.HBox([self.face_detail, self.face_detail_strength]),
             w.HBox([self.generate_button, self.progress, self.status]), self.output])
         self.style.observe(lambda change: self.apply_style(change["new"]), names="value")
         self.dice.on_click(lambda _: self.roll_dice())
+        self.face_detail.observe(
+            lambda change: setattr(self.face_detail_strength, "disabled", not change["new"]),
+            names="value")
         self.generate_button.on_click(self._on_generate)
         self.apply_style(first)
 
@@ -119,7 +129,9 @@ class PromptStudio(_Panel):
                           self.lora_dir, prompt=self.prompt.value,
                           negative_prompt=self.negative.value, steps=self.steps.value,
                           guidance=self.guidance.value, scheduler=self.scheduler.value,
-                          lora_scale=self.lora_scale.value if self.lora_dir else 0.0)
+                          lora_scale=self.lora_scale.value if self.lora_dir else 0.0,
+                          face_detail_strength=self.face_detail_strength.value
+                          if self.face_detail.value else 0.0)
                 for i in range(self.count.value)]
 
     def generate(self) -> list[Image.Image]:
@@ -171,12 +183,15 @@ class ComparePanel(_Panel):
         self.lora_dirs = lora_dir_or_dirs
         self.pipe = pipe
         self.plan: ComparePlan | None = None
+        # The last grid and its cells, in the plan's order.
+        self.images: list[Image.Image] = []
         self.grid: Image.Image | None = None
         several = isinstance(lora_dir_or_dirs, (list, tuple)) and len(lora_dir_or_dirs) > 1
         self.x_axis = w.Dropdown(options=AXES, value="seed", description="X axis")
         self.y_axis = w.Dropdown(options=AXES, description="Y axis",
                                  value="checkpoint" if several else "lora_scale")
-        hint = "comma separated; prompts one per line; 'base' = no LoRA"
+        hint = ("comma separated; prompts one per line; 'base' = no LoRA; face_detail: "
+                "strengths, 'off' or 'on'")
         self.x_values = w.Textarea(description="X values", placeholder=hint, rows=2,
                                    layout=w.Layout(width="95%"))
         self.y_values = w.Textarea(description="Y values", placeholder=hint, rows=2,
@@ -199,6 +214,8 @@ class ComparePanel(_Panel):
         values = default_axis_values(axis, self.cfg, dirs)
         if axis == "checkpoint":
             values = ["base" if v is None else str(v) for v in values]
+        if axis == "face_detail":
+            values = [v if v else "off" for v in values]
         box.value = ("\n" if axis == "prompt" else ", ").join(str(v) for v in values)
 
     def render(self) -> Image.Image:
@@ -209,11 +226,11 @@ class ComparePanel(_Panel):
         if self.pipe is None:
             self.pipe = load_generate_pipeline(self.cfg)
         self.progress.max, self.progress.value = len(self.plan.shots), 0
-        images = []
+        self.images = []
         for shot in self.plan.shots:
-            images.append(render(shot, self.pipe))
-            self.progress.value = len(images)
-        self.grid = self.plan.grid(images)
+            self.images.append(render(shot, self.pipe))
+            self.progress.value = len(self.images)
+        self.grid = self.plan.grid(self.images)
         with self.output:
             clear_output(wait=True)
             display(self.grid)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import make_lora
+from test_facedetail import photo_as_first_render, sample_render
 
 from headshot_kit import generate as gen
 from headshot_kit.evaluate import best_of
@@ -163,6 +164,12 @@ def test_bad_settings_fail_before_rendering(cfg, tmp_path, lora_dir):
         gen.generate_pack(tmp_path, tmp_path / "x", cfg)
     with pytest.raises(ConfigError, match="family"):
         gen.check_lora(lora_dir, dataclasses.replace(cfg, family="sdxl"))
+    for bad, named in (({"face_detail_strength": 0.0}, "redraws nothing"),
+                       ({"face_detail_strength": 1.5}, "from 0 \\(off\\) to 1"),
+                       ({"face_detail_padding": -0.1}, "face_detail_padding is -0.1")):
+        with pytest.raises(ConfigError, match=named):
+            gen.generate_pack(None, tmp_path / "x",
+                              dataclasses.replace(cfg, face_detail=True, **bad))
     assert not (tmp_path / "x").exists()
 
 
@@ -290,3 +297,131 @@ def test_t4_presets_plan_at_least_40_headshots_and_say_how_long(capsys):
         n = len(gen.check_generate(cfg, gen.load_styles())) * len(cfg.seeds)
         assert n >= 40, name
         assert "on a T4 GPU about" in gen.t4_estimate(cfg, n)
+        assert cfg.face_detail, f"{name}: a real model's faces get the face-detail pass"
+        assert "30 steps + 12 for the face pass each" in gen.t4_estimate(cfg, n)
+    assert not get_preset("tiny").generate.face_detail  # the tiny model draws no face
+    assert not gen.GenerateConfig().face_detail
+
+
+# ---------------------------------------------------------------------------------------------
+# The face-detail pass in the generate stage. The tiny model draws no face, so these tests make
+# a real photo every shot's first render (the pass itself runs as it would on a GPU).
+
+
+@pytest.fixture(scope="module")
+def photo(samples):
+    return sample_render(samples)
+
+
+@pytest.fixture
+def detail_cfg(cfg):
+    return dataclasses.replace(cfg, face_detail=True, styles=["corporate"])
+
+
+def test_the_face_detail_pass_reaches_the_manifest_the_png_and_regenerate(
+        pipe, lora_dir, detail_cfg, photo, monkeypatch, tmp_path):
+    photo_as_first_render(monkeypatch, photo)
+    pack = gen.generate_pack(lora_dir, tmp_path / "pack", detail_cfg, pipe=pipe,
+                             progress=False)
+    row = pack.manifest.iloc[1]
+    assert (row["face_detail_strength"], row["face_detail_padding"]) == (0.4, 0.35)
+    assert list(pack.manifest["face_detail_note"]) == ["1 face redrawn"] * 2
+    # The pass redrew the face of the first render; the two seeds redrew it differently.
+    assert np.abs(pixels(pack.images[1]) - pixels(photo)).mean() > 1
+    assert (pixels(pack.images[0]) != pixels(pack.images[1])).any()
+    png = pack.out_dir / row["file"]
+    assert (pixels(gen.Image.open(png)) == pixels(pack.images[1])).all()
+    line = gen.Image.open(png).info["parameters"].split("\n")[-1]
+    assert line.endswith("Lora: lora, Lora scale: 1.0, ADetailer model: dlib-hog, "
+                         "ADetailer denoising strength: 0.4, ADetailer mask only top k largest: "
+                         "4, Face detail padding: 0.35, Face detail feather: 0.12, "
+                         "Face detail: 1 face redrawn")
+    params = gen.read_parameters(png)
+    assert params == {k: row[k] for k in params}
+    # The manifest row, or the PNG alone, gives the final image back; an image with another
+    # sampler rendered in between must not leak into the pass.
+    other = gen.render(dataclasses.replace(gen.shot_from_row(row, lora_dir),
+                                           scheduler="euler-a"), pipe)
+    assert (pixels(other) != pixels(pack.images[1])).any()
+    assert (pixels(gen.regenerate(row, lora_dir, pipe=pipe)) == pixels(pack.images[1])).all()
+    assert (pixels(gen.regenerate(params, lora_dir, pipe=pipe)) == pixels(pack.images[1])).all()
+    # The pass draws with the LoRA at the shot's scale.
+    unscaled = gen.render(dataclasses.replace(gen.shot_from_row(row, lora_dir), lora_scale=0.0),
+                          pipe)
+    assert (pixels(unscaled) != pixels(pack.images[1])).any()
+
+
+def test_the_tiny_models_own_renders_have_no_face_and_the_manifest_says_so(
+        pipe, detail_cfg, tmp_path):
+    pack = gen.generate_pack(None, tmp_path / "pack", dataclasses.replace(detail_cfg, seeds=[0]),
+                             pipe=pipe, progress=False)
+    row = pack.manifest.iloc[0]
+    assert row["face_detail_note"] == "no face found: image as rendered"
+    assert row["face_detail_strength"] == 0.4
+    assert gen.read_parameters(pack.out_dir / row["file"])["face_detail_note"] == row[
+        "face_detail_note"]
+    plain = gen.render(dataclasses.replace(gen.shot_from_row(row, None),
+                                           face_detail_strength=0.0), pipe)
+    assert (pixels(plain) == pixels(pack.images[0])).all()
+
+
+def test_switching_the_face_pass_re_renders_and_keeps_unchanged_images(
+        pipe, cfg, tmp_path, monkeypatch):
+    out, rendered = tmp_path / "pack", []
+    real_render = gen.render_batch
+    monkeypatch.setattr(gen, "render_batch",
+                        lambda shots, pipe: rendered.extend(shots) or real_render(shots, pipe))
+
+    def run(**changes):
+        rendered.clear()
+        result = gen.generate_pack(None, out, dataclasses.replace(cfg, styles=["corporate"],
+                                                                  **changes),
+                                   pipe=pipe, progress=False)
+        return sorted(s.seed for s in rendered), result.manifest.set_index("seed")
+
+    assert run()[0] == [0, 1]
+    gen.set_starred(out, "images/corporate_seed1.png")
+    # A padding with the pass off decides nothing: no image changes, the star stays.
+    seeds, manifest = run(face_detail_padding=0.5)
+    assert seeds == [] and manifest["starred"][1]
+    assert set(manifest["face_detail_note"]) == {""}
+    # Switched on: every image is new, and no star survives on a new picture.
+    seeds, manifest = run(face_detail=True)
+    assert seeds == [0, 1] and not manifest["starred"].any()
+    gen.set_starred(out, "images/corporate_seed0.png")
+    # One more seed with the pass still on: only it renders; the rest keep star and note.
+    seeds, manifest = run(face_detail=True, seeds=[0, 1, 2])
+    assert seeds == [2] and list(manifest["starred"]) == [True, False, False]
+    assert set(manifest["face_detail_note"]) == {"no face found: image as rendered"}
+    # Switched off again: rendered again.
+    assert run()[0] == [0, 1]
+
+
+def test_compare_grid_over_the_face_detail_axis(pipe, lora_dir, cfg, photo, monkeypatch):
+    photo_as_first_render(monkeypatch, photo)
+    plan = gen.plan_compare(lora_dir, "face_detail", ["off", "on", "1"], "seed", [0], cfg)
+    assert plan.col_labels == ["face detail off", "face detail 0.4", "face detail 1"]
+    assert [(s.face_detail_strength, s.face_detail_padding) for s in plan.shots] == [
+        (0.0, 0.0), (0.4, 0.35), (1.0, 0.35)]
+    assert "face detail" not in plan.title
+    singles = [gen.render(shot, pipe) for shot in plan.shots]
+    assert (pixels(singles[0]) == pixels(photo)).all()  # off: the first render as it was
+    assert (pixels(singles[1]) != pixels(photo)).any()
+    assert (pixels(singles[1]) != pixels(singles[2])).any()
+    grid = gen.render_plan(plan, pipe, progress=False)
+    assert (pixels(grid) == pixels(plan.grid(singles))).all()
+    # With the pass on in cfg, other grids name it in their title.
+    on = gen.plan_compare(lora_dir, "seed", [0], "steps", [3], dataclasses.replace(
+        cfg, face_detail=True))
+    assert on.title.endswith("face detail 0.4")
+    for bad in ("1.5", "x"):
+        with pytest.raises(ConfigError, match="face_detail value"):
+            gen.plan_compare(lora_dir, "face_detail", [bad], "seed", [0], cfg)
+
+
+def test_a_sweep_grid_switches_the_face_pass_on_and_off():
+    from headshot_kit.sweep import parse_grid, plan_runs
+
+    runs = plan_runs("tiny", parse_grid(["face_detail=true,false"]))
+    assert [r[0] for r in runs] == ["face_detail=True", "face_detail=False"]
+    assert [r[2].generate.face_detail for r in runs] == [True, False]

@@ -9,13 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from test_facedetail import photo_as_first_render, sample_render
 
 from headshot_kit import generate as gen
 from headshot_kit.config import get_preset
 from headshot_kit.images import image_grid
 from headshot_kit.widgets import ComparePanel, Gallery, PromptStudio, enable_colab_widgets
-
-
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +76,42 @@ def test_compare_panel_renders_the_chosen_axes(pipe, lora_dir, cfg):
     assert panel.grid.size == image_grid(blank, 3, 2, row_labels=panel.plan.row_labels,
                                          col_labels=panel.plan.col_labels,
                                          title=panel.plan.title).size
+
+
+def test_prompt_studio_face_detail_switch_changes_what_it_renders(pipe, lora_dir, cfg, samples,
+                                                                  monkeypatch):
+    photo = sample_render(samples)
+    photo_as_first_render(monkeypatch, photo)  # the tiny model draws no face to redraw
+    studio = PromptStudio(lora_dir, cfg, pipe=pipe)
+    studio.count.value = 1
+    assert not studio.face_detail.value and studio.face_detail_strength.disabled
+    assert [s.face_detail_strength for s in studio.shots()] == [0.0]
+    assert (np.asarray(studio.generate()[0]) == np.asarray(photo)).all()
+    studio.face_detail.value = True
+    assert not studio.face_detail_strength.disabled
+    # 2 steps x 0.3 rounds down to no img2img step; the pass still runs one.
+    studio.face_detail_strength.value = 0.3
+    (shot,) = studio.shots()
+    assert (shot.face_detail_strength, shot.face_detail_padding) == (0.3, 0.35)
+    redrawn = studio.generate()[0]
+    assert (np.asarray(redrawn) != np.asarray(photo)).any()
+    assert (np.asarray(redrawn) == np.asarray(gen.render(shot, pipe))).all()
+
+
+def test_compare_panel_over_the_face_detail_axis(pipe, lora_dir, cfg, samples, monkeypatch):
+    photo = sample_render(samples)
+    photo_as_first_render(monkeypatch, photo)
+    panel = ComparePanel(lora_dir, cfg, pipe=pipe)
+    panel.x_axis.value = "face_detail"
+    assert panel.x_values.value == "off, 0.4"
+    panel.y_axis.value, panel.y_values.value = "seed", "0"
+    panel.render_button.click()
+    assert panel.plan.col_labels == ["face detail off", "face detail 0.4"]
+    # Each cell is the picture its shot gives alone; off is the first render untouched.
+    for shot, image in zip(panel.plan.shots, panel.images, strict=True):
+        assert (np.asarray(gen.render(shot, pipe)) == np.asarray(image)).all()
+    assert (np.asarray(panel.images[0]) == np.asarray(photo)).all()
+    assert (np.asarray(panel.images[1]) != np.asarray(photo)).any()
 
 
 def test_a_typo_in_the_compare_values_is_one_line_in_the_panel(pipe, lora_dir, cfg):

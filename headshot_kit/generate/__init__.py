@@ -10,8 +10,11 @@
 
 Every image is a pure function of its settings (a `Shot`): the noise comes from a CPU
 `torch.Generator` seeded for that image alone, so `regenerate` gives the same picture back from
-a manifest row. Re-run into the same folder, unchanged images keep their stars, and the user's
-favourites/ and best/ stay.
+a manifest row. With `face_detail` on, each image gets a second pass over its faces
+(facedetail.py); its strength and padding are part of the Shot, and the manifest's
+`face_detail_note` says what it did ("1 face redrawn", "no face found: image as rendered").
+Re-run into the same folder, unchanged images keep their stars, and the user's favourites/ and
+best/ stay.
 
 The parts: `styles` (the prompt library), `shots` (one image: its settings, the sampler, the
 LoRA, rendering, the PNG's parameters) and `compare` (X/Y grids over any two settings).
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -29,21 +32,22 @@ import pandas as pd
 from PIL import Image
 
 from ..config import GenerateConfig, save_config
+from ..facedetail import pass_steps
 from ..families import get_family
 from ..images import image_grid
 from ..lora import BEST_DIR, lora_weights
 from ..storage import atomic_dir, atomic_path, copy_ranked, safetensors_digest
 from .compare import (AXES, ComparePlan, base_vs_lora_grid, compare_grid, default_axis_values,
                       parse_axis_values, plan_compare, render_plan)
-from .shots import (SAMPLERS, Shot, check_generate, check_lora, describe_shot,
-                    load_generate_pipeline, make_scheduler, make_shot, pick_batch_size,
-                    read_parameters, render, render_batch, save_png, shot_from_row, use_lora,
-                    with_lora_subject)
+from .shots import (SAMPLERS, Shot, cell_text, check_generate, check_lora, describe_shot,
+                    detail_shot, first_render, load_generate_pipeline, make_scheduler,
+                    make_shot, pick_batch_size, read_parameters, render, render_batch, save_png,
+                    shot_from_row, use_lora, with_lora_subject)
 from .styles import Style, StyleError, load_styles
 
-__all__ = ["AXES", "MANIFEST_COLUMNS", "SAMPLERS", "ComparePlan", "GenerateResult", "Shot",
-           "Style", "StyleError", "base_vs_lora_grid", "check_generate", "check_lora",
-           "compare_grid", "default_axis_values", "describe_shot", "export_starred",
+__all__ = ["AXES", "MANIFEST_COLUMNS", "SAMPLERS", "ComparePlan", "GenerateResult", "Shot", "Style",
+           "StyleError", "base_vs_lora_grid", "check_generate", "check_lora", "compare_grid",
+           "default_axis_values", "describe_shot", "detail_shot", "export_starred", "first_render",
            "generate_pack", "load_generate_pipeline", "load_manifest", "load_styles",
            "make_scheduler", "make_shot", "parse_axis_values", "pick_batch_size", "plan_compare",
            "read_parameters", "regenerate", "render", "render_batch", "render_plan", "save_png",
@@ -52,7 +56,7 @@ __all__ = ["AXES", "MANIFEST_COLUMNS", "SAMPLERS", "ComparePlan", "GenerateResul
 
 MANIFEST_COLUMNS = ["file", "style", "seed", "prompt", "negative_prompt", "steps", "guidance",
                     "scheduler", "lora_scale", "width", "height", "model", "family", "lora",
-                    "starred"]
+                    "face_detail_strength", "face_detail_padding", "face_detail_note", "starred"]
 
 
 @dataclass
@@ -91,21 +95,24 @@ def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
              if kept else "") + f"; {len(todo)} to render, {t4_estimate(cfg, len(todo))}.")
     if todo and pipe is None:
         pipe = load_generate_pipeline(cfg)
-    made: dict[str, tuple[Image.Image, bool]] = {}
+    # Each image with its face-detail note and its star.
+    made: dict[str, tuple[Image.Image, str, bool]] = {}
     with atomic_dir(out_dir) as tmp, tqdm(total=len(todo), desc="generate",
                                           disable=not progress) as bar:
         _carry_over(out_dir, tmp, kept)
-        made.update({file: (_open(tmp / file), starred) for file, starred in kept.items()})
+        made.update({file: (_open(tmp / file), cell_text(row.get("face_detail_note")),
+                            bool(row["starred"])) for file, row in kept.items()})
         size = pick_batch_size(cfg, pipe) if todo else 1
         for name in names:  # one style's shots differ only in seed
             style_shots = [s for s in todo if s.style == name]
             for start in range(0, len(style_shots), size):
                 batch = style_shots[start:start + size]
-                for shot, image in zip(batch, render_batch(batch, pipe)):
-                    save_png(image, tmp / _file(shot), shot)
-                    made[_file(shot)] = (image, False)
+                for shot, done in zip(batch, render_batch(batch, pipe)):
+                    save_png(done.image, tmp / _file(shot), shot, done.note)
+                    made[_file(shot)] = (done.image, done.note, False)
                 bar.update(len(batch))
-        rows = [{"file": _file(s), **s.row(), "starred": made[_file(s)][1]} for s in shots]
+        rows = [{"file": _file(s), **s.row(), "face_detail_note": made[_file(s)][1],
+                 "starred": made[_file(s)][2]} for s in shots]
         images = [made[_file(s)][0] for s in shots]
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         manifest.to_csv(tmp / "manifest.csv", index=False)
@@ -133,14 +140,20 @@ def _weights_used(lora_dir: Path | None, cfg: GenerateConfig) -> str:
 
 def t4_estimate(cfg: GenerateConfig, n_images: int) -> str:
     """About how long `n_images` take on a free Colab T4, as a sentence (the family's stated
-    seconds per step and per decode at its native size, scaled by the pixel count)."""
+    seconds per step and per decode at its native size, scaled by the pixel count). The
+    face-detail pass adds, for the one face of a headshot, its img2img steps at full size and
+    a second decode (its encode is counted as one more)."""
     family = get_family(cfg.family)
     per_step, decode = family.t4_seconds
     scale = (cfg.resolution / family.native_resolution) ** 2
-    seconds = n_images * (cfg.steps * per_step + decode) * scale
+    steps, decodes, detail = cfg.steps, 1, ""
+    if cfg.face_detail:
+        extra = int(pass_steps(cfg.steps, cfg.face_detail_strength) * cfg.face_detail_strength)
+        steps, decodes, detail = steps + extra, 3, f" + {extra} for the face pass"
+    seconds = n_images * (steps * per_step + decodes * decode) * scale
     when = "under a minute" if seconds < 60 else f"about {seconds / 60:.0f} min"
-    return (f"on a T4 GPU {when} ({cfg.steps} steps each at {per_step * scale:.2g} s per step "
-            f"at {cfg.resolution} px: an estimate)")
+    return (f"on a T4 GPU {when} ({cfg.steps} steps{detail} each at {per_step * scale:.2g} s "
+            f"per step at {cfg.resolution} px: an estimate)")
 
 
 def weights_digest(lora_dir: Path | None) -> str:
@@ -159,9 +172,10 @@ def _open(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def _unchanged(out_dir: Path, digest: str, shots: Sequence[Shot]) -> dict[str, bool]:
+def _unchanged(out_dir: Path, digest: str,
+               shots: Sequence[Shot]) -> dict[str, Mapping[str, Any]]:
     """The images of the pack already in `out_dir` that the same LoRA weights and settings
-    made: their files and whether each is starred."""
+    made: their files and manifest rows (the star, the face-detail note)."""
     try:
         config = json.loads((out_dir / "config.json").read_text())
         manifest = load_manifest(out_dir)
@@ -169,17 +183,20 @@ def _unchanged(out_dir: Path, digest: str, shots: Sequence[Shot]) -> dict[str, b
         return {}
     if config.get("lora_sha256") != digest:
         return {}
-    old = {row["file"]: row for row in manifest.to_dict("records")}
+    # A manifest from before a Shot field existed made its images with the field's default
+    # (before the face-detail pass: no pass).
+    defaults = {f.name: f.default for f in fields(Shot) if f.default is not MISSING}
+    old = {row["file"]: {**defaults, **row} for row in manifest.to_dict("records")}
     kept = {}
     for shot in shots:
         row = old.get(_file(shot))
         if row and (out_dir / _file(shot)).is_file() and all(
                 str(row.get(k)) == str(v) for k, v in shot.row().items()):
-            kept[_file(shot)] = bool(row["starred"])
+            kept[_file(shot)] = row
     return kept
 
 
-def _carry_over(out_dir: Path, tmp: Path, kept: Mapping[str, bool]) -> None:
+def _carry_over(out_dir: Path, tmp: Path, kept: Mapping[str, Any]) -> None:
     """Copy the kept images and the user's picks (favourites/, best/) into the new pack."""
     for file in kept:
         (tmp / file).parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +208,8 @@ def _carry_over(out_dir: Path, tmp: Path, kept: Mapping[str, bool]) -> None:
 
 def regenerate(manifest_row: Mapping[str, Any], lora_dir: str | Path | None,
                pipe=None) -> Image.Image:
-    """The image a manifest row describes, rendered again (pixel-equal on the same device)."""
+    """The image a manifest row (or a PNG's `read_parameters`) describes, rendered again with
+    its face-detail pass (pixel-equal on the same device)."""
     shot = shot_from_row(manifest_row, lora_dir)
     if pipe is None:
         pipe = load_generate_pipeline(GenerateConfig(model=shot.model, family=shot.family))

@@ -1,5 +1,6 @@
 """X/Y comparison grids: any two settings on the axes, the others held fixed and named in the
-title (a base-vs-LoRA grid is the "checkpoint" axis against seeds)."""
+title (a base-vs-LoRA grid is the "checkpoint" axis against seeds; a "face_detail" axis shows
+what the face-detail pass does, its values strengths with 0 or "off" for no pass)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ from PIL import Image
 from ..config import ConfigError, GenerateConfig
 from ..images import image_grid
 from ..lora import lora_weights
-from .shots import (SAMPLERS, Shot, check_generate, check_lora, describe_shot,
-                    load_generate_pipeline, make_shot, render, with_lora_subject)
+from .shots import (SAMPLERS, Shot, check_face_detail_strength, check_generate, check_lora,
+                    describe_shot, face_detail_label, load_generate_pipeline, make_shot, render,
+                    with_lora_subject)
 from .styles import Style, load_styles
 
 # The settings a compare grid can put on an axis.
-AXES = ("style", "seed", "lora_scale", "guidance", "steps", "scheduler", "checkpoint", "prompt")
+AXES = ("style", "seed", "lora_scale", "guidance", "steps", "scheduler", "checkpoint", "prompt",
+        "face_detail")
+# The Shot field each axis sets, where its name differs.
+_SHOT_FIELD = {"face_detail": "face_detail_strength"}
 
 
 @dataclass
@@ -55,6 +60,7 @@ def default_axis_values(axis: str, cfg: GenerateConfig,
         "steps": sorted({max(1, cfg.steps // 2), cfg.steps, cfg.steps * 2}),
         "scheduler": list(SAMPLERS), "checkpoint": [None, *lora_dirs],
         "prompt": [styles[n].prompt for n in names[:3]],
+        "face_detail": [0.0, cfg.face_detail_strength],
     }[axis]
 
 
@@ -63,15 +69,22 @@ def _check_axis(axis: str) -> None:
         raise ConfigError(f"Unknown axis {axis!r}; choose one of {', '.join(AXES)}.")
 
 
-def _axis_value(axis: str, value: Any, styles: Mapping[str, Style]) -> Any:
+def _axis_value(axis: str, value: Any, styles: Mapping[str, Style],
+                cfg: GenerateConfig) -> Any:
     """`value` converted to the axis's type (values may arrive as text from a widget)."""
+    if axis == "face_detail" and str(value).strip().lower() in ("off", "on"):
+        # "on" is the configured strength, whether cfg has the pass on or not.
+        value = cfg.face_detail_strength if str(value).strip().lower() == "on" else 0.0
     try:
         if axis in ("seed", "steps"):
             return int(value)
         if axis in ("lora_scale", "guidance"):
             return float(value)
+        if axis == "face_detail":
+            return check_face_detail_strength(float(value), "face_detail value")
     except ValueError:
-        raise ConfigError(f"{axis} value {value!r} is not a number.") from None
+        raise ConfigError(f"{axis} value {value!r} is not a number"
+                          + (" (nor 'off' or 'on')." if axis == "face_detail" else ".")) from None
     if axis == "style" and value not in styles:
         raise ConfigError(f"Unknown style {value!r}; available: {', '.join(styles)}.")
     if axis == "scheduler" and value not in SAMPLERS:
@@ -95,6 +108,8 @@ def _axis_labels(axis: str, values: Sequence[Any]) -> list[str]:
            "lora_scale": "LoRA scale {:g}"}
     if axis == "scheduler":
         return [SAMPLERS[v].a1111 for v in values]
+    if axis == "face_detail":
+        return [face_detail_label(v) for v in values]
     if axis == "prompt":
         return [v if len(v) <= 40 else v[:39] + "…" for v in values]
     return [fmt.get(axis, "{}").format(v) for v in values]
@@ -109,7 +124,9 @@ def plan_compare(lora_dir_or_dirs: str | Path | Sequence[str | Path | None] | No
     The fixed style is cfg.styles[0], the fixed seed cfg.seeds[0]. For the "checkpoint" axis the
     values are LoRA folders ("base" or None = the base model). Values left as None are
     `default_axis_values` (for "checkpoint": the base model, then `lora_dir_or_dirs`). The
-    "prompt" axis replaces the style's prompt (write {subject} where the person goes).
+    "prompt" axis replaces the style's prompt (write {subject} where the person goes). The
+    "face_detail" axis takes strengths (0 or "off" = no pass, "on" = cfg's strength) at cfg's
+    padding.
     """
     cfg = cfg or GenerateConfig()
     styles = load_styles(cfg.style_dirs)
@@ -131,7 +148,7 @@ def plan_compare(lora_dir_or_dirs: str | Path | Sequence[str | Path | None] | No
             values = default_axis_values(axis, cfg, lora_dirs)
         if not values:
             raise ConfigError(f"The {axis!r} axis has no values; give at least one.")
-        axis_values[axis] = [_axis_value(axis, v, styles) for v in values]
+        axis_values[axis] = [_axis_value(axis, v, styles, cfg) for v in values]
     cfg = with_lora_subject(cfg, next((d for d in lora_dirs if d is not None), None))
     fixed = {"style": (cfg.styles or list(styles))[0], "seed": cfg.seeds[0],
              "checkpoint": lora_dirs[0] if lora_dirs else None}
@@ -141,8 +158,9 @@ def plan_compare(lora_dir_or_dirs: str | Path | Sequence[str | Path | None] | No
     for y_value in axis_values[y]:
         for x_value in axis_values[x]:
             chosen = {**fixed, x: x_value, y: y_value}
-            overrides = {k: v for k, v in chosen.items()
-                         if k in ("steps", "guidance", "scheduler", "lora_scale", "prompt")}
+            overrides = {_SHOT_FIELD.get(k, k): v for k, v in chosen.items()
+                         if k in ("steps", "guidance", "scheduler", "lora_scale", "prompt",
+                                  "face_detail")}
             shots.append(make_shot(cfg, styles[chosen["style"]], chosen["seed"],
                                    chosen["checkpoint"], **overrides))
     # Describe a LoRA shot when there is one: a base-model row has no LoRA scale to show.

@@ -2,7 +2,9 @@
 
 The noise of every image comes from a CPU `torch.Generator` seeded for that image alone, so
 the same Shot gives the same picture on the same device, batched or not; each PNG carries its
-Shot in the AUTOMATIC1111 "parameters" text chunk, which `read_parameters` reads back.
+Shot in the AUTOMATIC1111 "parameters" text chunk, which `read_parameters` reads back. A Shot
+with a face-detail strength is rendered in two steps: the first render, then the face pass
+(facedetail.py) with the same prompt, seed, guidance, sampler and LoRA.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from PIL import Image, PngImagePlugin
 
 from ..config import (DEFAULT_CLASS, DEFAULT_TOKEN, ConfigError, GenerateConfig, agree,
                       validate_generate)
+from ..facedetail import (FaceDetailResult, detail_faces, detail_parameters, image_to_image,
+                          read_detail_parameters)
 from ..families import get_family
 from ..lora import LORA_WEIGHTS, lora_weights, pick_checkpoint
 from ..storage import atomic_path
@@ -65,18 +69,33 @@ class Shot:
     family: str = "sd15"
     # The LoRA folder; None = the base model.
     lora_dir: str | None = None
+    # Denoising strength of the face-detail pass; 0 = no pass.
+    face_detail_strength: float = 0.0
+    # Its margin around each face (a fraction of the face's side); 0 while the pass is off,
+    # so that a padding setting with the pass off changes no Shot.
+    face_detail_padding: float = 0.0
+
+    def __post_init__(self):
+        # Floats, as the manifest reads them back: an unchanged image is recognised by its row.
+        strength = float(self.face_detail_strength)
+        object.__setattr__(self, "face_detail_strength", strength)
+        object.__setattr__(self, "face_detail_padding",
+                           float(self.face_detail_padding) if strength else 0.0)
 
     @property
     def lora(self) -> str:
         return Path(self.lora_dir).name if self.lora_dir else ""
 
-    def parameters(self) -> str:
-        """The settings as AUTOMATIC1111 writes them, so other tools can read them too."""
+    def parameters(self, face_detail_note: str = "") -> str:
+        """The settings as AUTOMATIC1111 writes them, so other tools can read them too, with
+        what the face-detail pass did."""
         fields = {"Steps": self.steps, "Sampler": SAMPLERS[self.scheduler].a1111,
                   "CFG scale": self.guidance, "Seed": self.seed,
                   "Size": f"{self.width}x{self.height}", "Model": self.model}
         if self.lora_dir:
             fields.update({"Lora": self.lora, "Lora scale": self.lora_scale})
+        fields.update(detail_parameters(self.face_detail_strength, self.face_detail_padding,
+                                        face_detail_note))
         line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items())
         return f"{self.prompt}\nNegative prompt: {self.negative_prompt}\n{line}"
 
@@ -88,9 +107,10 @@ class Shot:
 
 def make_shot(cfg: GenerateConfig, style: Style, seed: int, lora_dir: str | Path | None,
               **overrides: Any) -> Shot:
-    """The Shot for `style` and `seed` under `cfg`; `overrides` set any Shot field directly."""
+    """The Shot for `style` and `seed` under `cfg`; `overrides` set any Shot field directly
+    (face_detail_strength=0.4 turns the pass on at cfg's padding even where cfg has it off)."""
     suggest = cfg.style_settings
-    shot = Shot(
+    settings = dict(
         style=style.name,
         prompt=style.prompt,
         negative_prompt=cfg.negative_prompt or style.negative_prompt,
@@ -100,8 +120,12 @@ def make_shot(cfg: GenerateConfig, style: Style, seed: int, lora_dir: str | Path
         # Without a LoRA the scale is recorded as 0, as the PNG (with no "Lora scale") reads back.
         scheduler=cfg.scheduler, lora_scale=float(cfg.lora_scale) if lora_dir else 0.0,
         width=cfg.resolution, height=cfg.resolution, model=cfg.model, family=cfg.family,
-        lora_dir=str(lora_dir) if lora_dir else None)
-    shot = replace(shot, **overrides)
+        lora_dir=str(lora_dir) if lora_dir else None,
+        face_detail_strength=float(cfg.face_detail_strength) if cfg.face_detail else 0.0,
+        face_detail_padding=float(cfg.face_detail_padding))
+    # One Shot from settings and overrides together: the padding drops to 0 only if the
+    # strength that ends up in the Shot is 0.
+    shot = Shot(**{**settings, **overrides})
     return replace(shot, prompt=fill_subject(shot.prompt, cfg))
 
 
@@ -140,7 +164,24 @@ def check_generate(cfg: GenerateConfig, styles: Mapping[str, Style]) -> list[str
         if len(set(values)) != len(values):
             raise ConfigError(f"{what} lists a value twice ({values}); each image needs its own "
                               "file name, so list each once.")
+    if cfg.face_detail:
+        check_face_detail_strength(cfg.face_detail_strength, "face_detail_strength")
+        if not cfg.face_detail_strength:
+            raise ConfigError("face_detail is on but face_detail_strength is 0, which redraws "
+                              "nothing; set a strength (0.4 is ADetailer's default) or "
+                              "face_detail=False.")
+    if cfg.face_detail_padding < 0:
+        raise ConfigError(f"face_detail_padding is {cfg.face_detail_padding}; use 0 or more "
+                          "(0.35 adds a third of the face on each side).")
     return names
+
+
+def check_face_detail_strength(strength: float, what: str) -> float:
+    """Refuse a face-detail strength outside 0-1 (an img2img denoising strength)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ConfigError(f"{what} is {strength:g}; use a denoising strength from 0 (off) to 1 "
+                          "(0.4 is ADetailer's default).")
+    return strength
 
 
 def make_scheduler(name: str, base_config: Mapping[str, Any]):
@@ -231,24 +272,34 @@ def save_decode_memory(pipe, family: str) -> None:
 
 def render(shot: Shot, pipe) -> Image.Image:
     """One image for `shot`: the same shot gives the same pixels on the same device."""
-    return render_batch([shot], pipe)[0]
+    return render_batch([shot], pipe)[0].image
 
 
-def render_batch(shots: Sequence[Shot], pipe) -> list[Image.Image]:
-    """Images for shots that differ only in seed, in one pipeline call.
+def render_batch(shots: Sequence[Shot], pipe) -> list[FaceDetailResult]:
+    """Images for shots that differ only in seed, in one pipeline call, then each through the
+    face-detail pass where its Shot asks for it; each with the pass's note.
 
     Each image draws its starting noise from its own seeded CPU generator, so batching changes
     no image's noise; on the CPU the pixels are the same as one at a time.
     """
-    import torch
-
     first = shots[0]
     if any(dataclasses.replace(s, seed=first.seed) != first for s in shots):
         raise ValueError("render_batch takes shots that differ only in their seed.")
+    # Set here, not in first_render: the face pass shares the pipeline's LoRA'd weights.
     use_lora(pipe, first.lora_dir, first.lora_scale)
     pipe.scheduler = make_scheduler(first.scheduler, pipe.scheduler.config)
     # Our own bars count images; diffusers' per-step bar would only add noise.
     pipe.set_progress_bar_config(disable=True)
+    images = first_render(shots, pipe)
+    return [detail_shot(shot, image, pipe) for shot, image in zip(shots, images)]
+
+
+def first_render(shots: Sequence[Shot], pipe) -> list[Image.Image]:
+    """The text-to-image call for `shots` (one style, several seeds) on a pipeline whose LoRA
+    and scheduler are already set."""
+    import torch
+
+    first = shots[0]
     generators = [torch.Generator("cpu").manual_seed(s.seed) for s in shots]
     with torch.inference_mode():
         result = pipe(prompt=[first.prompt] * len(shots),
@@ -256,6 +307,25 @@ def render_batch(shots: Sequence[Shot], pipe) -> list[Image.Image]:
                       num_inference_steps=first.steps, guidance_scale=first.guidance,
                       width=first.width, height=first.height, generator=generators)
     return result.images
+
+
+def detail_shot(shot: Shot, image: Image.Image, pipe) -> FaceDetailResult:
+    """`image` through the face-detail pass as `shot` sets it (unchanged, with no note, when
+    its strength is 0): image-to-image on `pipe`'s weights, with the shot's prompt, seed,
+    guidance, steps and sampler, at the model's resolution."""
+    import torch
+
+    if not shot.face_detail_strength:
+        return FaceDetailResult(image)
+    img2img = image_to_image(pipe)
+    # A fresh scheduler of the shot's kind: a used one carries state from its last run.
+    img2img.scheduler = make_scheduler(shot.scheduler, pipe.scheduler.config)
+    with torch.inference_mode():
+        return detail_faces(image, img2img, shot.prompt, seed=shot.seed,
+                            resolution=min(shot.width, shot.height), steps=shot.steps,
+                            strength=shot.face_detail_strength,
+                            padding=shot.face_detail_padding,
+                            negative_prompt=shot.negative_prompt, guidance=shot.guidance)
 
 
 def pick_batch_size(cfg: GenerateConfig, pipe) -> int:
@@ -276,10 +346,12 @@ def pick_batch_size(cfg: GenerateConfig, pipe) -> int:
     return int(max(1, min(8, free * 0.8 // per_image)))
 
 
-def save_png(image: Image.Image, path: str | Path, shot: Shot) -> Path:
-    """Write `image` atomically with its settings in the PNG "parameters" text chunk."""
+def save_png(image: Image.Image, path: str | Path, shot: Shot,
+             face_detail_note: str = "") -> Path:
+    """Write `image` atomically with its settings (and what the face pass did) in the PNG
+    "parameters" text chunk."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", shot.parameters())
+    info.add_text("parameters", shot.parameters(face_detail_note))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
     return Path(path)
@@ -308,6 +380,7 @@ def read_parameters(png_path: str | Path) -> dict[str, Any]:
     negative = "\n".join(head[negative_at:])[len("Negative prompt:"):].strip()
     width, height = (int(v) for v in params["Size"].split("x"))
     by_sampler = {v.a1111: k for k, v in SAMPLERS.items()}
+    strength, padding, note = read_detail_parameters(params, GenerateConfig.face_detail_padding)
     return {
         "prompt": "\n".join(head[:negative_at]), "negative_prompt": negative,
         "steps": int(params["Steps"]), "guidance": float(params["CFG scale"]),
@@ -315,6 +388,8 @@ def read_parameters(png_path: str | Path) -> dict[str, Any]:
         "seed": int(params["Seed"]), "width": width, "height": height,
         "model": params.get("Model", ""), "lora": params.get("Lora", ""),
         "lora_scale": float(params.get("Lora scale", 0.0)),
+        "face_detail_strength": strength, "face_detail_padding": padding,
+        "face_detail_note": note,
     }
 
 
@@ -337,7 +412,10 @@ def shot_from_row(row: Mapping[str, Any], lora_dir: str | Path | None) -> Shot:
                 scheduler=str(row["scheduler"]), lora_scale=float(row["lora_scale"]),
                 width=int(row["width"]), height=int(row["height"]), model=str(row["model"]),
                 family=cell_text(row.get("family", "")) or "sd15",
-                lora_dir=str(lora_dir) if lora_dir is not None else None)
+                lora_dir=str(lora_dir) if lora_dir is not None else None,
+                # A manifest from before the face-detail pass has no such columns: no pass.
+                face_detail_strength=float(cell_text(row.get("face_detail_strength")) or 0),
+                face_detail_padding=float(cell_text(row.get("face_detail_padding")) or 0))
 
 
 def describe_shot(shot: Shot, skip: Sequence[str] = ()) -> str:
@@ -350,5 +428,11 @@ def describe_shot(shot: Shot, skip: Sequence[str] = ()) -> str:
         lora = f"LoRA {shot.lora}" + ("" if "lora_scale" in skip else f" x{shot.lora_scale:g}")
     parts = {"style": shot.style, "seed": f"seed {shot.seed}", "steps": f"{shot.steps} steps",
              "guidance": f"CFG {shot.guidance:g}", "scheduler": SAMPLERS[shot.scheduler].a1111,
-             "lora": lora}
+             "lora": lora, "face_detail": face_detail_label(shot.face_detail_strength)
+             if shot.face_detail_strength else ""}
     return ", ".join(v for k, v in parts.items() if v and k not in skip)
+
+
+def face_detail_label(strength: float) -> str:
+    """How grids and titles name a face-detail strength."""
+    return f"face detail {strength:g}" if strength else "face detail off"
