@@ -21,10 +21,10 @@ from IPython.display import clear_output, display
 from PIL import Image
 
 from .config import ConfigError, GenerateConfig
-from .generate import (AXES, SAMPLERS, ComparePlan, Shot, default_axis_values, describe_shot,
-                       export_starred, load_generate_pipeline, load_manifest, load_styles,
-                       make_shot, parse_axis_values, plan_compare, render, set_starred,
-                       with_lora_subject)
+from .generate import (AXES, SAMPLERS, ComparePlan, Shot, check_lora, default_axis_values,
+                       describe_shot, export_starred, load_generate_pipeline, load_manifest,
+                       load_styles, make_shot, parse_axis_values, plan_compare, render,
+                       set_starred, with_lora_subject)
 from .images import image_grid
 
 
@@ -57,8 +57,10 @@ class PromptStudio(_Panel):
 
     def __init__(self, lora_dir: str | Path | None, cfg: GenerateConfig | None = None,
                  pipe=None, keep: int = 4):
-        self.cfg = with_lora_subject(cfg or GenerateConfig(), lora_dir)
-        self.lora_dir = lora_dir
+        cfg = cfg or GenerateConfig()
+        # The LoRA's weights cfg.lora_checkpoint names (its best checkpoint by default).
+        self.lora_dir = check_lora(lora_dir, cfg)
+        self.cfg = with_lora_subject(cfg, self.lora_dir)
         self.pipe = pipe
         self.keep = keep
         self.styles = load_styles(self.cfg.style_dirs)

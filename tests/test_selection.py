@@ -98,6 +98,11 @@ def test_generate_renders_with_the_chosen_checkpoint_or_the_last(chosen_run, pip
     assert json.loads((last.out_dir / "config.json").read_text())["lora_sha256"] == (
         weights_digest(result.out_dir))
     assert not np.array_equal(np.asarray(pack.images[0]), np.asarray(last.images[0]))
+    # The grids offer the last weights and the chosen checkpoint side by side.
+    from headshot_kit.generate import default_axis_values
+
+    assert default_axis_values("checkpoint", cfg, [result.out_dir]) == [
+        None, result.out_dir, result.out_dir / BEST_DIR]
 
 
 def test_the_rule_ties_to_the_later_step_and_never_picks_a_step_without_a_face():

@@ -347,11 +347,12 @@ def _headline(scores: pd.DataFrame, embedder: FaceEmbedder, best_n: int) -> str:
 
 def _constant_settings(manifest: pd.DataFrame) -> dict[str, Any]:
     """Manifest columns with one value for the whole run (steps, lora_scale, ...): the run's
-    settings. Prompts are sentences, not settings to plot against, and `starred` is the
-    user's mark on an image, so both are left out."""
+    settings. Prompts are sentences, not settings to plot against, `starred` is the user's
+    mark on an image and a note (face_detail_note) says what happened to it, so they are left
+    out."""
     settings = {}
     for col in manifest.columns:
-        if (col in ("file", "starred") or "prompt" in col
+        if (col in ("file", "starred") or "prompt" in col or col.endswith("_note")
                 or manifest[col].nunique(dropna=False) != 1):
             continue
         value = manifest[col].iloc[0]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..config import ConfigError, GenerateConfig
 from ..images import image_grid
-from ..lora import lora_weights
+from ..lora import lora_weights, pick_checkpoint
 from .shots import (SAMPLERS, Shot, check_face_detail_strength, check_generate, check_lora,
                     describe_shot, face_detail_label, load_generate_pipeline, make_shot, render,
                     with_lora_subject)
@@ -58,10 +58,22 @@ def default_axis_values(axis: str, cfg: GenerateConfig,
         "style": names, "seed": list(cfg.seeds), "lora_scale": [0.0, 0.5, 1.0],
         "guidance": [max(1.0, cfg.guidance - 2), cfg.guidance, cfg.guidance + 2],
         "steps": sorted({max(1, cfg.steps // 2), cfg.steps, cfg.steps * 2}),
-        "scheduler": list(SAMPLERS), "checkpoint": [None, *lora_dirs],
+        "scheduler": list(SAMPLERS), "checkpoint": [None, *_with_best(lora_dirs)],
         "prompt": [styles[n].prompt for n in names[:3]],
         "face_detail": [0.0, cfg.face_detail_strength],
     }[axis]
+
+
+def _with_best(lora_dirs: Sequence[str | Path | None]) -> list[str | Path]:
+    """Each LoRA folder, followed by its best/ checkpoint where training chose one: the last
+    weights and the most alike side by side."""
+    out = []
+    for folder in (d for d in lora_dirs if d is not None):
+        out.append(folder)
+        best = pick_checkpoint(folder, "best")
+        if best != Path(folder):
+            out.append(best)
+    return out
 
 
 def _check_axis(axis: str) -> None:
@@ -152,8 +164,8 @@ def plan_compare(lora_dir_or_dirs: str | Path | Sequence[str | Path | None] | No
     cfg = with_lora_subject(cfg, next((d for d in lora_dirs if d is not None), None))
     fixed = {"style": (cfg.styles or list(styles))[0], "seed": cfg.seeds[0],
              "checkpoint": lora_dirs[0] if lora_dirs else None}
-    if fixed["checkpoint"] is not None:
-        check_lora(fixed["checkpoint"], cfg)
+    if fixed["checkpoint"] is not None:  # cfg.lora_checkpoint says which of its weights
+        fixed["checkpoint"] = str(check_lora(fixed["checkpoint"], cfg))
     shots = []
     for y_value in axis_values[y]:
         for x_value in axis_values[x]:
