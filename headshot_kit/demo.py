@@ -13,6 +13,7 @@ Each stage reads the previous stage's folder under one work folder:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -60,6 +61,9 @@ def run_stages(out: str | Path, preset: str = "tiny", photos: str | Path | None 
     from .train import train_lora
 
     p, ws = get_preset(preset), Workspace(root=Path(out), photos=_photos(photos))
+    # Every likeness feature on, also where a preset leaves one off (the tiny model draws no
+    # faces, so its face pass finds none and says so).
+    p.generate = dataclasses.replace(p.generate, face_detail=True)
     prepared = prepare_photos(ws.photos, ws.prepared, p.prepare)
     for line in prepared.advice:
         print(line)
@@ -81,7 +85,8 @@ def run_notebooks(out: str | Path, preset: str = "tiny", photos: str | Path | No
     out = Path(out).resolve()
     executed_dir = out / "notebooks"
     executed_dir.mkdir(parents=True, exist_ok=True)
-    params = {"preset": preset, "workdir": str(out), "photos": str(_photos(photos).resolve())}
+    params = {"preset": preset, "workdir": str(out), "photos": str(_photos(photos).resolve()),
+              "face_detail": True}  # as run_stages: every likeness feature on
     done = []
     for name in notebooks:
         start = time.perf_counter()
