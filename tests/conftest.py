@@ -169,6 +169,17 @@ def make_lora(pipe, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def grid_of_single_renders(plan, pipe):
+    """What a compare plan's grid must show: each of its shots (row by row) rendered on its
+    own, in a grid of the plan's rows and columns with its labels and title."""
+    from headshot_kit import generate as gen
+    from headshot_kit.images import image_grid
+
+    return image_grid([gen.render(shot, pipe) for shot in plan.shots], len(plan.row_labels),
+                      len(plan.col_labels), row_labels=plan.row_labels,
+                      col_labels=plan.col_labels, title=plan.title)
+
+
 @pytest.fixture(scope="module")
 def pipe():
     """The tiny SD 1.5 pipeline, loaded once per test module."""

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_lora
+from conftest import grid_of_single_renders, make_lora
 
 from headshot_kit import generate as gen
 from headshot_kit.config import ConfigError, get_preset
@@ -105,6 +105,21 @@ def test_regenerate_gives_identical_pixels(pack, pipe, lora_dir):
     assert (pixels(from_png) == pixels(pack.images[2])).all()
     with pytest.raises(ValueError, match="pass its folder"):
         gen.regenerate(manifest.iloc[0], None, pipe=pipe)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "make_scheduler builds each sampler from the config of the one the previous render left "
+    "on the pipeline: Euler a has no set_alpha_to_one, so DDIM comes back with its default "
+    "(True) instead of the model's (False) and a DDIM shot's pixels depend on what ran before"))
+def test_a_ddim_shot_is_the_same_whatever_sampler_ran_before(lora_dir, cfg):
+    from headshot_kit.models import load_pipeline
+
+    fresh = load_pipeline("tiny-sd15")  # still holding the model's own scheduler
+    style = gen.load_styles()["corporate"]
+    ddim = gen.make_shot(dataclasses.replace(cfg, scheduler="ddim"), style, 0, lora_dir)
+    first = gen.render(ddim, fresh)
+    gen.render(dataclasses.replace(ddim, scheduler="euler-a"), fresh)
+    assert (pixels(gen.render(ddim, fresh)) == pixels(first)).all()
 
 
 def test_lora_changes_the_image_and_scale_zero_is_the_base_model(pack, pipe, lora_dir, cfg,
@@ -209,7 +224,10 @@ def test_base_vs_lora_grid_over_checkpoints(pipe, lora_dir, cfg, pack, tmp_path)
     assert [s.lora_dir for s in plan.shots] == [None, None, str(lora_dir), str(lora_dir)]
     assert "LoRA x1" in plan.title
     grid = gen.base_vs_lora_grid(lora_dir, cfg, pipe=pipe, progress=False)
-    assert grid.size == plan.grid([pack.images[0]] * 4).size
+    assert (pixels(grid) == pixels(grid_of_single_renders(plan, pipe))).all()
+    # The LoRA row is the pack's first style, seeds 0 and 1, as generate_pack drew them.
+    assert [pixels(gen.render(s, pipe)).tolist() for s in plan.shots[2:]] == [
+        pixels(im).tolist() for im in pack.images[:2]]
     # Two runs' checkpoints with the same folder name are told apart by their run folder.
     other = make_lora(pipe, tmp_path / "run2" / "lora", seed=1)
     plan = gen.plan_compare([lora_dir, other], "seed", [0], "checkpoint", None, cfg)
