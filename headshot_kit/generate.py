@@ -247,17 +247,23 @@ def lora_weights(lora_dir: str | Path) -> Path:
 
 
 def check_lora(lora_dir: str | Path | None, cfg: GenerateConfig) -> Path | None:
-    """Reject a missing LoRA, or one trained for another model family, before any rendering."""
+    """Reject a missing LoRA, or one trained for another model family or on another base
+    model, before any rendering."""
     if lora_dir is None:
         return None
     lora_weights(lora_dir)
     trained = Path(lora_dir) / "config.json"
     if trained.is_file():
-        family = json.loads(trained.read_text()).get("family")
+        recorded = json.loads(trained.read_text())
+        family, model = recorded.get("family"), recorded.get("model")
         if family and family != cfg.family:
             raise ConfigError(f"{trained}: this LoRA was trained for family {family!r} but "
                               f"GenerateConfig.family is {cfg.family!r}; set family={family!r} "
                               "and a matching model.")
+        # Its weights only fit the model they were trained on, even within the family.
+        if model and model != cfg.model:
+            raise ConfigError(f"{trained}: this LoRA was trained on {model!r} but "
+                              f"GenerateConfig.model is {cfg.model!r}; set model={model!r}.")
     return Path(lora_dir)
 
 

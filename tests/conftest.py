@@ -146,9 +146,10 @@ def prepared_dataset(tmp_path_factory, obama_photos) -> Path:
 
 
 def make_lora(pipe, folder: Path, seed: int = 0) -> Path:
-    """A LoRA in the train stage's format whose random weights visibly change the image."""
+    """A LoRA in the train stage's format whose random weights visibly change the image, for
+    the tiny model of `pipe`'s family (SD 1.5 or SDXL)."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -163,9 +164,11 @@ def make_lora(pipe, folder: Path, seed: int = 0) -> Path:
             # lora_B starts at zero (a no-op LoRA); random values make it change the image.
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    StableDiffusionPipeline.save_lora_weights(
+    type(pipe).save_lora_weights(
         folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-    (folder / "config.json").write_text(json.dumps({"family": "sd15", "model": "tiny-sd15"}))
+    family = "sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd15"
+    (folder / "config.json").write_text(json.dumps({"family": family,
+                                                    "model": f"tiny-{family}"}))
     return folder
 
 

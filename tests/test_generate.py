@@ -1,4 +1,5 @@
-"""The generate stage on the tiny model: packs, PNG metadata, determinism, LoRA effect, grids."""
+"""The generate stage on the tiny models: packs, PNG metadata, determinism, LoRA effect, grids,
+SDXL, and LoRAs refused on a model they were not trained on."""
 
 from __future__ import annotations
 
@@ -182,6 +183,41 @@ def test_bad_settings_fail_before_rendering(cfg, tmp_path, lora_dir):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_lora_is_refused_on_another_base_model_of_its_family(pipe, lora_dir, cfg, tmp_path,
+                                                              monkeypatch):
+    rendered = []
+    monkeypatch.setattr(gen, "render_batch", lambda shots, pipe: rendered.extend(shots))
+    other = dataclasses.replace(cfg, model="other/sd15-model")  # recorded: tiny-sd15
+    refusal = (r"trained on 'tiny-sd15' but GenerateConfig.model is 'other/sd15-model'; "
+               r"set model='tiny-sd15'\.")
+    with pytest.raises(ConfigError, match=refusal):
+        gen.generate_pack(lora_dir, tmp_path / "pack", other, pipe=pipe, progress=False)
+    with pytest.raises(ConfigError, match=refusal):
+        gen.plan_compare(lora_dir, "seed", [0], "style", None, other)
+    assert rendered == [] and not (tmp_path / "pack").exists()
+    assert gen.check_lora(lora_dir, cfg) == lora_dir  # the model it was trained on
+
+
+def test_a_tiny_sdxl_pack_is_written_and_regenerates_pixel_for_pixel(tmp_path):
+    from headshot_kit.models import load_pipeline
+
+    sdxl = load_pipeline("tiny-sdxl", "sdxl")
+    lora = make_lora(sdxl, tmp_path / "lora")
+    cfg = dataclasses.replace(get_preset("tiny").generate, model="tiny-sdxl", family="sdxl",
+                              styles=["corporate"], seeds=[0, 1], steps=3)
+    pack = gen.generate_pack(lora, tmp_path / "pack", cfg, pipe=sdxl, progress=False)
+    manifest = gen.load_manifest(pack.out_dir)
+    assert list(manifest["file"]) == ["images/corporate_seed0.png", "images/corporate_seed1.png"]
+    assert set(manifest["family"]) == {"sdxl"} and set(manifest["model"]) == {"tiny-sdxl"}
+    assert (pack.out_dir / "grid.png").is_file()
+    assert all(gen.Image.open(pack.out_dir / f).size == (64, 64) for f in manifest["file"])
+    # The row alone is enough: regenerate loads the SDXL pipeline it names.
+    assert (pixels(gen.regenerate(manifest.iloc[1], lora)) == pixels(pack.images[1])).all()
+    base = gen.render(dataclasses.replace(gen.shot_from_row(manifest.iloc[1], lora),
+                                          lora_scale=0.0), sdxl)
+    assert np.abs(pixels(base) - pixels(pack.images[1])).mean() > 2  # the LoRA was applied
+
+
 def test_interrupted_pack_keeps_the_previous_one(pack, pipe, lora_dir, cfg, monkeypatch):
     before = (pack.out_dir / "manifest.csv").read_text()
     real_render, calls = gen.render_batch, []
@@ -226,8 +262,8 @@ def test_base_vs_lora_grid_over_checkpoints(pipe, lora_dir, cfg, pack, tmp_path)
     grid = gen.base_vs_lora_grid(lora_dir, cfg, pipe=pipe, progress=False)
     assert (pixels(grid) == pixels(grid_of_single_renders(plan, pipe))).all()
     # The LoRA row is the pack's first style, seeds 0 and 1, as generate_pack drew them.
-    assert [pixels(gen.render(s, pipe)).tolist() for s in plan.shots[2:]] == [
-        pixels(im).tolist() for im in pack.images[:2]]
+    assert np.array_equal(np.stack([pixels(gen.render(s, pipe)) for s in plan.shots[2:]]),
+                          np.stack([pixels(im) for im in pack.images[:2]]))
     # Two runs' checkpoints with the same folder name are told apart by their run folder.
     other = make_lora(pipe, tmp_path / "run2" / "lora", seed=1)
     plan = gen.plan_compare([lora_dir, other], "seed", [0], "checkpoint", None, cfg)
