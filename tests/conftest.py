@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,6 +17,9 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
+
+# pytester runs a test file in a subprocess: how tests/test_offline.py checks the guard itself.
+pytest_plugins = ("pytester",)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data" / "samples"
@@ -33,8 +38,100 @@ def obama_photos() -> list[Path]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _model_cache(tmp_path_factory):
-    """Build tiny models into a per-session folder: tests never touch a user's cache."""
-    os.environ.setdefault("HEADSHOT_KIT_CACHE", str(tmp_path_factory.mktemp("models")))
+    """Build tiny models into a per-session folder: tests never touch a user's cache, even
+    when the user's shell names one in HEADSHOT_KIT_CACHE."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HEADSHOT_KIT_CACHE", str(tmp_path_factory.mktemp("models")))
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing leaves the machine: the README promises it, and the tests must not need the network
+
+
+class NetworkBlocked(ConnectionError):
+    """A test (or the code it ran) tried to reach a host other than this machine.
+
+    A ConnectionError, so code that copes with being offline (models.hub_reachable) answers as
+    it would offline; the attempt still fails the test (see _no_connection_left_the_machine).
+    """
+
+
+# Every attempt the guard refused this session, as "host:port".
+BLOCKED: list[str] = []
+# The real methods, for the connections the guard lets through.
+_REAL = {"connect": socket.socket.connect, "connect_ex": socket.socket.connect_ex,
+         "create_connection": socket.create_connection}
+_LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
+
+
+def is_local(host) -> bool:
+    """Whether `host` is this machine: loopback (127.0.0.0/8, ::1, localhost) or "any"."""
+    host = (host.decode() if isinstance(host, bytes) else str(host)).split("%")[0]
+    if host.lower() in ("", *_LOCAL_NAMES):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name other than localhost: resolving it would already use the network
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return ip.is_loopback or ip.is_unspecified
+
+
+def _refuse(address) -> None:
+    where = f"{address[0]}:{address[1]}"
+    BLOCKED.append(where)
+    raise NetworkBlocked(f"tests must not use the network: a connection to {where} was "
+                         "blocked (only loopback addresses and unix sockets are allowed). Build "
+                         "what the test needs locally, as the tiny models are.")
+
+
+def _guarded_connect(name: str):
+    def connect(self, address):
+        # Unix, netlink and other local families carry no host; only IP sockets can leave.
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not is_local(address[0]):
+            _refuse(address)
+        return _REAL[name](self, address)
+    return connect
+
+
+def _guarded_create_connection(address, *args, **kwargs):
+    # Checked before the name is resolved: a DNS lookup is a network use too.
+    if not is_local(address[0]):
+        _refuse(address)
+    return _REAL["create_connection"](address, *args, **kwargs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _network_guard():
+    """Refuse every connection from this process to a host other than this machine. The slow
+    tests' local servers (JupyterLab and Chromium on 127.0.0.1, Ray on localhost) stay
+    reachable, and subprocesses are their own processes."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", _guarded_connect("connect"))
+        mp.setattr(socket.socket, "connect_ex", _guarded_connect("connect_ex"))
+        mp.setattr(socket, "create_connection", _guarded_create_connection)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _no_connection_left_the_machine(request, _network_guard):
+    """Fail a test whose code tried the network, even where the code caught the error and
+    carried on (a hub client falling back to its cache, say)."""
+    start = len(BLOCKED)
+    yield
+    tried = BLOCKED[start:]
+    if tried and "blocked_connections" not in request.fixturenames:
+        pytest.fail(f"{request.node.name} tried to use the network: {', '.join(tried)}",
+                    pytrace=False)
+
+
+@pytest.fixture
+def blocked_connections():
+    """For tests of the guard itself: a function giving the attempts blocked so far in the
+    test, which are then expected rather than a failure."""
+    start = len(BLOCKED)
+    return lambda: BLOCKED[start:]
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +146,10 @@ def prepared_dataset(tmp_path_factory, obama_photos) -> Path:
 
 
 def make_lora(pipe, folder: Path, seed: int = 0) -> Path:
-    """A LoRA in the train stage's format whose random weights visibly change the image."""
+    """A LoRA in the train stage's format whose random weights visibly change the image, for
+    the tiny model of `pipe`'s family (SD 1.5 or SDXL)."""
     import torch
+    from diffusers import StableDiffusionXLPipeline
 
     from headshot_kit.lora import add_lora, save_lora
 
@@ -63,9 +162,22 @@ def make_lora(pipe, folder: Path, seed: int = 0) -> Path:
             # lora_B starts at zero (a no-op LoRA); random values make it change the image.
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    save_lora(folder, "sd15", {"unet": unet})
-    (folder / "config.json").write_text(json.dumps({"family": "sd15", "model": "tiny-sd15"}))
+    family = "sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd15"
+    save_lora(folder, family, {"unet": unet})
+    (folder / "config.json").write_text(json.dumps({"family": family,
+                                                    "model": f"tiny-{family}"}))
     return folder
+
+
+def grid_of_single_renders(plan, pipe):
+    """What a compare plan's grid must show: each of its shots (row by row) rendered on its
+    own, in a grid of the plan's rows and columns with its labels and title."""
+    from headshot_kit import generate as gen
+    from headshot_kit.images import image_grid
+
+    return image_grid([gen.render(shot, pipe) for shot in plan.shots], len(plan.row_labels),
+                      len(plan.col_labels), row_labels=plan.row_labels,
+                      col_labels=plan.col_labels, title=plan.title)
 
 
 @pytest.fixture(scope="module")

@@ -170,13 +170,14 @@ def test_quality_metrics_respond_to_the_damage_they_measure(samples):
     assert score["shadows_clipped"](clean) < score["shadows_clipped"](dark)
 
 
-def test_clip_scores_from_a_local_model_and_a_note_when_missing(references, tmp_path,
-                                                               monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny CLIP with random weights, saved the way a hub model is and loaded from there."""
+    import torch
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor,
                               CLIPTokenizer)
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    # A tiny CLIP with random weights, saved and loaded the way a hub model would be.
     chars = list(bytes_to_unicode().values())
     vocab = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
     tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[])
@@ -186,23 +187,60 @@ def test_clip_scores_from_a_local_model_and_a_note_when_missing(references, tmp_
                                          pad_token_id=1, **layers),
                         vision_config=dict(image_size=32, patch_size=8, **layers),
                         projection_dim=16)
-    model_dir = tmp_path / "tiny-clip"
-    CLIPModel(config).save_pretrained(model_dir)
+    model_dir = tmp_path_factory.mktemp("tiny-clip")
+    with torch.random.fork_rng():  # the same weights every run, the suite's RNG untouched
+        torch.manual_seed(0)
+        CLIPModel(config).save_pretrained(model_dir)
     CLIPProcessor(image_processor=CLIPImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         tokenizer=tokenizer).save_pretrained(model_dir)
+    return model_dir
 
+
+def clip_scores_by_hand(model_dir: Path, image: Path, prompt: str) -> tuple[float, float]:
+    """CLIP's zero-shot "photograph" probability and CLIP-T cosine, from the model's own
+    projected features: each text encoded on its own, softmax of the scaled cosines."""
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    from headshot_kit.evaluate.clip import REALISM_PROMPTS
+
+    model, processor = CLIPModel.from_pretrained(model_dir), CLIPProcessor.from_pretrained(
+        model_dir)
+    with torch.no_grad():
+        pixels = processor.image_processor(images=[Image.open(image).convert("RGB")],
+                                           return_tensors="pt")["pixel_values"]
+        seen = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+
+        def text(words: str) -> torch.Tensor:
+            ids = processor.tokenizer([words], return_tensors="pt")["input_ids"]
+            return model.text_projection(model.text_model(input_ids=ids).pooler_output)
+
+        unit = torch.nn.functional.normalize
+        realism = unit(torch.cat([text(p) for p in REALISM_PROMPTS])) @ unit(seen)[0]
+        photo = (model.logit_scale.exp() * realism).softmax(0)[0]
+        cosine = unit(text(prompt))[0] @ unit(seen)[0]
+    return float(photo), float(cosine)
+
+
+def test_clip_scores_from_a_local_model_and_a_note_when_missing(references, tiny_clip, tmp_path,
+                                                               monkeypatch):
     images = tmp_path / "gen"
     (images / "images").mkdir(parents=True)
     _noise(images / "images" / "noise.png")
     _manifest(images, [("images/noise.png", "creative", 0)])
     clip = evaluate_images(references, images, tmp_path / "clip",
-                           EvaluateConfig(clip_model=str(model_dir), device="cpu"))
+                           EvaluateConfig(clip_model=str(tiny_clip), device="cpu"))
     # A run of faceless images (the tiny model's output) is scored, not skipped or crashed on.
     assert clip.headline.startswith("0 of 1 look like you")
-    scores = clip.scores
-    assert 0.0 <= scores.loc[0, "clip_photo_prob"] <= 1.0
-    assert -1.0 <= scores.loc[0, "clip_t_cosine"] <= 1.0
+    # The scores written are the model's own, for the first realism prompt and the image's
+    # prompt; four random prompts are not equally likely, so a wrong one would show.
+    photo, cosine = clip_scores_by_hand(tiny_clip, images / "images" / "noise.png",
+                                        "a photo of ohwx person")
+    scores = pd.read_csv(tmp_path / "clip" / "scores.csv").iloc[0]
+    assert scores["clip_photo_prob"] == pytest.approx(photo, abs=1e-5)
+    assert scores["clip_t_cosine"] == pytest.approx(cosine, abs=1e-5)
+    assert abs(photo - 0.25) > 0.005
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     missing = evaluate_images(references, images, tmp_path / "no-clip",

@@ -19,6 +19,8 @@ from headshot_kit.config import get_preset
 
 RUNS = fc.published_runs()
 FORK_MEMORY = [name for name, run in RUNS.items() if run.memory_gb is not None]
+# The fork table's rows that calibrate() does not fit the speed model on.
+HELD_OUT = ("sd15-full-fp16-b1-8bit", "sd15-full-fp16-b1-ckpt-adamw")
 
 
 def plan_of(run: fc.PublishedRun, **extra) -> fc.FitPlan:
@@ -34,17 +36,40 @@ def test_parameter_counts_match_the_published_models():
         assert fc.parameter_counts(family)[model] == pytest.approx(total, rel=0.01), model
 
 
-@pytest.mark.parametrize("name", FORK_MEMORY)
-def test_full_sd15_memory_within_15_percent_of_the_published_table(name):
-    # Among them: fp16 + checkpointing + 8-bit Adam = 9.92 GB; without 8-bit Adam 15.79 GB.
-    run = RUNS[name]
-    plan = plan_of(run)
-    assert plan.total_gb == pytest.approx(run.memory_gb, rel=0.15), plan.summary()
-
-
-def test_the_two_headline_figures_are_in_the_table():
+def test_the_fork_table_is_all_there():
+    # An empty table would leave the memory test below with nothing to check.
+    assert FORK_MEMORY == ["sd15-full-fp16-b1-ckpt-8bit", "sd15-full-fp32-b1-ckpt-8bit",
+                           "sd15-full-fp16-b2-ckpt-8bit", "sd15-full-fp16-b1-8bit",
+                           "sd15-full-fp16-b1-ckpt-adamw"]
     figures = {RUNS[n].memory_gb: RUNS[n].cfg.optimizer for n in FORK_MEMORY}
     assert figures[9.92] == "adamw8bit" and figures[15.79] == "adamw"
+
+
+@pytest.mark.parametrize("name", FORK_MEMORY)
+def test_full_sd15_memory_within_5_percent_of_the_published_table(name):
+    # Measured: +3.5% (9.92 GB), +4.2%, +1.9%, -2.9% and +0.7% (15.79 GB), row by row.
+    run = RUNS[name]
+    plan = plan_of(run)
+    assert plan.total_gb == pytest.approx(run.memory_gb, rel=0.05), plan.summary()
+
+
+def test_the_readme_fork_rows_are_what_the_fit_check_gives():
+    from conftest import ROOT
+
+    lines = (ROOT / "README.md").read_text().splitlines()
+    rows = {name: next(line for line in lines if line.startswith(start)) for start, name in (
+        ("| full SD 1.x DreamBooth", "sd15-full-fp16-b1-ckpt-8bit"),
+        ("| the same without 8-bit Adam", "sd15-full-fp16-b1-ckpt-adamw"))}
+    for name, row in rows.items():
+        run, plan = RUNS[name], plan_of(RUNS[name])
+        assert f"{run.memory_gb} GB, {run.seconds_per_step:.2f} s/step" in row, row
+        error = 100 * (plan.total_gb / run.memory_gb - 1)
+        assert f"{plan.total_gb:.2f} GB ({error:+.0f}%)" in row, row
+    # The 32-bit Adam row shows the speed too: a row calibration leaves out.
+    run = RUNS["sd15-full-fp16-b1-ckpt-adamw"]
+    seconds = plan_of(run).step_seconds
+    error = 100 * (seconds / run.seconds_per_step - 1)
+    assert f"{seconds:.2f} s/step ({error:+.0f}%)" in rows[run.name]
 
 
 def test_sdxl_lora_t4_recipe_fits_in_15_gib():
@@ -54,14 +79,34 @@ def test_sdxl_lora_t4_recipe_fits_in_15_gib():
     assert plan.phases["forward/backward"] > 5.2
 
 
-def test_t4_calibration_is_what_the_sd15_table_gives():
-    derived = fc.calibrate()
-    for name in ("tensor_efficiency", "fp32_efficiency", "overhead_s"):
-        assert getattr(derived, name) == pytest.approx(getattr(fc.T4_CALIBRATION, name),
-                                                       rel=0.01), name
-    # Calibrated on 0.93 it/s, the model gives back 0.93 it/s.
-    sd15 = RUNS["sd15-full-fp16-b1-ckpt-8bit"]
-    assert plan_of(sd15).step_seconds == pytest.approx(sd15.seconds_per_step, rel=0.01)
+def test_t4_calibration_is_what_the_sd15_table_gives_without_the_held_out_rows(monkeypatch):
+    def calibrated_as_published() -> bool:
+        derived = fc.calibrate()
+        return all(getattr(derived, name) == pytest.approx(getattr(fc.T4_CALIBRATION, name),
+                                                           rel=0.01)
+                   for name in ("tensor_efficiency", "fp32_efficiency", "overhead_s"))
+
+    def publish_speed(name: str, its: float) -> None:
+        c = RUNS[name].cfg
+        key = (c.mixed_precision == "fp16", c.batch_size, c.gradient_checkpointing,
+               c.optimizer == "adamw8bit")
+        monkeypatch.setitem(fc.FORK_ROWS, key, (fc.FORK_ROWS[key][0], its))
+
+    assert calibrated_as_published()
+    for name in HELD_OUT:  # other speeds there change nothing...
+        publish_speed(name, 100.0)
+    assert calibrated_as_published()
+    publish_speed("sd15-full-fp16-b1-ckpt-8bit", 100.0)  # ...as they do in a row it is fitted on
+    assert not calibrated_as_published()
+
+
+@pytest.mark.parametrize("name", HELD_OUT)
+def test_t4_calibration_predicts_the_rows_it_was_not_fitted_on_within_20_percent(name):
+    # Measured: 0.99 s/step for the published 0.88 (1.14 it/s, no checkpointing: +13%) and
+    # 1.11 for 1.30 (0.77 it/s, 32-bit AdamW: -15%).
+    run = RUNS[name]
+    plan = plan_of(run)
+    assert plan.step_seconds == pytest.approx(run.seconds_per_step, rel=0.20), plan.summary()
 
 
 def test_t4_calibration_predicts_the_sdxl_step_time_within_30_percent():
@@ -83,7 +128,7 @@ def test_8bit_adam_states_are_a_quarter_of_32bit():
 
 
 def test_8bit_state_bytes_match_bitsandbytes():
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb  # a declared dependency: a broken install fails here
     params = [torch.nn.Parameter(torch.randn(n)) for n in (300_000, 5_000, 100)]
     opt = bnb.optim.AdamW8bit(params, lr=1e-3, min_8bit_size=4096)
     sum(p.sum() for p in params).backward()

@@ -1,4 +1,5 @@
-"""The generate stage on the tiny model: packs, PNG metadata, determinism, LoRA effect, grids."""
+"""The generate stage on the tiny models: packs, PNG metadata, determinism, LoRA effect, grids,
+SDXL, and LoRAs refused on a model they were not trained on."""
 
 from __future__ import annotations
 
@@ -8,13 +9,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_lora
+from conftest import grid_of_single_renders, make_lora
 from test_facedetail import photo_as_first_render, sample_render
 
 from headshot_kit import generate as gen
 from headshot_kit.evaluate import best_of
 from headshot_kit.config import ConfigError, get_preset
-from headshot_kit.images import image_grid
 
 
 def pixels(image) -> np.ndarray:
@@ -107,6 +107,17 @@ def test_regenerate_gives_identical_pixels(pack, pipe, lora_dir):
         gen.regenerate(manifest.iloc[0], None, pipe=pipe)
 
 
+def test_a_ddim_shot_is_the_same_whatever_sampler_ran_before(lora_dir, cfg):
+    from headshot_kit.models import load_pipeline
+
+    fresh = load_pipeline("tiny-sd15")  # still holding the model's own scheduler
+    style = gen.load_styles()["corporate"]
+    ddim = gen.make_shot(dataclasses.replace(cfg, scheduler="ddim"), style, 0, lora_dir)
+    first = gen.render(ddim, fresh)
+    gen.render(dataclasses.replace(ddim, scheduler="euler-a"), fresh)
+    assert (pixels(gen.render(ddim, fresh)) == pixels(first)).all()
+
+
 def test_lora_changes_the_image_and_scale_zero_is_the_base_model(pack, pipe, lora_dir, cfg,
                                                                  tmp_path):
     base = gen.generate_pack(None, tmp_path / "base", cfg, pipe=pipe, progress=False)
@@ -173,6 +184,43 @@ def test_bad_settings_fail_before_rendering(cfg, tmp_path, lora_dir):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_lora_is_refused_on_another_base_model_of_its_family(pipe, lora_dir, cfg, tmp_path,
+                                                              monkeypatch):
+    rendered = []
+    monkeypatch.setattr(gen, "render_batch", lambda shots, pipe: rendered.extend(shots))
+    other = dataclasses.replace(cfg, model="other/sd15-model")  # recorded: tiny-sd15
+    refusal = (r"trained on 'tiny-sd15' but GenerateConfig.model is 'other/sd15-model'; "
+               r"set model='tiny-sd15', or other_base_model=True")
+    with pytest.raises(ConfigError, match=refusal):
+        gen.generate_pack(lora_dir, tmp_path / "pack", other, pipe=pipe, progress=False)
+    with pytest.raises(ConfigError, match=refusal):
+        gen.plan_compare(lora_dir, "seed", [0], "style", None, other)
+    assert rendered == [] and not (tmp_path / "pack").exists()
+    assert gen.check_lora(lora_dir, cfg) == lora_dir  # the model it was trained on
+    on_purpose = dataclasses.replace(other, other_base_model=True)
+    assert gen.check_lora(lora_dir, on_purpose) == lora_dir
+
+
+def test_a_tiny_sdxl_pack_is_written_and_regenerates_pixel_for_pixel(tmp_path):
+    from headshot_kit.models import load_pipeline
+
+    sdxl = load_pipeline("tiny-sdxl", "sdxl")
+    lora = make_lora(sdxl, tmp_path / "lora")
+    cfg = dataclasses.replace(get_preset("tiny").generate, model="tiny-sdxl", family="sdxl",
+                              styles=["corporate"], seeds=[0, 1], steps=3)
+    pack = gen.generate_pack(lora, tmp_path / "pack", cfg, pipe=sdxl, progress=False)
+    manifest = gen.load_manifest(pack.out_dir)
+    assert list(manifest["file"]) == ["images/corporate_seed0.png", "images/corporate_seed1.png"]
+    assert set(manifest["family"]) == {"sdxl"} and set(manifest["model"]) == {"tiny-sdxl"}
+    assert (pack.out_dir / "grid.png").is_file()
+    assert all(gen.Image.open(pack.out_dir / f).size == (64, 64) for f in manifest["file"])
+    # The row alone is enough: regenerate loads the SDXL pipeline it names.
+    assert (pixels(gen.regenerate(manifest.iloc[1], lora)) == pixels(pack.images[1])).all()
+    base = gen.render(dataclasses.replace(gen.shot_from_row(manifest.iloc[1], lora),
+                                          lora_scale=0.0), sdxl)
+    assert np.abs(pixels(base) - pixels(pack.images[1])).mean() > 2  # the LoRA was applied
+
+
 def test_interrupted_pack_keeps_the_previous_one(pack, pipe, lora_dir, cfg, monkeypatch):
     before = (pack.out_dir / "manifest.csv").read_text()
     real_render, calls = gen.render_batch, []
@@ -200,9 +248,8 @@ def test_compare_grid_lays_out_the_chosen_axes(pipe, lora_dir, cfg):
     assert [(s.scheduler, s.lora_scale) for s in plan.shots[:3]] == [
         ("ddim", 0.0), ("ddim", 1.0), ("euler-a", 0.0)]
     grid = gen.render_plan(plan, pipe, progress=False)
-    blank = [gen.Image.new("RGB", (64, 64))] * 6
-    assert grid.size == image_grid(blank, 3, 2, row_labels=plan.row_labels,
-                                   col_labels=plan.col_labels, title=plan.title).size
+    # Each cell is its shot rendered alone, whichever sampler rendered before it.
+    assert (pixels(grid) == pixels(grid_of_single_renders(plan, pipe))).all()
     with pytest.raises(ConfigError, match="different"):
         gen.plan_compare(lora_dir, "seed", [0], "seed", [1], cfg)
     with pytest.raises(ConfigError, match="checkpoint"):
@@ -215,7 +262,10 @@ def test_base_vs_lora_grid_over_checkpoints(pipe, lora_dir, cfg, pack, tmp_path)
     assert [s.lora_dir for s in plan.shots] == [None, None, str(lora_dir), str(lora_dir)]
     assert "LoRA x1" in plan.title
     grid = gen.base_vs_lora_grid(lora_dir, cfg, pipe=pipe, progress=False)
-    assert grid.size == plan.grid([pack.images[0]] * 4).size
+    assert (pixels(grid) == pixels(grid_of_single_renders(plan, pipe))).all()
+    # The LoRA row is the pack's first style, seeds 0 and 1, as generate_pack drew them.
+    assert np.array_equal(np.stack([pixels(gen.render(s, pipe)) for s in plan.shots[2:]]),
+                          np.stack([pixels(im) for im in pack.images[:2]]))
     # Two runs' checkpoints with the same folder name are told apart by their run folder.
     other = make_lora(pipe, tmp_path / "run2" / "lora", seed=1)
     plan = gen.plan_compare([lora_dir, other], "seed", [0], "checkpoint", None, cfg)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import tomllib
 
+import pytest
 import yaml
 
 from conftest import ROOT
@@ -48,10 +50,28 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_results_and_caches_are_ignored():
-    ignored = (ROOT / ".gitignore").read_text()
-    assert "results/*" in ignored and "models/*" in ignored
-    assert (ROOT / "results" / "README.md").is_file() and (ROOT / "models" / "README.md").is_file()
+def _ignored(path: str) -> bool:
+    """Whether git's ignore rules match `path` (--no-index: whether or not it is tracked)."""
+    check = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT)
+    assert check.returncode in (0, 1), f"git check-ignore failed on {path}"
+    return check.returncode == 0
+
+
+def test_photos_results_and_caches_are_ignored_and_the_samples_tracked():
+    if not (ROOT / ".git").exists():  # a worktree's .git is a file
+        pytest.skip("not a git checkout (an installed wheel)")
+    # A user's photos, a run's outputs and built models can never be committed by accident.
+    for path in ("data/me/x.jpg", "results/x", "models/x"):
+        assert _ignored(path), f"{path} is not ignored by git"
+    # ...while the folder READMEs and the public-domain samples the tests use are kept.
+    for path in ("results/README.md", "models/README.md", "data/README.md",
+                 "data/samples/obama.jpg", "data/samples/new-sample.jpg"):
+        assert not _ignored(path), f"{path} is ignored by git"
+    tracked = subprocess.run(["git", "ls-files", "data", "results", "models"], cwd=ROOT,
+                             text=True, capture_output=True, check=True).stdout.split()
+    assert {"results/README.md", "models/README.md", "data/README.md"} <= set(tracked)
+    assert {f"data/samples/{n}" for n in ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg",
+                                          "PROVENANCE.md")} <= set(tracked)
 
 
 def _pyproject() -> dict:

@@ -198,7 +198,7 @@ def test_fp16_resume_continues_the_loss_scale(monkeypatch, prepared_dataset, tmp
 
 def test_8bit_optimizer_failing_at_its_first_step_falls_back(monkeypatch, prepared_dataset,
                                                               tmp_path):
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb  # a declared dependency: a broken install fails here
 
     class BrokenAdamW8bit(bnb.optim.AdamW8bit):
         def step(self, closure=None):  # bitsandbytes 0.50 loads its library only here

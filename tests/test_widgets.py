@@ -16,6 +16,8 @@ from headshot_kit.config import get_preset
 from headshot_kit.images import image_grid
 from headshot_kit.widgets import ComparePanel, Gallery, PromptStudio, enable_colab_widgets
 
+from conftest import grid_of_single_renders
+
 
 @pytest.fixture(scope="module")
 def cfg():
@@ -72,10 +74,10 @@ def test_compare_panel_renders_the_chosen_axes(pipe, lora_dir, cfg):
     assert panel.plan.row_labels == ["seed 3", "seed 4", "seed 5"]
     assert panel.plan.title == "corporate, 2 steps, CFG 7, DPM++ 2M Karras, LoRA lora"
     assert panel.progress.value == 6
-    blank = [gen.Image.new("RGB", (64, 64))] * 6
-    assert panel.grid.size == image_grid(blank, 3, 2, row_labels=panel.plan.row_labels,
-                                         col_labels=panel.plan.col_labels,
-                                         title=panel.plan.title).size
+    assert [(s.seed, s.lora_scale, s.steps) for s in panel.plan.shots[:3]] == [
+        (3, 0.0, 2), (3, 1.0, 2), (4, 0.0, 2)]
+    expected = grid_of_single_renders(panel.plan, pipe)
+    assert (np.asarray(panel.grid) == np.asarray(expected)).all()
 
 
 def test_prompt_studio_face_detail_switch_changes_what_it_renders(pipe, lora_dir, cfg, samples,

@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import re
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -184,6 +185,20 @@ def check_face_detail_strength(strength: float, what: str) -> float:
     return strength
 
 
+# The model's own scheduler config, per pipeline, as it was before the first render here: each
+# render replaces pipe.scheduler, and a sampler built from another sampler's config would
+# inherit that one's defaults (Euler a has no set_alpha_to_one, so DDIM would come back with
+# its own default True instead of the model's False, and a DDIM image would depend on what
+# rendered before it).
+_MODEL_SCHEDULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_schedule(pipe) -> Mapping[str, Any]:
+    if pipe not in _MODEL_SCHEDULES:
+        _MODEL_SCHEDULES[pipe] = dict(pipe.scheduler.config)
+    return _MODEL_SCHEDULES[pipe]
+
+
 def make_scheduler(name: str, base_config: Mapping[str, Any]):
     """A fresh scheduler of kind `name` on the model's own noise schedule.
 
@@ -287,7 +302,7 @@ def render_batch(shots: Sequence[Shot], pipe) -> list[FaceDetailResult]:
         raise ValueError("render_batch takes shots that differ only in their seed.")
     # Set here, not in first_render: the face pass shares the pipeline's LoRA'd weights.
     use_lora(pipe, first.lora_dir, first.lora_scale)
-    pipe.scheduler = make_scheduler(first.scheduler, pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(first.scheduler, model_schedule(pipe))
     # Our own bars count images; diffusers' per-step bar would only add noise.
     pipe.set_progress_bar_config(disable=True)
     images = first_render(shots, pipe)
@@ -319,7 +334,7 @@ def detail_shot(shot: Shot, image: Image.Image, pipe) -> FaceDetailResult:
         return FaceDetailResult(image)
     img2img = image_to_image(pipe)
     # A fresh scheduler of the shot's kind: a used one carries state from its last run.
-    img2img.scheduler = make_scheduler(shot.scheduler, pipe.scheduler.config)
+    img2img.scheduler = make_scheduler(shot.scheduler, model_schedule(pipe))
     with torch.inference_mode():
         return detail_faces(image, img2img, shot.prompt, seed=shot.seed,
                             resolution=min(shot.width, shot.height), steps=shot.steps,
