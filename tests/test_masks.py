@@ -174,8 +174,12 @@ def test_prepare_writes_masks_that_line_up_with_the_crops(prepared_dataset):
         with Image.open(prepared_dataset / entry["file_name"]) as crop, \
                 Image.open(prepared_dataset / entry["mask"]) as mask:
             _check_lines_up(crop, mask)
+            m = np.asarray(mask)
             # Face and hair, not the whole frame: about a third of a head-and-shoulders crop.
-            assert 0.15 < np.asarray(mask).mean() / 255 < 0.5
+            assert 0.15 < m.mean() / 255 < 0.5
+            # Feathered: a band of in-between weights round the head (about 9% of the crop;
+            # a hard edge, only resampled, leaves under 2%).
+            assert ((m > 10) & (m < 245)).mean() > 0.04
 
 
 def test_the_mask_turns_with_the_photo_when_the_eyes_are_levelled(samples, tmp_path):

@@ -255,6 +255,9 @@ def test_prior_preservation_and_text_encoder_lora(prepared_dataset, tmp_path):
                class_dir=str(tmp_path / "class"), validate_every=2, checkpoint_every=0)
     trainer = Trainer(prepared_dataset, tmp_path / "lora", cfg, progress=False)
     assert trainer.is_class.sum() == 2 and len(list((tmp_path / "class").glob("*.png"))) == 2
+    # The face weighs more in the photos only: a class image teaches the class, every pixel.
+    assert (trainer.weights[trainer.is_class] == 1).all()
+    assert (trainer.weights[~trainer.is_class] < 1).any()
     result = trainer.run()
     keys = load_file(str(result.lora_path)).keys()
     assert any(k.startswith("text_encoder.") for k in keys)
