@@ -167,6 +167,10 @@ class TrainConfig:
     # Offset noise lets the model make darker and brighter pictures than mid-grey; 0 = off,
     # 0.05-0.1 is the usual range.
     noise_offset: float = 0.0
+    # The loss of a background pixel relative to a face pixel's (the face-and-hair mask the
+    # prepare stage writes): 0.1 is OneTrainer's default unmasked_weight; 1.0 = every pixel
+    # alike, the plain loss; 0 = the face alone. The weighted loss is normalised per image.
+    background_weight: float = 0.1
     # A LoRA on the text encoder(s) too: helps likeness for faces (DreamBooth paper), costs
     # memory because captions are then encoded at every step.
     train_text_encoder: bool = False
@@ -439,6 +443,9 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
     if cfg.snr_gamma is not None and cfg.snr_gamma <= 0:
         raise ConfigError(f"snr_gamma is {cfg.snr_gamma}; use a positive value (5 is usual) "
                           "or None to switch min-SNR weighting off.")
+    if not 0 <= cfg.background_weight <= 1:
+        raise ConfigError(f"background_weight is {cfg.background_weight}; use a value from 0 "
+                          "(the face alone) to 1 (every pixel alike, the plain loss).")
     if cfg.optimizer == "prodigy" and cfg.lr < 0.1 and cfg.lr != TrainConfig.lr:
         raise ConfigError(f"optimizer='prodigy' with lr={cfg.lr}: Prodigy finds its own step "
                           f"size and lr multiplies it, so this would barely train. Set "

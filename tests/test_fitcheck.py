@@ -217,6 +217,23 @@ def test_validation_and_text_encoder_lora_add_their_memory():
     assert "text encoders kept on the GPU (fp16)" in both.components
 
 
+def test_the_face_weighted_loss_is_counted():
+    tiny = get_preset("tiny").train
+    assert tiny.background_weight == 0.1
+    weighted = fc.fit_check(tiny, gpu="t4")
+    plain = fc.fit_check(dataclasses.replace(tiny, background_weight=1.0), gpu="t4")
+    # One fp32 weight per latent pixel (64 px / 8 = 8 x 8) of each of a dataset's 20 photos.
+    assert weighted.components[fc.MASK_COMPONENT] * fc.GB == 20 * 8 * 8 * 4
+    assert fc.MASK_COMPONENT not in plain.components
+    assert weighted.phases["forward/backward"] > plain.phases["forward/backward"]
+    # The step holds the batch's weight map and the weighted error on top of the plain step
+    # (measured as the plans above measured it, so from the cache).
+    targets = tuple(tiny.target_modules)
+    with_masks = fc.measure_step("sd15", 64, 1, False, "lora", 4, targets, True, True)
+    without = fc.measure_step("sd15", 64, 1, False, "lora", 4, targets, True, False)
+    assert with_masks.peak - without.peak >= 8 * 8 * 4
+
+
 def test_the_tiny_plan_caches_no_more_photos_than_a_dataset_holds():
     text = str(fc.fit_check(get_preset("tiny").train, gpu="t4"))
     assert "512 photos" not in text

@@ -262,6 +262,9 @@ def test_padding_is_flat_grey_and_reported(degraded):
     assert grey_rows.any() or grey_cols.any()
     share = 1 - (~grey_rows).sum() * (~grey_cols).sum() / grey_rows.size ** 2
     assert abs(100 * share - r["padding_pct"]) < 5
+    # The face mask gives the padding no weight: it is not part of the photo.
+    mask = np.asarray(Image.open(result.out_dir / r["output"].replace("images/", "masks/")))
+    assert mask[grey_rows].max(initial=0) == 0 and mask[:, grey_cols].max(initial=0) == 0
 
 
 def test_clean_photo_passes_every_check(degraded):

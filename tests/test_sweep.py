@@ -29,6 +29,12 @@ def test_grid_settings_are_parsed_and_checked_before_running():
         parse_grid(["rank"])
 
 
+def test_a_grid_sweeps_the_background_weight():
+    runs = plan_runs("tiny", parse_grid(["background_weight=0.1,1"]))
+    assert [r[0] for r in runs] == ["background_weight=0.1", "background_weight=1.0"]
+    assert [r[2].train.background_weight for r in runs] == [0.1, 1.0]
+
+
 def test_sweep_2x1_records_each_run_once_and_compares(prepared_dataset, tmp_path, capsys):
     argv = ["sweep", "--data", str(prepared_dataset), "--out", str(tmp_path), "--preset",
             "tiny", "--grid", "rank=2,8", "--grid", "steps=6", "--seeds", "0"]

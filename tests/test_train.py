@@ -48,8 +48,10 @@ def trained(prepared_dataset, tmp_path_factory):
 
 
 def test_loss_on_a_fixed_batch_falls(trained):
-    _, result, before, after = trained
+    trainer, result, before, after = trained
     assert len(result.metrics) == 30
+    # The tiny preset trains with the face-weighted loss (background_weight 0.1).
+    assert trainer.weights is not None and trainer.cfg.background_weight == 0.1
     # Same noise, same timesteps, same images: only the LoRA changed.
     assert after < before * 0.97, (before, after)
 
@@ -262,6 +264,9 @@ def test_prior_preservation_and_text_encoder_lora(prepared_dataset, tmp_path):
                class_dir=str(tmp_path / "class"), validate_every=2, checkpoint_every=0)
     trainer = Trainer(prepared_dataset, tmp_path / "lora", cfg, progress=False)
     assert trainer.is_class.sum() == 2 and len(list((tmp_path / "class").glob("*.png"))) == 2
+    # The face weighs more in the photos only: a class image teaches the class, every pixel.
+    assert (trainer.weights[trainer.is_class] == 1).all()
+    assert (trainer.weights[~trainer.is_class] < 1).any()
     result = trainer.run()
     keys = load_file(str(result.lora_path)).keys()
     assert any(k.startswith("text_encoder.") for k in keys)

@@ -43,12 +43,13 @@ from .gpus import (CUDA_CONTEXT_GIB, FRAGMENTATION, GB, GIB, GPU, GPUS, T4_CALIB
 from .measure import (StepMeasurement, build_arch, load_arch, measure_sampling, measure_step,
                       measure_text, measure_vae, optimizer_bytes, parameter_counts,
                       trainable_sizes)
-from .plan import (COLAB_HOST_RAM_GB, FitPlan, Recipe, duration, make_plan,
+from .plan import (COLAB_HOST_RAM_GB, MASK_COMPONENT, FitPlan, Recipe, duration, make_plan,
                    split_overrides)
 from .published import FORK_ROWS, PublishedRun, calibrate, published_runs
 
 __all__ = ["COLAB_HOST_RAM_GB", "CUDA_CONTEXT_GIB", "FORK_ROWS", "FRAGMENTATION", "GB", "GIB",
-           "GPU", "GPUS", "T4_CALIBRATION", "Calibration", "DoesNotFit", "FitPlan",
+           "GPU", "GPUS", "MASK_COMPONENT", "T4_CALIBRATION", "Calibration", "DoesNotFit",
+           "FitPlan",
            "PublishedRun", "Recipe", "StepMeasurement", "build_arch", "calibrate",
            "check_before_training", "duration", "fit_check", "fitcheck_cli", "load_arch",
            "measure_sampling", "measure_step", "measure_text", "measure_vae", "optimizer_bytes",

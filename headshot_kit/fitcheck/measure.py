@@ -5,7 +5,8 @@ keeps the bytes of every live tensor and counts FLOPs.
 Parameters, gradients and optimizer states are counted by dtype from the architecture configs
 in `headshot_kit/data/arch/*.json`. Activation memory is measured: the UNet forward + loss +
 backward, with the peft LoRA attached (`headshot_kit.lora.add_lora`, as the train stage attaches it)
-or the whole UNet trainable, gradient checkpointing on or off, at the configured resolution.
+or the whole UNet trainable, gradient checkpointing on or off, at the configured resolution,
+with the train stage's own loss function (face-weighted or plain).
 CUDA's kernel choices (memory-efficient attention, autocast) are emulated, since meta tensors
 would take other paths. Results are cached for the life of the process.
 """
@@ -344,17 +345,20 @@ def _unet_inputs(family: str, batch: int, dtype) -> dict:
 @functools.cache
 def measure_step(family: str, resolution: int, batch: int, checkpointing: bool, mode: str,
                  rank: int = 4, targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
-                 half: bool = True) -> StepMeasurement:
+                 half: bool = True, weighted: bool = False) -> StepMeasurement:
     """Run one training step of the real UNet on meta tensors and measure what it holds.
 
     mode "lora": frozen UNet in fp16 with the peft LoRA in fp32, as the train stage sets it up;
     "full": every UNet weight trainable, fp32 master weights under fp16 autocast, as accelerate's
     mixed precision does. half=False: fp32 throughout, no autocast. bf16 is measured as fp16
-    (same sizes). `batch` is what the UNet sees (prior preservation doubles it). Cached per
-    arguments for the life of the process.
+    (same sizes). `batch` is what the UNet sees (prior preservation doubles it). weighted: the
+    face-weighted loss (background_weight below 1), with the batch's fp32 weight map on the
+    latent grid alive through the step, as the train stage selects it with the latents. Cached
+    per arguments for the life of the process.
     """
     import torch
-    import torch.nn.functional as F
+
+    from ..train.loss import per_image_mse
 
     start = time.perf_counter()
     dtype = torch.float16 if half else None
@@ -375,11 +379,13 @@ def measure_step(family: str, resolution: int, batch: int, checkpointing: bool, 
                           device="meta")
     timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
     with tracker.mode:
+        weights = torch.empty(batch, 1, side, side, device="meta") if weighted else None
         with _kernels(dtype, cache=True):
             pred = unet(latents.to(unet.dtype), timesteps,
                         **_unet_inputs(family, batch, dtype or torch.float32)).sample
-            loss = F.mse_loss(pred.float(), latents.float())
+            loss = per_image_mse(pred, latents, weights).mean()
         saved = tracker.activations
+        del weights  # from here only the loss's backward holds it, as in the train stage
         loss.backward()
         del loss, pred
     return StepMeasurement(tracker.peak, *tracker.at_peak, tracker.activation_peak, saved,

@@ -26,6 +26,8 @@ COLAB_HOST_RAM_GB = 12.7
 # Photos held as float pixels while training without cached latents: 5-20 selfies, what
 # DreamBooth recipes and the paid services ask for.
 HOST_PHOTOS = 20
+# The plan's line for the face-weighted loss's weight maps (TrainConfig.background_weight).
+MASK_COMPONENT = "face-mask loss weights (fp32, latent grid)"
 OPTIMIZER_NAMES = {"adamw8bit": "8-bit AdamW", "adamw": "AdamW (32-bit)",
                    "prodigy": "Prodigy (32-bit)"}
 
@@ -205,6 +207,11 @@ def make_plan(cfg: TrainConfig, gpu: GPU, mode: str, recipe: Recipe, measure: bo
     grads = trainable
     states = optimizer_bytes(sizes, cfg.optimizer, cfg.optimizer_min_8bit_size)
     scratch = trainable if cfg.optimizer == "adamw" and recipe.adam_foreach else 0
+    # The face-weighted loss keeps one fp32 weight per latent pixel of every photo (and class
+    # image) on the GPU, made while caching and held to the end; the plain loss keeps none.
+    weighted = cfg.background_weight != 1
+    n_images = HOST_PHOTOS + (cfg.num_class_images if cfg.prior_preservation else 0)
+    mask_bytes = 4 * n_images * (cfg.resolution // 8) ** 2 if weighted else 0
     weights = {  # held through the whole training loop
         f"UNet weights (frozen, {dtype})": frozen_unet,
         ("LoRA weights (fp32)" if mode == "lora" else "UNet master weights (fp32)"): trainable,
@@ -213,6 +220,7 @@ def make_plan(cfg: TrainConfig, gpu: GPU, mode: str, recipe: Recipe, measure: bo
         f"text encoders kept on the GPU ({dtype})": text_bytes if text_on_gpu else 0,
         f"optimizer states ({'8-bit' if cfg.optimizer == 'adamw8bit' else '32-bit'} AdamW)":
             states,
+        MASK_COMPONENT: mask_bytes,
     }
     static = sum(weights.values())
     # Gradients are freed after each optimizer step (zero_grad(set_to_none=True)), but live
@@ -237,7 +245,7 @@ def make_plan(cfg: TrainConfig, gpu: GPU, mode: str, recipe: Recipe, measure: bo
                      "alone exceed the GPU, so the total is a lower bound.")
     else:
         step = measure_step(family, cfg.resolution, unet_batch, cfg.gradient_checkpointing, mode,
-                            cfg.rank, targets, half)
+                            cfg.rank, targets, half, weighted)
         text_train = (measure_text(family, unet_batch, half, cfg.rank)
                       if cfg.train_text_encoder else Transient(0, 0))
         if grads_persist:
@@ -275,7 +283,7 @@ def make_plan(cfg: TrainConfig, gpu: GPU, mode: str, recipe: Recipe, measure: bo
             parts["caching"] = {
                 f"UNet weights ({unet_dtype})": counts["unet"] * (4 if mode == "full" else wbytes),
                 "VAE + text encoders (caching)": vae_bytes + text_bytes,
-                "encoder activations (measured)": peak}
+                "encoder activations (measured)": peak, MASK_COMPONENT: mask_bytes}
         if cfg.validate_every:
             # Validation renders with the training state still on the GPU (gradients freed),
             # the VAE and text encoders brought back: one denoising step or the VAE decode.

@@ -45,10 +45,12 @@ FORK_ROWS = {
 
 def _fork_run(fp16: bool, batch: int, checkpointing: bool, eight_bit: bool) -> PublishedRun:
     gb, its = FORK_ROWS[(fp16, batch, checkpointing, eight_bit)]
+    # Its loss was the plain MSE (background_weight 1): no face masks.
     cfg = TrainConfig(family="sd15", resolution=512, batch_size=batch,
                       mixed_precision="fp16" if fp16 else "no",
                       gradient_checkpointing=checkpointing, cache_latents=True,
-                      optimizer="adamw8bit" if eight_bit else "adamw", prior_preservation=True)
+                      optimizer="adamw8bit" if eight_bit else "adamw", prior_preservation=True,
+                      background_weight=1.0)
     name = (f"sd15-full-{'fp16' if fp16 else 'fp32'}-b{batch}"
             f"{'-ckpt' if checkpointing else ''}-{'8bit' if eight_bit else 'adamw'}")
     # It cached latents one training batch (instance + class image) at a time.
@@ -63,9 +65,11 @@ def published_runs() -> dict[str, PublishedRun]:
     # 1, accumulation 3, checkpointing, fp16, 8-bit Adam, the fp16-fix VAE; 500 steps at 7.96
     # s/it, then host RAM ran out reloading the pipeline. Its train_dreambooth_lora_sdxl.py (21
     # Nov 2023) kept the VAE in fp32 on the GPU, encoding every micro-batch, and, with a BLIP
-    # caption per image, kept both text encoders there too, encoding every micro-batch.
+    # caption per image, kept both text encoders there too, encoding every micro-batch. Its
+    # loss was the plain MSE (background_weight 1).
     sdxl = dataclasses.replace(get_preset("sdxl-t4").train, mixed_precision="fp16",
-                               cache_latents=False, prior_preservation=False)
+                               cache_latents=False, prior_preservation=False,
+                               background_weight=1.0)
     runs.append(PublishedRun(
         "sdxl-lora-t4", "huggingface/notebooks SDXL_DreamBooth_LoRA_.ipynb (T4)", sdxl, "lora",
         {"vae_dtype": "fp32", "text_encoders_on_gpu": True, "text_encoders_every_step": True},

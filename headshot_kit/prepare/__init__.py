@@ -3,7 +3,10 @@
 `prepare_photos(photos, out_dir)` reads a folder, a list of files or a .zip and writes:
 
     out_dir/images/<name>.png   square head-and-shoulders crops at cfg.resolution, no metadata
-    out_dir/metadata.jsonl      Hugging Face imagefolder captions, one line per used photo
+    out_dir/masks/<name>.png    a soft face-and-hair mask of each crop ('L', 255 on the face),
+                                pixel for pixel; the train stage weights its loss by it
+    out_dir/metadata.jsonl      Hugging Face imagefolder captions, one line per used photo,
+                                with its mask
     out_dir/report.csv          one row per input file, used or not: why, and every check
     out_dir/contact_sheet.png   every photo with its verdict badges
     out_dir/config.json         the settings that made it
@@ -25,7 +28,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 import pandas as pd
@@ -99,12 +102,15 @@ def prepare_photos(photos: str | Path | Iterable[str | Path], out_dir: str | Pat
     advice = advise(found, cfg, out_dir)
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
+        (tmp / "masks").mkdir()
         lines = []
         for photo in found:
             if photo.used:
+                mask = f"masks/{PurePosixPath(photo.output).name}"
                 photo.crop.save(tmp / photo.output, format="PNG", compress_level=PNG_LEVEL)
-                lines.append(json.dumps({"file_name": photo.output, "text": cfg.caption()},
-                                        ensure_ascii=False))
+                photo.mask.save(tmp / mask, format="PNG", compress_level=PNG_LEVEL)
+                lines.append(json.dumps({"file_name": photo.output, "text": cfg.caption(),
+                                         "mask": mask}, ensure_ascii=False))
         (tmp / "metadata.jsonl").write_text("".join(f"{line}\n" for line in lines),
                                             encoding="utf-8")
         report.to_csv(tmp / "report.csv", index=False)

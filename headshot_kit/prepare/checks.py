@@ -19,7 +19,8 @@ from PIL import Image
 from .. import quality
 from ..config import PrepareConfig
 from ..faces import (DLIB_SAME_PERSON_DISTANCE, Face, FaceModelsMissing, clip_box,
-                     describe_face, detect_faces, eyes_and_nose, face_distance, head_pose)
+                     describe_face, detect_faces, eyes_and_nose, face_distance, face_mask,
+                     face_region, head_pose)
 from .crop import plan_crop, render_crop, rotate, rotate_face
 from .intake import Input, Unusable, load
 
@@ -46,6 +47,7 @@ class Photo:
     values: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     crop: Image.Image | None = None
+    mask: Image.Image | None = None  # the face and hair in the crop ('L'), pixel for pixel
     thumb: Image.Image | None = None
     thumb_boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
     descriptor: np.ndarray | None = None
@@ -101,7 +103,7 @@ def _examine(photo: Photo, path: Path, cfg: PrepareConfig) -> None:
     scale = loaded.scale
     photo.values["face_box"] = ",".join(str(round(v / scale)) for v in face.box)
     photo.values["face_px"] = round(max(face.width, face.height) / scale)
-    photo.descriptor = describe_face(*_around(image, face))
+    photo.descriptor = describe_face(*face_region(image, face))
 
     measures = _measure(image, face)
     photo.yaw = measures["yaw_deg"]
@@ -111,10 +113,14 @@ def _examine(photo: Photo, path: Path, cfg: PrepareConfig) -> None:
 
     # Which crop pixels come from the photo: padding is measured, not guessed.
     valid = Image.new("L", image.size, 255)
+    # Outlined on the photo as found, then turned and cropped with it: the train stage reads
+    # it as lining up with the crop pixel for pixel.
+    mask = face_mask(image, face)
     roll = measures["roll_deg"]
     if cfg.align_roll and abs(roll) >= 0.5:
         centre = sum(eyes_and_nose(face.landmarks)[:2]) / 2
         image, valid = rotate(image, roll, centre), rotate(valid, roll, centre)
+        mask = rotate(mask, roll, centre)
         face = rotate_face(face, roll, centre)
         photo.notes.append(f"rotated {roll:.1f} degrees to level the eyes.")
     box, framing = plan_crop(face, image.size, cfg)
@@ -125,6 +131,7 @@ def _examine(photo: Photo, path: Path, cfg: PrepareConfig) -> None:
     photo.checks["face_size"] = _size_check(upscale, photo.values["face_px"], cfg)
     photo.checks["framing"] = _framing_check(face, image.size, padding, framing, cfg)
     photo.crop = render_crop(image, valid, box, padding, cfg.resolution)
+    photo.mask = render_crop(mask, valid, box, padding, cfg.resolution, fill=0)
     _set_thumb(photo, image, face.box, box)
 
 
@@ -145,19 +152,6 @@ def _face_check(found: list[Face], width: int) -> tuple[Check, str]:
     return (Check("warn", f"{len(found)} faces found: used the largest ({where}); make sure it "
                           "is yours, or crop the others out.", "several faces"),
             f"largest of {len(found)} ({where})")
-
-
-def _around(image: Image.Image, face: Face) -> tuple[Image.Image, Face]:
-    """The face with a margin, and the face in its coordinates: dlib's descriptor needs only
-    this much, and copying a 12 MP photo into numpy for it would not be free."""
-    margin = max(face.width, face.height) // 2
-    left, top = max(0, face.box[0] - margin), max(0, face.box[1] - margin)
-    right = min(image.width, face.box[2] + margin)
-    bottom = min(image.height, face.box[3] + margin)
-    shifted = Face(box=(face.box[0] - left, face.box[1] - top, face.box[2] - left,
-                        face.box[3] - top),
-                   score=face.score, landmarks=face.landmarks - (left, top))
-    return image.crop((left, top, right, bottom)), shifted
 
 
 def _measure(image: Image.Image, face: Face) -> dict[str, float]:

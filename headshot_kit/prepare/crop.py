@@ -2,6 +2,7 @@
 
 The crop is `crop_scale` x the face box when the photo allows, tighter (down to
 `min_crop_scale`) rather than padded when it does not; any part outside the photo is flat grey.
+The face mask goes through the same rotation and crop as the photo, so the two line up.
 """
 
 from __future__ import annotations
@@ -62,13 +63,15 @@ def plan_crop(face: Face, size: tuple[int, int],
 
 
 def render_crop(image: Image.Image, valid: Image.Image, box: tuple[int, int, int, int],
-                padding: float, resolution: int) -> Image.Image:
-    """The crop at `resolution`, with any part outside the photo flat grey."""
+                padding: float, resolution: int, fill: tuple[int, ...] | int = GREY
+                ) -> Image.Image:
+    """The crop at `resolution`, with any part outside the photo `fill` (flat grey; a face
+    mask passes 0: padding is not face)."""
     size = (resolution, resolution)
     if padding == 0:
         crop = image.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
     else:
-        canvas = Image.new("RGB", (box[2] - box[0], box[3] - box[1]), GREY)
+        canvas = Image.new(image.mode, (box[2] - box[0], box[3] - box[1]), fill)
         canvas.paste(image.crop(box), mask=valid.crop(box))
         crop = canvas.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     crop.info = {}

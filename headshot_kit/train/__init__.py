@@ -52,8 +52,8 @@ from ..storage import atomic_dir, atomic_path
 from .card import usage_snippet, write_model_card
 from .checkpoints import RESUME_KEYS, check_resume, latest_checkpoint, list_checkpoints
 from .data import (TrainExample, dataset_subject, ensure_class_images, image_tensor,
-                   load_dataset, with_dataset_subject)
-from .loss import diffusion_loss, encode_latents, fixed_batch_loss
+                   load_dataset, mask_tensor, with_dataset_subject)
+from .loss import diffusion_loss, encode_latents, fixed_batch_loss, loss_weights
 from .optimizers import make_optimizer, optimizer_state_dtypes
 from .selection import RULE, LikenessJudge, choose_best, step_score
 
@@ -204,7 +204,7 @@ class Trainer:
         if accelerator is not None:
             accelerator.free_memory()  # it holds the prepared UNet and optimizer too
         for name in ("pipe", "unet", "optimizer", "lr_scheduler", "params", "inputs",
-                     "cached_cond", "noise_scheduler"):
+                     "cached_cond", "weights", "noise_scheduler"):
             self.__dict__.pop(name, None)
         gc.collect()
         if torch.cuda.is_available():
@@ -214,7 +214,9 @@ class Trainer:
 
     def _cache_inputs(self, class_images: list[Path]) -> None:
         """Encode every photo (and class image) once; captions too unless a text-encoder LoRA
-        is trained. With everything cached the VAE and text encoders leave the GPU."""
+        is trained. With everything cached the VAE and text encoders leave the GPU. The face
+        masks' loss weights are made once too, whether latents are cached or not: they are
+        small (one value per latent pixel) and cost nothing to keep."""
         cfg, pipe = self.cfg, self.pipe
         paths = [e.image for e in self.examples] + class_images
         self.captions = [e.caption for e in self.examples] + [cfg.class_prompt] * len(class_images)
@@ -229,7 +231,27 @@ class Trainer:
         with torch.no_grad():
             self.cached_cond = self.family.encode_prompts(
                 pipe, self.captions, cfg.resolution).to(dtype=torch.float32).detach()
+        self.weights = self._loss_weights(len(class_images))
         self._move(self._parked(), "cpu")
+
+    def _loss_weights(self, n_class: int) -> torch.Tensor | None:
+        """Every photo's per-pixel loss weights on the latent grid (N, 1, h, w), from its face
+        mask; class images weigh every pixel alike (they teach the class, not a face). None
+        (the plain loss) with background_weight 1, or for a dataset prepared without masks."""
+        cfg = self.cfg
+        if cfg.background_weight == 1:
+            return None
+        unmasked = sum(e.mask is None for e in self.examples)
+        if unmasked:
+            print(f"{self.data_dir / 'metadata.jsonl'} lists no face mask for {unmasked} of "
+                  f"{len(self.examples)} photos (it was prepared before masks were written): "
+                  "training with the plain loss, every pixel weighted alike. Run the prepare "
+                  f"stage again to weight the face (background_weight={cfg.background_weight}).")
+            return None
+        masks = torch.stack([mask_tensor(e.mask, cfg.resolution) for e in self.examples])
+        masks = torch.cat([masks, torch.ones(n_class, *masks.shape[1:])])
+        side = cfg.resolution // self.pipe.vae_scale_factor
+        return loss_weights(masks, (side, side), cfg.background_weight).to(self.device)
 
     def _parked(self) -> tuple[str, ...]:
         """The pipeline parts that wait on the CPU while the UNet trains (none on the CPU)."""
@@ -251,9 +273,10 @@ class Trainer:
         pick = torch.randint(0, len(pool), (self.cfg.batch_size,), generator=self.generator)
         return pool[pick]
 
-    def batch(self) -> tuple[torch.Tensor, Conditioning, int]:
+    def batch(self) -> tuple[torch.Tensor, Conditioning, int, torch.Tensor | None]:
         """One micro-batch: instance photos, then as many class images with prior
-        preservation. Returns latents, conditioning and the number of instance rows."""
+        preservation. Returns latents, conditioning, the number of instance rows and the rows'
+        loss weights (None: the plain loss)."""
         instance = torch.nonzero(~self.is_class).flatten()
         idx = self._draw(instance)
         if self.cfg.prior_preservation:
@@ -265,16 +288,19 @@ class Trainer:
                                               self.cfg.resolution)
         else:
             cond = self.cached_cond.select(idx)
-        return latents.to(self.device), cond.to(self.device), self.cfg.batch_size
+        # The same rows as the latents; the weights already wait on the training device.
+        weights = None if self.weights is None else self.weights[idx.to(self.weights.device)]
+        return latents.to(self.device), cond.to(self.device), self.cfg.batch_size, weights
 
     # -- steps ---------------------------------------------------------------------------------
 
     def micro_loss(self) -> torch.Tensor:
-        latents, cond, n_instance = self.batch()
+        latents, cond, n_instance, weights = self.batch()
         with self.accelerator.autocast():
             per_image = diffusion_loss(self.unet, self.noise_scheduler, latents, cond,
                                        generator=self.generator, snr_gamma=self.cfg.snr_gamma,
-                                       noise_offset=self.cfg.noise_offset, reduce=False)
+                                       noise_offset=self.cfg.noise_offset, weights=weights,
+                                       reduce=False)
         loss = per_image[:n_instance].mean()
         if self.cfg.prior_preservation:
             loss = loss + self.cfg.prior_loss_weight * per_image[n_instance:].mean()
@@ -323,12 +349,13 @@ class Trainer:
         return record
 
     def fixed_loss(self) -> float:
-        """The plain loss on every photo with fixed noise and timesteps."""
+        """The loss on every photo with fixed noise and timesteps, without min-SNR weighting
+        and weighted by the face masks as training weighs it."""
         self._train_mode(False)
         latents = self.inputs if self.cfg.cache_latents else encode_latents(self.pipe,
                                                                             self.inputs)
         return fixed_batch_loss(self.unet, self.noise_scheduler, latents.to(self.device),
-                                self.cached_cond.to(self.device))
+                                self.cached_cond.to(self.device), weights=self.weights)
 
     # -- validation ----------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""The training data: the prepared dataset's photos and captions, the subject words it
-records, and the class images of prior preservation."""
+"""The training data: the prepared dataset's photos, captions and face masks, the subject words
+it records, and the class images of prior preservation."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import models
@@ -22,6 +23,9 @@ from ..storage import atomic_path
 class TrainExample:
     image: Path
     caption: str
+    # The photo's face-and-hair mask ('L', lined up with the image); None in a dataset prepared
+    # before the prepare stage wrote masks.
+    mask: Path | None = None
 
 
 def load_dataset(data_dir: str | Path) -> list[TrainExample]:
@@ -37,13 +41,15 @@ def load_dataset(data_dir: str | Path) -> list[TrainExample]:
             continue
         try:
             row = json.loads(line)
-            examples.append(TrainExample(data_dir / row["file_name"], row["text"]))
+            mask = data_dir / row["mask"] if row.get("mask") else None
+            examples.append(TrainExample(data_dir / row["file_name"], row["text"], mask))
         except (json.JSONDecodeError, KeyError) as exc:
             raise DataError(f"{meta}, line {n}: expected JSON with 'file_name' and 'text' "
                              f"({exc}). Re-run the prepare stage.") from None
-    missing = [e.image for e in examples if not e.image.is_file()]
+    missing = [path for e in examples for path in (e.image, e.mask)
+               if path is not None and not path.is_file()]
     if missing:
-        raise FileNotFoundError(f"{meta} lists images that are missing: "
+        raise FileNotFoundError(f"{meta} lists files that are missing: "
                                 f"{', '.join(map(str, missing[:3]))}. Re-run the prepare stage.")
     if not examples:
         raise DataError(f"{meta} lists no images: every photo was rejected. Read "
@@ -79,6 +85,14 @@ def image_tensor(path: Path, resolution: int) -> torch.Tensor:
     image = centre_square(load_image(path), resolution)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def mask_tensor(path: Path, resolution: int) -> torch.Tensor:
+    """A face mask as a (1, H, W) tensor in [0, 1], cropped and resized as `image_tensor` does
+    its photo, so the two still line up."""
+    with Image.open(path) as im:
+        mask = centre_square(im.convert("L"), resolution)
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
 
 
 def class_image_dir(cfg: TrainConfig) -> Path:

@@ -1,5 +1,11 @@
 """The training loss: the denoising MSE of a batch, with min-SNR weighting and offset noise,
-all its randomness drawn from one generator so a resumed run repeats an uninterrupted one."""
+all its randomness drawn from one generator so a resumed run repeats an uninterrupted one.
+
+The face weighs more than the background: each latent pixel's error counts by a weight map
+made from the prepare stage's face mask (`loss_weights`), as replicate/cog-sdxl multiplies its
+loss by a face mask and OneTrainer's masked training weights the unmasked area by
+`unmasked_weight`. Each image's loss is its weighted mean (`per_image_mse`), so values stay
+comparable across weights and equal the plain MSE when the weights are uniform."""
 
 from __future__ import annotations
 
@@ -17,13 +23,39 @@ def encode_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
     return latents.float() * vae.config.scaling_factor
 
 
+def loss_weights(masks: torch.Tensor, size: tuple[int, int],
+                 background_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights on the latent grid, (N, 1, h, w), from face masks (N, 1, H, W) in
+    [0, 1]: `background_weight` where the mask is 0, 1 where it is 1, in between on its soft
+    edge. Each latent pixel takes the mean of the mask pixels it covers (area averaging), as
+    the VAE's 8 x 8 pixels make one latent."""
+    small = F.interpolate(masks.float(), size=size, mode="area")
+    return background_weight + (1.0 - background_weight) * small
+
+
+def per_image_mse(pred: torch.Tensor, target: torch.Tensor,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Each image's mean squared error, (N,); with `weights` (N, 1, h, w, shared by the
+    channels) the weighted mean sum(w * se) / sum(w), normalised so that uniform weights give
+    the plain mean and a smaller background weight does not shrink the loss, only shift it
+    towards the face (OneTrainer's normalize_masked_area_loss)."""
+    se = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if weights is None:
+        return se.mean(dim=(1, 2, 3))
+    w = weights.float().expand_as(se)
+    # An image whose weights are all 0 (background_weight 0 and no face) has nothing to learn.
+    return (w * se).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3)).clamp_min(1e-12)
+
+
 def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, cond: Conditioning, *,
                    generator: torch.Generator, snr_gamma: float | None = None,
-                   noise_offset: float = 0.0, reduce: bool = True) -> torch.Tensor:
+                   noise_offset: float = 0.0, weights: torch.Tensor | None = None,
+                   reduce: bool = True) -> torch.Tensor:
     """The denoising loss of one batch: the UNet's prediction vs its target, per image or mean.
 
-    All randomness comes from `generator`, so a fixed generator gives a fixed loss and a resumed
-    run draws the same noise as an uninterrupted one.
+    `weights`: per-pixel loss weights on the latent grid (`loss_weights`); None weighs every
+    pixel alike. All randomness comes from `generator`, so a fixed generator gives a fixed loss
+    and a resumed run draws the same noise as an uninterrupted one.
     """
     n = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator)
@@ -37,7 +69,7 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, cond: Condition
     pred = unet(noisy.to(unet.dtype), timesteps, **cond.unet_kwargs(unet.dtype)).sample
     v_pred = noise_scheduler.config.prediction_type == "v_prediction"
     target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_pred else noise
-    per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    per_image = per_image_mse(pred, target, weights)
     if snr_gamma is not None:
         from diffusers.training_utils import compute_snr
 
@@ -49,10 +81,11 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, cond: Condition
 
 
 def fixed_batch_loss(unet, noise_scheduler, latents, cond: Conditioning, seed: int = 1234,
-                     repeats: int = 8) -> float:
-    """Mean plain MSE over fixed noise and timesteps: comparable before and after training."""
+                     repeats: int = 8, weights: torch.Tensor | None = None) -> float:
+    """Mean MSE (no min-SNR weighting; face-weighted by `weights` when given) over fixed noise
+    and timesteps: comparable before and after training."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         return float(np.mean([float(diffusion_loss(unet, noise_scheduler, latents, cond,
-                                                   generator=generator))
+                                                   generator=generator, weights=weights))
                               for _ in range(repeats)]))
