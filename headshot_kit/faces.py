@@ -135,7 +135,7 @@ def describe_face(image: Image.Image, face: Face, jitter: int = 0) -> np.ndarray
     return np.array(encoder.compute_face_descriptor(pixels, shape, jitter), dtype=np.float64)
 
 
-def face_region(image: Image.Image, face: Face) -> tuple[Image.Image, Face]:
+def face_with_margin(image: Image.Image, face: Face) -> tuple[Image.Image, Face]:
     """The face with a margin of half its size, and the face in its coordinates: dlib's
     descriptor and landmarks need only this much, and copying a 12 MP photo into numpy for them
     would not be free."""
@@ -157,7 +157,7 @@ def landmarks68(image: Image.Image, face: Face) -> np.ndarray | None:
     if predictor is None:
         return None
     dlib = _dlib()[0]
-    region, shifted = face_region(image, face)
+    region, shifted = face_with_margin(image, face)
     shape = predictor(to_rgb_array(region), dlib.rectangle(*shifted.box))
     points = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
     return points + (face.box[0] - shifted.box[0], face.box[1] - shifted.box[1])

@@ -286,10 +286,10 @@ def test_the_class_images_loss_is_added_with_its_weight(prepared_dataset, tmp_pa
         with torch.no_grad():
             loss = float(trainer.micro_loss())
             trainer.generator.set_state(start)
-            latents, cond, n_instance = trainer.batch()
+            latents, cond, n_instance, weights = trainer.batch()
             per_image = diffusion_loss(trainer.unet, trainer.noise_scheduler, latents, cond,
                                        generator=trainer.generator, reduce=False,
-                                       snr_gamma=cfg.snr_gamma)
+                                       snr_gamma=cfg.snr_gamma, weights=weights)
         assert n_instance == 1 and len(per_image) == 2  # one photo, then one class image
         return loss, per_image
 

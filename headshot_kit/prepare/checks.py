@@ -20,7 +20,7 @@ from .. import quality
 from ..config import PrepareConfig
 from ..faces import (DLIB_SAME_PERSON_DISTANCE, Face, FaceModelsMissing, clip_box,
                      describe_face, detect_faces, eyes_and_nose, face_distance, face_mask,
-                     face_region, head_pose)
+                     face_with_margin, head_pose)
 from .crop import plan_crop, render_crop, rotate, rotate_face
 from .intake import Input, Unusable, load
 
@@ -103,7 +103,7 @@ def _examine(photo: Photo, path: Path, cfg: PrepareConfig) -> None:
     scale = loaded.scale
     photo.values["face_box"] = ",".join(str(round(v / scale)) for v in face.box)
     photo.values["face_px"] = round(max(face.width, face.height) / scale)
-    photo.descriptor = describe_face(*face_region(image, face))
+    photo.descriptor = describe_face(*face_with_margin(image, face))
 
     measures = _measure(image, face)
     photo.yaw = measures["yaw_deg"]
