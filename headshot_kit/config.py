@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import hashlib
 import json
 import typing
@@ -551,63 +550,3 @@ def _parse_as(text: str, annotation: Any, key: str, source: str) -> Any:
         name = getattr(kind, "__name__", str(kind))
         raise ConfigError(f"{source}: {key}={text!r} is not a valid {name}.") from None
     return text
-
-
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Each setting's comment, as written above its field in this file: the one text that
-    the CLI's `--help` shows beside the setting."""
-    import inspect
-
-    docs, comment, previous = {}, [], ""
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        text = line.strip()
-        if text.startswith("#"):
-            comment.append(text.lstrip("# ").strip())
-            continue
-        name = text.split(":", 1)[0]
-        if ":" in text and name.isidentifier() and not text.startswith(("def ", "@")):
-            # A pair such as eyes_warn / eyes_fail shares the comment above the first.
-            if not comment and previous and previous.rsplit("_", 1)[0] == name.rsplit("_", 1)[0]:
-                docs[name] = docs[previous]
-            else:
-                docs[name] = " ".join(comment)
-            previous = name
-        comment = []
-    return docs
-
-
-def settings_help(cls: type) -> str:
-    """Every setting of a stage config with its type, default and comment, for `--help`."""
-    import textwrap
-
-    types, docs = typing.get_type_hints(cls), field_docs(cls)
-    defaults = cls()
-    lines = [f"settings (--set NAME=VALUE; lists as V1,V2), {cls.__name__} defaults:"]
-    for f in dataclasses.fields(cls):
-        kind = getattr(types[f.name], "__name__", str(types[f.name]))
-        lines.append(f"  {f.name} = {getattr(defaults, f.name)!r} ({kind})")
-        if docs.get(f.name):
-            lines += textwrap.wrap(docs[f.name], width=92, initial_indent="      ",
-                                   subsequent_indent="      ")
-    return "\n".join(lines)
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON or YAML settings file into a plain dict (sections: prepare/train/...)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Config file {path} does not exist; check the path.")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # both parsers raise their own error types
-        raise ConfigError(f"Config file {path} could not be read: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"Config file {path} must hold a mapping of settings.")
-    return data

@@ -20,12 +20,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .lora import LORA_WEIGHTS
+
 PHOTOS, PREPARED, LORA, HEADSHOTS, SCORES = "photos", "prepared", "lora", "headshots", "scores"
 # Each stage folder and the notebook (or cell) that writes it, for "not found" messages.
 MADE_BY = {PREPARED: "notebook 01_prepare", LORA: "notebook 02_finetune",
            HEADSHOTS: "notebook 03_generate", SCORES: "notebook 04_evaluate"}
 # The file that shows a stage finished writing its folder.
-MARKER = {PREPARED: "metadata.jsonl", LORA: "pytorch_lora_weights.safetensors",
+MARKER = {PREPARED: "metadata.jsonl", LORA: LORA_WEIGHTS,
           HEADSHOTS: "manifest.csv", SCORES: "scores.csv"}
 DRIVE_MOUNT = Path("/content/drive")
 DRIVE_ENV = "HEADSHOT_KIT_DRIVE"

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from headshot_kit.cli import _stage_config, build_parser, main
+from headshot_kit.cli import _stage_config, build_parser, field_docs, main
 from headshot_kit.config import ConfigError
 
 
@@ -128,7 +128,7 @@ def test_help_documents_every_setting_with_its_config_comment(stage, capsys):
     with pytest.raises(SystemExit):
         main([stage, "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    docs = config.field_docs(cls)
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         assert docs[f.name], f"{cls.__name__}.{f.name} has no comment saying why"
         assert f"{f.name} = " in text, f.name
