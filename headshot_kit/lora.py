@@ -9,6 +9,7 @@ scripts.
 
 from __future__ import annotations
 
+import json
 import re
 from contextlib import nullcontext
 from pathlib import Path
@@ -178,3 +179,14 @@ def pick_checkpoint(lora_dir: str | Path, which: str) -> Path:
     checkpoint by likeness, else `lora_dir` itself (its last weights)."""
     best = Path(lora_dir) / BEST_DIR
     return best if which == "best" and (best / LORA_WEIGHTS).is_file() else Path(lora_dir)
+
+
+def chosen_checkpoint(folder: str | Path) -> dict:
+    """The record training wrote into `folder` when it is the checkpoint chosen by likeness
+    (a LoRA's best/): its step, likeness and the network that chose it (chosen_by); {} for
+    any other folder."""
+    try:
+        record = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if record.get("checkpoint") == BEST_DIR and record.get("chosen_by") else {}

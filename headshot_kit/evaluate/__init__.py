@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from .. import faces
 from ..config import ConfigError, EvaluateConfig, save_config
 from ..images import list_images, load_image
+from ..lora import chosen_checkpoint
 from ..quality import Metric, quality_metrics
 from ..storage import atomic_write_text, copy_ranked
 from ..workspace import SCORES
@@ -209,10 +210,9 @@ def _checkpoint_choice(images: Path) -> dict:
     chose by likeness: that LoRA folder's record of the choice (step, likeness, chosen_by)."""
     try:
         lora_dir = json.loads((images / "config.json").read_text()).get("lora_dir")
-        record = json.loads((Path(lora_dir) / "config.json").read_text()) if lora_dir else {}
     except (OSError, ValueError):
         return {}
-    return record if record.get("checkpoint") == "best" and record.get("chosen_by") else {}
+    return chosen_checkpoint(lora_dir) if lora_dir else {}
 
 
 def _choice_note(chosen: dict, embedder: FaceEmbedder) -> str:

@@ -35,7 +35,7 @@ from ..config import GenerateConfig, save_config
 from ..facedetail import pass_steps
 from ..families import get_family
 from ..images import image_grid
-from ..lora import BEST_DIR, lora_weights
+from ..lora import chosen_checkpoint, lora_weights
 from ..storage import atomic_dir, atomic_path, copy_ranked, safetensors_digest
 from .compare import (AXES, ComparePlan, base_vs_lora_grid, compare_grid, default_axis_values,
                       parse_axis_values, plan_compare, render_plan)
@@ -129,10 +129,10 @@ def _weights_used(lora_dir: Path | None, cfg: GenerateConfig) -> str:
     """Which of the LoRA's weights render the pack, as a clause of the summary line."""
     if lora_dir is None:
         return " with the base model"
-    if lora_dir.name == BEST_DIR and (lora_dir / "config.json").is_file():
-        chosen = json.loads((lora_dir / "config.json").read_text())
-        return (f" with the LoRA's most alike checkpoint (step {chosen.get('step')}, likeness "
-                f"{chosen.get('likeness')})")
+    chosen = chosen_checkpoint(lora_dir)
+    if chosen:
+        return (f" with the LoRA's most alike checkpoint (step {chosen['step']}, likeness "
+                f"{chosen['likeness']})")
     if cfg.lora_checkpoint == "best":
         return " with the LoRA's last weights (training chose no checkpoint by likeness)"
     return " with the LoRA's last weights"

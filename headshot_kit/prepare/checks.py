@@ -184,18 +184,18 @@ def _quality_checks(m: dict[str, float], cfg: PrepareConfig) -> dict[str, Check]
     s = m["sharpness"]
     if s < cfg.sharpness_fail:
         checks["focus"] = Check("fail", f"The face is blurry (sharpness {s:.3f}, needs "
-                                            f"{cfg.sharpness_warn}): use a photo in focus, "
-                                            "without motion blur.", "blurry")
+                                        f"{cfg.sharpness_warn}): use a photo in focus, without "
+                                        "motion blur.", "blurry")
     elif s < cfg.sharpness_warn:
-        checks["focus"] = Check("warn", f"The face is a little soft (sharpness {s:.3f}): "
-                                            "a sharper photo teaches finer detail.", "soft")
+        checks["focus"] = Check("warn", f"The face is a little soft (sharpness {s:.3f}): a "
+                                        "sharper photo teaches finer detail.", "soft")
     else:
         checks["focus"] = Check("pass", f"Sharp (sharpness {s:.3f}).")
     b, clipped = m["brightness"], m["highlights_clipped"]
     if b < cfg.dark_fail:
         checks["exposure"] = Check("fail", f"The face is far too dark (brightness {b:.2f}, 0 "
-                                           "black to 1 white): use a photo taken in better light.",
-                                   "too dark")
+                                           "black to 1 white): use a photo taken in better "
+                                           "light.", "too dark")
     elif clipped > cfg.clipped_fail:
         checks["exposure"] = Check("fail", f"The face is blown out: {clipped:.0%} of it is pure"
                                            " white. Use a photo without flash or sun glare on "

@@ -46,7 +46,7 @@ from ..config import (ConfigError, TrainConfig, config_hash, save_config, to_dic
 from ..families import Conditioning, get_family
 from ..fitcheck import check_before_training
 from ..images import image_grid
-from ..lora import BEST_DIR, add_lora, export_kohya, peft_state, save_lora
+from ..lora import BEST_DIR, add_lora, chosen_checkpoint, export_kohya, peft_state, save_lora
 from ..placement import training_placement
 from ..storage import atomic_dir, atomic_path
 from .card import usage_snippet, write_model_card
@@ -416,8 +416,8 @@ class Trainer:
         record["likeness"] = step_score(self.judge.likeness(images))
         best = choose_best(self.history)
         if best is record:
-            with atomic_dir(self.out_dir / BEST_DIR) as tmp:
-                self._save_lora(tmp, checkpoint="best", step=self.step,
+            with atomic_dir(self.out_dir / BEST_DIR) as tmp:  # read by chosen_checkpoint
+                self._save_lora(tmp, checkpoint=BEST_DIR, step=self.step,
                                 likeness=round(record["likeness"], 4),
                                 chosen_by=self.judge.name, rule=RULE)
 
@@ -532,21 +532,20 @@ class Trainer:
         out = self.out_dir
         metrics = self.save_metrics()
         skipped = int(metrics["skipped"].sum()) if len(metrics) else 0
-        best = choose_best(self.history)
-        chosen = {}
-        if best is None:
+        kept = {}
+        if choose_best(self.history) is None:
             # A best/ left by an earlier run in this folder does not belong to these weights.
             shutil.rmtree(out / BEST_DIR, ignore_errors=True)
-        elif (out / BEST_DIR / "config.json").is_file():
-            kept = json.loads((out / BEST_DIR / "config.json").read_text())
-            chosen = {"best_step": kept["step"], "best_likeness": kept["likeness"],
-                      "checkpoint_chosen_by": kept["chosen_by"]}
+        else:
+            kept = chosen_checkpoint(out / BEST_DIR)
         lora_path = self._save_lora(out, checkpoint="last", step=self.step,
-                                    skipped_steps=skipped, seconds=round(seconds, 2), **chosen)
+                                    skipped_steps=skipped, seconds=round(seconds, 2),
+                                    best_step=kept.get("step"),
+                                    best_likeness=kept.get("likeness"),
+                                    checkpoint_chosen_by=kept.get("chosen_by"))
         result = TrainResult(out, lora_path, metrics, self.optimizer_name, seconds, skipped,
-                             best_step=chosen.get("best_step"),
-                             best_likeness=chosen.get("best_likeness"),
-                             chosen_by=chosen.get("checkpoint_chosen_by", ""))
+                             best_step=kept.get("step"), best_likeness=kept.get("likeness"),
+                             chosen_by=kept.get("chosen_by", ""))
         if metrics["loss"].notna().any():
             import matplotlib.pyplot as plt
 
