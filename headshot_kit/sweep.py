@@ -14,7 +14,8 @@ setting's effect from a seed's.
 Each run is one independent job (`run_job`). With `ray="auto"` (or a cluster's address) and
 Ray installed, the jobs run on a Ray cluster, one GPU each, all writing to the shared `out`
 folder; Ray retries a job whose worker is lost, and the retry resumes training from the run's
-latest checkpoint. Without `ray` the jobs run here, one after another.
+latest checkpoint. Without `ray` the jobs run here: on a machine with several GPUs (Kaggle's
+two T4s) one run per GPU at a time (headshot_kit.multigpu), otherwise one after another.
 """
 
 from __future__ import annotations
@@ -172,8 +173,12 @@ def sweep(data_dir: str | Path, out_dir: str | Path, preset: str = "tiny",
             print(f"{run[0]}: already finished, skipped.")
         else:
             todo.append(run)
+    from .multigpu import local_gpu_count, run_on_gpus
+
     if ray:
         _run_on_ray(ray, data_dir, out_dir, todo, preset, table)
+    elif len(todo) > 1 and (gpus := local_gpu_count()) > 1:
+        run_on_gpus(data_dir, out_dir, todo, preset, table, gpus)
     else:
         for i, run in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {run[0]}")

@@ -3,6 +3,7 @@ that current torch builds no longer run (Kaggle's P100) is refused in one senten
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -43,3 +44,32 @@ def test_a_gpu_older_than_current_torch_builds_is_refused_in_one_sentence(monkey
         models.pick_device("auto")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
     assert models.pick_device("auto") == "cuda"
+
+
+@pytest.mark.slow  # two tiny runs, each in a fresh process: minutes on a shared CPU
+def test_a_sweep_uses_both_gpus_one_run_each_at_once(prepared_dataset, tmp_path, monkeypatch):
+    """Kaggle's two T4s, faked on the CPU: the sweep runs two runs at once, each in its own
+    process that sees one GPU only, and records both in the table."""
+    import json
+
+    import pandas as pd
+
+    from headshot_kit import multigpu
+    from headshot_kit.sweep import sweep
+
+    monkeypatch.setattr(multigpu, "local_gpu_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    table = sweep(prepared_dataset, tmp_path, "tiny", {"rank": [2, 4], "steps": [2]}, seeds=[0])
+    assert sorted(table["rank"]) == [2, 4]
+    runs = [tmp_path / "rank=2_steps=2", tmp_path / "rank=4_steps=2"]
+    # One run per GPU: each ran in a process of its own with its own CUDA_VISIBLE_DEVICES...
+    assert sorted(log.name for run in runs for log in run.glob("gpu*.log")) == ["gpu0.log",
+                                                                               "gpu1.log"]
+    pids = [json.loads(line)["pid"] for run in runs
+            for line in (run / "attempts.jsonl").read_text().splitlines()][::2]
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    # ...at the same time: each started before the other finished.
+    spans = [json.loads((run / "done.json").read_text()) for run in runs]
+    first, second = spans
+    assert first["started"] < second["finished"] and second["started"] < first["finished"]
+    assert len(pd.read_csv(tmp_path / "experiments.csv")) == 2
