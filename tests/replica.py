@@ -24,7 +24,7 @@ Where a replica differs from the runtime it copies:
   kernel has loaded at start (runtime.json "preloaded", read from colabtools' imports) before
   the first cell, so a package replaced on disk under them shows as it does on the runtime.
 - stand-ins outside requires.jsonl declare no requirements: a conflict only they would show
-  is not seen. pip is the Python's own bundled pip (the lists do not name pip).
+  is not seen.
 
 A replica is built once and kept under ~/.cache/headshot-kit/replicas (HEADSHOT_KIT_REPLICAS
 elsewhere), named by a hash of its inputs, and each test works on a hard-linked copy of it.
@@ -222,7 +222,7 @@ def _dlib_under_runtime_name(replica: Replica, version: str) -> str:
         raise RuntimeError("no dlib-bin wheel installs on this Python")
     site = replica.site_packages
     (bin_info,) = site.glob("dlib_bin-*.dist-info")
-    used = bin_info.name.split("-")[1].removesuffix(".dist-info")
+    used = bin_info.name.removesuffix(".dist-info").split("-")[1]
     target = site / f"dlib-{version}.dist-info"
     bin_info.rename(target)
     meta = (target / "METADATA").read_text()
@@ -243,6 +243,8 @@ def build(runtime: Runtime, venv: Path) -> dict:
     start = time.monotonic()
     subprocess.run([str(python), "-m", "venv", str(venv)], check=True)
     replica = Replica(venv, runtime, {})
+    if "pip" in runtime.packages:  # the runtime's own pip, whose resolver the cell runs
+        replica.pip("install", "-q", f"pip=={runtime.packages['pip'][1]}")
     # The runtime's versions as constraints (local labels such as +cu128 dropped: PyPI's builds),
     # except the CUDA libraries, which come at the versions PyPI's torch build names.
     pins = [f"{name}=={version.split('+')[0]}" for key, (name, version)
@@ -267,8 +269,7 @@ def build(runtime: Runtime, venv: Path) -> dict:
             capture_output=True, text=True, check=True).stdout.strip(),
         "packages": len(runtime.packages),
         "real": sorted(k for k in real if k in runtime.packages),
-        "real_outside_the_list": sorted(k for k in real if k not in runtime.packages
-                                        and k not in ("pip",)),
+        "real_outside_the_list": sorted(k for k in real if k not in runtime.packages),
         "stand_ins": len(stand_ins),
         "versions_differing": {k: [runtime.packages[k][1], v] for k, v in real.items()
                                if k in runtime.packages and runtime.packages[k][1] != v},

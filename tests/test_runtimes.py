@@ -132,6 +132,7 @@ def installed(request, built_wheel, tmp_path_factory):
     return session
 
 
+@pytest.mark.slow
 def test_the_setup_cell_leaves_the_runtime_whole(installed):
     result = installed.result
     diff = "\n".join(result["diff"]) or "(nothing)"
@@ -148,6 +149,7 @@ def test_the_setup_cell_leaves_the_runtime_whole(installed):
         line.startswith("headshot-kit ") for line in result["diff"])
 
 
+@pytest.mark.slow
 def test_the_stage_notebooks_then_the_quickstart_run_on_the_tiny_preset(installed):
     session = installed
     photos = session.workdir_root / "headshot-kit" / "photos"
