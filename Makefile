@@ -7,12 +7,16 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 # Every other package at the exact version the tests ran with (`make lock` re-resolves it).
 LOCK := requirements.lock
-EXTRAS := dev,cluster
+# notebooks: a kernel, JupyterLab and papermill; dlib: dlib's prebuilt wheel (dlib-bin).
+EXTRAS := dev,cluster,notebooks,dlib
+# The lock less what Colab and Kaggle keep as they have it (torch, numpy, the kernel...): what
+# the notebooks' setup cell installs under there (`make runtime-constraints` derives it).
+RUNTIME_CONSTRAINTS := runtime-constraints.txt
 # `make test` leaves out the tests marked slow (minutes each: the wheel installed in a fresh
 # venv, the browser, the Colab simulation, the Ray cluster); CI=true (as .ci/run sets) runs all.
 PYTEST_ARGS ?= $(if $(filter true,$(CI)),,-m "not slow")
 
-.PHONY: demo test test-all lab bench lock clean
+.PHONY: demo test test-all lab bench lock runtime-constraints clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -45,11 +49,18 @@ bench: $(VENV)/.installed
 lock: $(VENV)/.installed
 	$(PY) -m pip install -q "pip-tools==7.6.2"
 	echo "$(TORCH)" > $(VENV)/torch-constraint.txt
-	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --upgrade --extra dev --extra cluster --strip-extras \
-		--unsafe-package torch --unsafe-package pip --no-emit-index-url \
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --upgrade --extra dev --extra cluster --extra notebooks --extra dlib \
+		--strip-extras --unsafe-package torch --unsafe-package pip --unsafe-package setuptools --no-emit-index-url \
 		--no-emit-find-links \
 		-c $(VENV)/torch-constraint.txt -o $(LOCK) pyproject.toml
 	rm -f $(VENV)/.installed
+	$(MAKE) runtime-constraints
+
+# setuptools is left out of the lock (--unsafe-package): torch declares a setuptools ceiling on
+# Python 3.12+, and a pin above it would make pip replace a runtime's torch to honour the lock.
+runtime-constraints:
+	$(PYTHON) headshot_kit/runtime.py --derive $(LOCK) > $(RUNTIME_CONSTRAINTS).tmp
+	mv $(RUNTIME_CONSTRAINTS).tmp $(RUNTIME_CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) results/demo results/bench models/tiny-*

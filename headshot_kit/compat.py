@@ -11,6 +11,7 @@ naming the pair and the command that fixes it.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -22,8 +23,10 @@ STACK = ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbyt
          "huggingface-hub", "safetensors", "tokenizers", "numpy")
 REPO = "https://github.com/headshot-kit/headshot-kit"
 LOCK_URL = "https://raw.githubusercontent.com/headshot-kit/headshot-kit/main/requirements.lock"
-# Every version the test suite ran with, torch left to the machine (Colab keeps its CUDA build).
-TESTED_SET = f'pip install -c {LOCK_URL} "headshot-kit @ git+{REPO}"'
+# Every version the test suite ran with, torch left to the machine. On Colab and Kaggle the
+# notebooks' setup cell installs the same set without touching what the runtime stands on.
+TESTED_SET = (f'pip install -c {LOCK_URL} "headshot-kit[notebooks,dlib] @ git+{REPO}" (on '
+              "Colab or Kaggle: the notebook's setup cell, in a new runtime)")
 
 
 class IncompatibleVersions(RuntimeError):
@@ -123,7 +126,43 @@ def check_versions(versions: dict[str, str], needs: list[Need]) -> list[str]:
 
 
 @functools.cache
+def hide_unusable_torchao() -> str | None:
+    """Leave an installed torchao that peft refuses out of this session; the sentence saying
+    so, or None when there was nothing to hide.
+
+    peft (0.19 and later) raises "Found an incompatible version of torchao" whenever a LoRA
+    attaches if the installed torchao is older than it supports, and Colab ships torchao 0.10.
+    The workbench quantizes nothing with torchao, so the old one is hidden (a `None` entry in
+    sys.modules: `import torchao` fails and find_spec finds nothing, the "not installed" that
+    peft, diffusers and transformers all handle) rather than upgraded: torchao is built
+    against one torch release (0.17 for torch 2.10, 0.18 needs 2.11), and the runtime's torch
+    stays as it is.
+    """
+    try:
+        from peft import import_utils
+    except ImportError:
+        return None
+    available = getattr(import_utils, "is_torchao_available", None)
+    if available is None or "torchao" in sys.modules:
+        return None
+    try:
+        available()
+        return None
+    except ImportError as exc:
+        reason = str(exc).splitlines()[0]
+    sys.modules["torchao"] = None
+    if hasattr(available, "cache_clear"):
+        available.cache_clear()
+    note = (f"torchao {metadata.version('torchao')} is installed but peft "
+            f"{metadata.version('peft')} refuses it ({reason}); the workbench does not use "
+            "torchao, so this session leaves it out.")
+    print(note)
+    return note
+
+
+@functools.cache
 def _checked() -> None:
+    hide_unusable_torchao()
     versions = installed_versions()
     problems = check_versions(versions, library_needs(versions))
     if problems:

@@ -79,7 +79,13 @@ def run_notebooks(out: str | Path, preset: str = "tiny", photos: str | Path | No
                   notebooks: tuple[str, ...] = STAGE_NOTEBOOKS,
                   folder: Path | None = None) -> list[Path]:
     """Execute the stage notebooks in order with papermill; returns the executed copies."""
-    import papermill
+    try:
+        import papermill
+    except ImportError:
+        from .config import ConfigError
+
+        raise ConfigError('Running the notebooks needs a kernel and papermill: pip install '
+                          '"headshot-kit[notebooks]" (make installs it).') from None
 
     folder = folder or notebook_dir()
     out = Path(out).resolve()

@@ -38,6 +38,9 @@ def add_lora(module, rank: int, alpha: int | None = None, dropout: float = 0.0,
     import torch
     from peft import LoraConfig
 
+    from .compat import hide_unusable_torchao
+
+    hide_unusable_torchao()  # peft refuses Colab's old torchao at every attach
     module.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
                         lora_dropout=dropout, init_lora_weights="gaussian",

@@ -65,10 +65,34 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "headshot-kit"
 
 
+# The oldest GPUs that torch's CUDA 12.8+ builds (Colab's, Kaggle's) still run on: Volta,
+# compute capability 7.0. Kaggle's P100 (6.0) no longer runs them (Kaggle/kaggle-cli#1151).
+MIN_CAPABILITY = (7, 0)
+
+
+def check_gpu(capability: tuple[int, int] | None = None, name: str | None = None) -> None:
+    """Refuse, in one sentence, a GPU this torch build cannot run (by default the current one)."""
+    if capability is None:
+        if not torch.cuda.is_available():
+            return
+        capability, name = torch.cuda.get_device_capability(), torch.cuda.get_device_name()
+    if tuple(capability) < MIN_CAPABILITY:
+        raise ConfigError(
+            f"This runtime's GPU ({name}, compute capability {capability[0]}.{capability[1]}) "
+            f"is older than the {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} that current torch "
+            "builds need: on Kaggle choose Settings > Accelerator > GPU T4 x2, on Colab a T4, "
+            "then run the notebook again.")
+
+
 def pick_device(requested: str = "auto") -> str:
     if requested != "auto":
+        if requested.startswith("cuda"):
+            check_gpu()
         return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        check_gpu()
+        return "cuda"
+    return "cpu"
 
 
 def cuda_has_bf16() -> bool:
@@ -136,10 +160,34 @@ def ensure_tiny_model(name: str = "tiny-sd15", root: Path | None = None) -> Path
 # Families and loading
 
 
+# Where Kaggle mounts a notebook's inputs (Add Input > Models or Datasets), read-only.
+KAGGLE_INPUT = Path("/kaggle/input")
+
+
+def kaggle_input_model(model: str, root: Path | None = None) -> Path | None:
+    """A copy of hub model `model` attached to a Kaggle notebook as an input: the diffusers
+    folder (one holding model_index.json) under /kaggle/input whose path names the model
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5" -> a folder path containing
+    "stable-diffusion-v1-5"). Kaggle notebooks run without internet by default, so an input
+    is how the weights get there."""
+    root = KAGGLE_INPUT if root is None else root
+    if not root.is_dir():
+        return None
+    want = model.rstrip("/").split("/")[-1].lower()
+    found = sorted(p.parent for p in root.rglob("model_index.json")
+                   if want in str(p.parent.relative_to(root)).lower())
+    return min(found, key=lambda p: len(p.parts)) if found else None
+
+
 def resolve_model(model: str) -> str:
-    """A local folder for tiny models, the folder itself for paths, else the hub id unchanged."""
+    """A local folder for tiny models, the folder itself for paths (a Kaggle input folder
+    included), a Kaggle input holding the hub model, else the hub id unchanged."""
     if model in TINY_MODELS:
         return str(ensure_tiny_model(model))
+    if is_hub_id(model):
+        attached = kaggle_input_model(model)
+        if attached is not None:
+            return str(attached)
     return model
 
 
@@ -194,25 +242,27 @@ def load_pipeline(model: str, family: str = "sd15", *, device: str = "cpu",
     except ValueError as exc:
         raise ModelUnavailable(str(exc)) from None
     cls = getattr(diffusers, spec.pipeline_class)
-    source = resolve_model(model)
+    source = resolve_model(model)  # a Kaggle input holding the model is read as a folder
     kwargs = {"dtype": dtype, "low_cpu_mem_usage": True, **spec.pipeline_kwargs}
-    if is_hub_id(model) and not hub_reachable():
+    if is_hub_id(source) and not hub_reachable():
         kwargs["local_files_only"] = True  # a model cached earlier still loads offline
     if fp16_fix_vae is None:
-        fp16_fix_vae = bool(spec.fp16_vae) and dtype == torch.float16 and is_hub_id(model)
+        fp16_fix_vae = bool(spec.fp16_vae) and dtype == torch.float16 and is_hub_id(source)
     try:
         if fp16_fix_vae:
             kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(
                 spec.fp16_vae, dtype=dtype, local_files_only=kwargs.get(
                     "local_files_only", False))
-        pipe = _from_pretrained(cls, source, half=is_hub_id(model) and dtype != torch.float32,
+        pipe = _from_pretrained(cls, source, half=is_hub_id(source) and dtype != torch.float32,
                                 **kwargs)
     except OSError as exc:
-        if is_hub_id(model):
+        if is_hub_id(source):
             raise ModelUnavailable(
                 f"Could not load {model!r} from the Hugging Face Hub ({type(exc).__name__}). "
                 "This needs network access and the model's licence accepted on the Hub: run "
-                "this preset on Colab, or use the offline preset 'tiny' here.") from exc
+                "this preset on Colab (on Kaggle: turn on Internet in the notebook's settings, "
+                "or attach the model with Add Input > Models), or use the offline preset "
+                "'tiny' here.") from exc
         raise ModelUnavailable(f"{source}: not a diffusers model folder ({exc}).") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

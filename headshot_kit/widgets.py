@@ -29,7 +29,12 @@ from .images import image_grid
 
 
 def enable_colab_widgets() -> bool:
-    """Let Colab show ipywidgets (its default widget manager cannot); True when on Colab."""
+    """Let Colab show ipywidgets (its default widget manager cannot); True when on Colab.
+    Kaggle's image carries google.colab too, but not Colab's frontend: left alone there."""
+    from .workspace import is_colab
+
+    if not is_colab():
+        return False
     try:
         from google.colab import output
     except ImportError:
@@ -38,13 +43,27 @@ def enable_colab_widgets() -> bool:
     return True
 
 
+def widget_mimebundle(widget: w.Widget) -> dict:
+    """What a notebook shows for `widget`, under ipywidgets 8 (`_repr_mimebundle_`) and 7.x
+    (Colab's and Kaggle's 7.7.1, which display through `_ipython_display_` and build the same
+    widget-view bundle there)."""
+    if hasattr(widget, "_repr_mimebundle_"):
+        return widget._repr_mimebundle_()
+    plaintext = repr(widget)
+    bundle = {"text/plain": plaintext[:110] + "…" if len(plaintext) > 110 else plaintext}
+    if widget._view_name is not None:
+        bundle["application/vnd.jupyter.widget-view+json"] = {
+            "version_major": 2, "version_minor": 0, "model_id": widget._model_id}
+    return bundle
+
+
 class _Panel:
     """Shared display plumbing: an object that shows its `.widget`."""
 
     widget: w.Widget
 
     def _repr_mimebundle_(self, **kwargs: Any):
-        return self.widget._repr_mimebundle_(**kwargs)
+        return widget_mimebundle(self.widget)
 
 
 def _seeds_label(shots: Sequence[Shot]) -> str:
@@ -378,20 +397,28 @@ class PhotoUpload(_Panel):
 
     def save(self) -> list[Path]:
         """Write the picked files; returns their paths."""
-        saved = [save_photo(self.folder, item["name"], item["content"])
-                 for item in self.picker.value]
+        saved = [save_photo(self.folder, name, content)
+                 for name, content in uploaded_files(self.picker.value)]
         if saved:
             self.status.value = f"Saved {len(saved)} photo(s) to {self.folder}."
         return saved
 
 
+def uploaded_files(value) -> list[tuple[str, bytes]]:
+    """(name, content) of each file in a FileUpload's value: ipywidgets 8 gives a tuple of
+    dicts with a "name", 7.x (Colab's, Kaggle's) a dict from name to {"content", "metadata"}."""
+    if isinstance(value, dict):
+        return [(name, bytes(item["content"])) for name, item in value.items()]
+    return [(item["name"], bytes(item["content"])) for item in value]
+
+
 def upload_photos(folder: str | Path):
     """The upload step. On Colab with no photos in `folder` yet, Colab's own file picker, which
     holds Run All until the files are chosen; otherwise a PhotoUpload panel."""
-    from .workspace import list_photos
+    from .workspace import is_colab, list_photos
 
     folder = Path(folder)
-    if not list_photos(folder):
+    if not list_photos(folder) and is_colab():  # Kaggle carries google.colab, not its picker
         try:
             from google.colab import files
         except ImportError:

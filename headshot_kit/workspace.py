@@ -11,6 +11,12 @@ committed). On Colab it is a folder on Google Drive: each Colab notebook gets it
 and a disconnect loses the runtime's disk, so only Drive carries one stage's output to the next.
 `HEADSHOT_KIT_DRIVE` names a folder that stands in for the mounted Drive (tests, or a Drive
 synced some other way); setting it also makes the workbench behave as it does on Colab.
+
+On Kaggle the work folder is `/kaggle/working/headshot-kit`: one notebook runs the whole
+journey in one session there, and the folder is kept as the notebook's output when a version
+is saved. Kaggle's image is built from Colab's and carries google.colab, so Kaggle is told
+apart by what it sets in the environment (`KAGGLE_KERNEL_RUN_TYPE`) or its folder, never by
+that module.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ DRIVE_MOUNT = Path("/content/drive")
 DRIVE_ENV = "HEADSHOT_KIT_DRIVE"
 # A folder of its own on Drive, so purging it never touches the user's other files.
 DRIVE_FOLDER = "headshot-kit"
+KAGGLE_WORKING = Path("/kaggle/working")
 CHECKOUT = Path(__file__).resolve().parents[1]
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".mpo", ".heic",
                   ".heif", ".zip"}
@@ -42,9 +49,17 @@ class StageMissing(FileNotFoundError):
     """A stage's input is not in the work folder; the message says which notebook makes it."""
 
 
+def is_kaggle() -> bool:
+    """True in a Kaggle notebook, from what Kaggle sets (its image also holds google.colab)."""
+    return bool(os.environ.get("KAGGLE_KERNEL_RUN_TYPE")) or KAGGLE_WORKING.is_dir()
+
+
 def is_colab() -> bool:
-    """True on Google Colab, or where HEADSHOT_KIT_DRIVE stands in for its Drive."""
-    return "google.colab" in sys.modules or bool(os.environ.get(DRIVE_ENV))
+    """True on Google Colab, or where HEADSHOT_KIT_DRIVE stands in for its Drive; never on
+    Kaggle, whose kernel may have google.colab loaded but cannot mount Drive."""
+    if os.environ.get(DRIVE_ENV):
+        return True
+    return "google.colab" in sys.modules and not is_kaggle()
 
 
 def drive_root() -> Path:
@@ -72,13 +87,15 @@ def mount_drive() -> Path | None:
 
 def notebook_setup() -> None:
     """The setup cell's work: on Colab widgets on and Drive mounted; everywhere, a mistake the
-    workbench explains (a wrong setting, a stage not run yet) shows as its one-line message,
-    not as a traceback with the useful line at the bottom."""
+    workbench explains (a wrong setting, a stage not run yet, a GPU too old for torch) shows
+    as its one-line message, not as a traceback with the useful line at the bottom."""
+    from .models import check_gpu
     from .widgets import enable_colab_widgets
 
     enable_colab_widgets()
     mount_drive()
     _short_errors()
+    check_gpu()
 
 
 def _short_errors() -> None:
@@ -102,6 +119,8 @@ def _short_errors() -> None:
 def default_workdir() -> Path:
     if is_colab():
         return drive_root() / DRIVE_FOLDER
+    if is_kaggle():
+        return KAGGLE_WORKING / DRIVE_FOLDER
     if (CHECKOUT / "pyproject.toml").is_file():  # a checkout: its git-ignored results/
         return CHECKOUT / "results" / "demo"
     return Path.cwd() / "results" / "demo"
@@ -152,6 +171,9 @@ class Workspace:
             if is_colab():
                 hint = (" On Colab each notebook runs in its own runtime: keep workdir on "
                         "Google Drive (the default) so the stages see each other's work.")
+            elif is_kaggle():
+                hint = (" On Kaggle a new session starts with an empty /kaggle/working: run "
+                        "the quickstart, which does every stage in one session.")
             raise StageMissing(f"No {MARKER[stage]} in {folder}: run {MADE_BY[stage]} with the "
                                f"same workdir ({self.root}) first.{hint}")
         return folder

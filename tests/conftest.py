@@ -255,7 +255,10 @@ def wheel_venv(built_wheel, tmp_path_factory) -> WheelVenv:
     lock = ROOT / "requirements.lock"
     torch_pin = f"torch=={torch.__version__.split('+')[0]}"
     run_logged([python, "-m", "pip", "install", "-q", "-c", lock, torch_pin], log)
-    run_logged([python, "-m", "pip", "install", "-q", "-c", lock, built_wheel], log)
+    # The notebooks extra (a kernel, papermill) runs the notebooks; dlib-bin stands in for the
+    # dlib a runtime like Colab brings.
+    run_logged([python, "-m", "pip", "install", "-q", "-c", lock,
+                f"{built_wheel}[notebooks,dlib]"], log)
     return WheelVenv(python, venv / "bin", built_wheel)
 
 

@@ -58,3 +58,96 @@ def test_loading_a_model_stops_at_a_bad_pair(monkeypatch):
             load_pipeline("tiny-sd15")
     finally:
         compat._checked.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# What Colab's and Kaggle's runtimes hold: ipywidgets 7.7.1, an old torchao
+
+
+class _Ipywidgets7:
+    """A widget as ipywidgets 7.x makes it: it displays through `_ipython_display_` and has no
+    `_repr_mimebundle_` (the attribute whose absence broke every panel on Colab)."""
+
+    def __init__(self, widget):
+        self._widget = widget
+
+    def __getattr__(self, name):
+        if name == "_repr_mimebundle_":
+            raise AttributeError(name)
+        return getattr(self._widget, name)
+
+    def __repr__(self):
+        return repr(self._widget)
+
+
+def test_a_panel_shows_the_same_widget_view_under_ipywidgets_7_and_8(tmp_path):
+    from headshot_kit.widgets import PhotoUpload
+
+    panel = PhotoUpload(tmp_path)
+    as_8 = panel._repr_mimebundle_()
+    panel.widget = _Ipywidgets7(panel.widget)
+    as_7 = panel._repr_mimebundle_()
+    view = "application/vnd.jupyter.widget-view+json"
+    assert as_7[view] == as_8[view] and as_7[view]["model_id"] == panel.widget._model_id
+    assert as_7["text/plain"].startswith("VBox(")
+
+
+def test_uploads_are_read_in_both_ipywidgets_shapes(tmp_path):
+    from headshot_kit.widgets import uploaded_files
+
+    jpeg = b"\xff\xd8\xff\xe0 not really a photo"
+    as_8 = ({"name": "me.jpg", "type": "image/jpeg", "size": len(jpeg),
+             "content": memoryview(jpeg)},)
+    as_7 = {"me.jpg": {"metadata": {"name": "me.jpg", "type": "image/jpeg", "size": len(jpeg)},
+                       "content": jpeg}}
+    assert uploaded_files(as_8) == uploaded_files(as_7) == [("me.jpg", jpeg)]
+
+
+@pytest.fixture
+def old_torchao(tmp_path, monkeypatch):
+    """Colab's torchao 0.10.0 (its metadata and an importable package) on the path."""
+    import sys
+
+    (tmp_path / "torchao").mkdir()
+    (tmp_path / "torchao" / "__init__.py").write_text("")
+    info = tmp_path / "torchao-0.10.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torchao\nVersion: 0.10.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from peft import import_utils
+
+    clear = getattr(import_utils.is_torchao_available, "cache_clear", lambda: None)
+    forget = getattr(getattr(compat, "hide_unusable_torchao", None), "cache_clear", lambda: None)
+    clear()
+    forget()
+    yield
+    sys.modules.pop("torchao", None)
+    clear()
+    forget()
+
+
+def test_an_old_torchao_is_left_out_so_the_lora_attaches(old_torchao, capsys):
+    """peft refuses torchao 0.10 at every LoRA attach (fit check, training); the workbench
+    does not use torchao, so it leaves it out of the session and says so in a sentence."""
+    import torch
+    from peft import import_utils
+
+    from headshot_kit.lora import add_lora
+
+    with pytest.raises(ImportError, match="incompatible version of torchao"):
+        import_utils.is_torchao_available()  # what peft does on its own
+    block = torch.nn.Module()
+    block.to_q, block.to_k = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    from diffusers.loaders.peft import PeftAdapterMixin
+    from diffusers.models.modeling_utils import ModelMixin
+
+    class Tiny(ModelMixin, PeftAdapterMixin):
+        def __init__(self):
+            super().__init__()
+            self.block = block
+
+    params = add_lora(Tiny(), rank=2, targets=("to_q", "to_k"))
+    assert len(params) == 4
+    said = capsys.readouterr().out
+    assert "torchao 0.10.0 is installed but peft" in said and said.count("\n") == 1
+    assert import_utils.is_torchao_available() is False

@@ -20,7 +20,9 @@ def _name(spec: str) -> str:
 
 def test_environment_yml_and_pyproject_name_the_same_dependencies():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = project["dependencies"] + project["optional-dependencies"]["dev"]
+    extras = project["optional-dependencies"]
+    # The conda environment is for working on the project: the kernel and dlib-bin included.
+    declared = project["dependencies"] + extras["dev"] + extras["notebooks"] + extras["dlib"]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_list = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert sorted(map(_name, pip_list)) == sorted(map(_name, declared))
@@ -111,7 +113,9 @@ OPTIONAL_IMPORTS = {
     "google": "google.colab, present on Colab only",
     "insightface": "ArcFace embedder, download-only weights (Colab)",
     "facenet_pytorch": "FaceNet embedder, download-only weights (Colab)",
-    "dlib": "module of the dlib-bin distribution",
+    "dlib": "the runtime's own dlib (Colab's), or dlib-bin from the dlib extra",
+    "pip": "its vendored packaging, for runtime.py where packaging is not installed yet",
+    "papermill": "the notebooks extra (a kernel and papermill, for the demo)",
     "ray": "the cluster extra",
     "prodigyopt": "the dev extra, or pip install prodigyopt",
 }
@@ -131,7 +135,32 @@ def test_every_imported_package_is_declared():
         if not names & declared:
             missing.append(f"{module} ({', '.join(sorted(names))})")
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
-    assert "dlib-bin" in declared
+    assert "dlib-bin" in {_name(s) for s in project["optional-dependencies"]["dlib"]}
+
+
+def test_the_library_does_not_upgrade_its_hosts_kernel():
+    """Colab's and Kaggle's kernels run IPython 7.34 and ipywidgets 7.7.1, and stop starting
+    once those change under them: the base requirements accept them, and the kernel, Jupyter
+    and papermill live in the notebooks extra."""
+    from packaging.requirements import Requirement
+
+    project = _pyproject()["project"]
+    base = {_name(s): Requirement(s) for s in project["dependencies"]}
+    assert base["ipython"].specifier.contains("7.34.0")
+    assert base["ipywidgets"].specifier.contains("7.7.1")
+    assert base["ipywidgets"].specifier.contains("8.1.9")
+    kernel = {"ipykernel", "papermill", "jupyterlab", "notebook", "jupyter-client", "tornado",
+              "pyzmq", "traitlets", "dlib-bin"}
+    assert not kernel & set(base), kernel & set(base)
+    assert {"ipykernel", "papermill"} <= {_name(s) for s in
+                                          project["optional-dependencies"]["notebooks"]}
+    assert "notebooks" in _makefile_extras() and "dlib" in _makefile_extras()
+
+
+def _makefile_extras() -> list[str]:
+    line = next(l for l in (ROOT / "Makefile").read_text().splitlines()
+                if l.startswith("EXTRAS :="))
+    return line.split(":=")[1].strip().split(",")
 
 
 def _lock() -> dict[str, str]:
@@ -164,20 +193,26 @@ def test_the_installed_versions_are_the_locked_ones():
 def test_every_declared_dependency_is_locked():
     project = _pyproject()["project"]
     extras = project["optional-dependencies"]
-    declared = project["dependencies"] + extras["dev"] + extras["cluster"]
-    assert {_name(s) for s in declared} - {"torch"} <= set(_lock())
+    declared = [s for extra in _makefile_extras() for s in extras[extra]]
+    # torch and setuptools are the machine's: pinning them would let the lock replace a
+    # runtime's torch (Colab's torch 2.11 caps setuptools below 82).
+    assert {_name(s) for s in project["dependencies"] + declared} - {"torch", "setuptools"
+                                                                    } <= set(_lock())
 
 
-def test_the_notebooks_install_the_tested_set_and_leave_torch_alone():
-    from headshot_kit.compat import TESTED_SET
+def test_the_notebooks_share_one_setup_cell_that_leaves_the_runtime_whole():
+    """Every notebook starts with the same setup cell; it installs through
+    headshot_kit/runtime.py (what it asks pip for: tests/test_runtime_install.py), shows pip's
+    output, and names no torch of its own."""
+    from headshot_kit.runtime import RAW
 
+    cells = {}
     for path in sorted((ROOT / "notebooks").glob("[0-9]*.ipynb")):
-        cells = json.loads(path.read_text())["cells"]
-        installs = [line.strip() for c in cells for line in "".join(c["source"]).splitlines()
-                    if line.strip().startswith("%pip install")]
-        assert installs, path.name
-        for line in installs:
-            assert "requirements.lock" in line and "torch" not in line, (path.name, line)
-            # The sentence the version check prints names the same command.
-            assert line.removeprefix("%pip install -q ") == TESTED_SET.removeprefix(
-                "pip install "), (path.name, line)
+        code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        cells[path.name] = "".join(code[0]["source"])
+    first = cells["00_quickstart.ipynb"]
+    assert all(cell == first for cell in cells.values()), [
+        name for name, cell in cells.items() if cell != first]
+    assert f"{RAW}/headshot_kit/runtime.py" in first and "notebook_setup()" in first
+    # pip runs from runtime.py, never quieted; the cell has no pip line of its own.
+    assert not [line for line in first.splitlines() if "pip install" in line]

@@ -66,3 +66,45 @@ def test_notebook_errors_the_workbench_explains_are_one_line(local, capfd):
         assert "Traceback" not in out
     finally:
         InteractiveShell.clear_instance()
+
+
+@pytest.fixture
+def kaggle(tmp_path, monkeypatch):
+    """A Kaggle notebook: its environment, its working folder, and google.colab loaded (Kaggle's
+    image is Colab's) whose Drive and widget manager refuse to work there."""
+    import sys
+    import types
+
+    monkeypatch.delenv(wsm.DRIVE_ENV, raising=False)
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    monkeypatch.setattr(wsm, "KAGGLE_WORKING", tmp_path / "kaggle" / "working")
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("Mounting drive is unsupported in this environment")
+
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=unsupported)
+    colab.output = types.SimpleNamespace(enable_custom_widget_manager=unsupported)
+    colab.files = types.SimpleNamespace(upload=unsupported)
+    google = types.ModuleType("google")
+    google.colab = colab
+    monkeypatch.setitem(sys.modules, "google", google)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    return tmp_path / "kaggle" / "working"
+
+
+def test_kaggle_is_its_own_home_not_colab(kaggle):
+    assert wsm.is_kaggle() and not wsm.is_colab()
+    ws = workspace()
+    assert ws.root == kaggle / "headshot-kit" and ws.photos == ws.root / "photos"
+    # The setup cell neither mounts Drive nor turns on Colab's widget manager there.
+    assert wsm.mount_drive() is None
+    wsm.notebook_setup()
+    with pytest.raises(StageMissing, match="On Kaggle a new session"):
+        ws.input("prepared")
+
+
+def test_a_kaggle_upload_uses_the_panel_not_colabs_picker(kaggle):
+    from headshot_kit.widgets import PhotoUpload, upload_photos
+
+    assert isinstance(upload_photos(kaggle / "headshot-kit" / "photos"), PhotoUpload)
