@@ -33,6 +33,7 @@ elsewhere), named by a hash of its inputs, and each test works on a hard-linked 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -130,11 +131,15 @@ class Runtime:
         return self.spec["preloaded"]
 
     def key(self) -> str:
-        """A hash of everything a replica is built from: the runtime's files and this recipe."""
-        digest = hashlib.sha256()
-        for path in sorted(self.folder.iterdir()) + [Path(__file__)]:
+        """A hash of everything a replica is built from: the runtime's files and the recipe
+        (the functions below that build it, and ROOTS)."""
+        digest = hashlib.sha256(repr(ROOTS).encode())
+        for path in sorted(self.folder.iterdir()):
             if path.is_file():
                 digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        for recipe in (parse_freeze, _version_from_url, Runtime.load, build, _write_stand_in,
+                       _dlib_under_runtime_name):
+            digest.update(inspect.getsource(recipe).encode())
         return digest.hexdigest()[:12]
 
 
@@ -297,37 +302,42 @@ def replica_of(name: str) -> Replica:
 GIT_URL = re.compile(r"git\+https://github\.com/headshot-kit/headshot-kit(?:\.git)?"
                      r"(?:@[\w.\-/]+)?")
 RAW_URL = re.compile(r"https://raw\.githubusercontent\.com/headshot-kit/headshot-kit/"
-                     r"[^/\s\"']+/([^\s\"'#?]+)")
+                     r"[\w.\-]+")
 ANY_URL = re.compile(r"(github\.com|githubusercontent\.com)/headshot-kit")
 
 
-def localize(text: str, wheel: Path, served: Path) -> str:
+def localize(text: str, wheel: Path, served: Path, strict: bool = True) -> str:
     """`text` with the project's GitHub addresses replaced by this checkout's: the git URL by
-    the built wheel, a raw file by a copy of the checkout's file (itself localized) in
-    `served`. Fails when an address is left that it cannot serve."""
+    the built wheel, a raw.githubusercontent.com address by the same path under `served` (see
+    serve_checkout). Fails, if `strict`, when an address is left that it cannot serve."""
     text = GIT_URL.sub(wheel.resolve().as_uri(), text)
-
-    def serve(match: re.Match) -> str:
-        source = ROOT / match.group(1)
-        if not source.is_file():
-            raise FileNotFoundError(f"{match.group(0)} names {match.group(1)}, which this "
-                                    "checkout does not have")
-        target = served / match.group(1)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            content = source.read_text()
-            target.write_text(content)  # first, so a file naming itself ends
-            target.write_text(localize(content, wheel, served))
-        return target.resolve().as_uri()
-
-    text = RAW_URL.sub(serve, text)
+    text = RAW_URL.sub(served.resolve().as_uri(), text)
     left = ANY_URL.search(text)
-    if left:
+    if left and strict:
         raise ValueError(f"the setup code still reaches GitHub ({left.group(0)}...): the "
                          "replica tests serve only git+https://github.com/headshot-kit/"
                          "headshot-kit and raw.githubusercontent.com/headshot-kit/headshot-kit"
-                         "/<ref>/<path> addresses from the checkout")
+                         "/<ref> addresses from the checkout")
     return text
+
+
+def serve_checkout(wheel: Path, served: Path) -> Path:
+    """The checkout's text files (tracked and new, not ignored) copied to `served`, each with
+    its GitHub addresses localized: what raw.githubusercontent.com would give the setup code."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
+                            "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        source = ROOT / rel
+        if not source.is_file() or source.stat().st_size > 2_000_000:
+            continue
+        try:
+            text = source.read_text()
+        except UnicodeDecodeError:
+            continue
+        (served / rel).parent.mkdir(parents=True, exist_ok=True)
+        # Other addresses (links in the docs, issue trackers) are left as they are.
+        (served / rel).write_text(localize(text, wheel, served, strict=False))
+    return served
 
 
 def setup_cell(notebook: dict) -> dict:

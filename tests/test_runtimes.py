@@ -22,7 +22,8 @@ import pytest
 
 from conftest import ROOT, SAMPLES, clean_env
 from replica import (PROTECTED, RUNTIMES, Runtime, freeze_diff, kernel_spec, localize,
-                     localized_notebook, protected_changes, replica_of, setup_cell)
+                     localized_notebook, protected_changes, replica_of, serve_checkout,
+                     setup_cell)
 
 from test_colab import PHOTOS, STAGES, outputs, text_of
 
@@ -45,13 +46,16 @@ def test_every_runtime_snapshot_names_its_source_and_holds_its_list():
 
 
 def test_the_setup_cell_is_served_from_the_checkout(tmp_path):
-    """What the replicas run: each notebook's first code cell with no GitHub address left."""
+    """What the replicas run: each notebook's first code cell, and every file of the checkout
+    it could fetch, with no GitHub address of the project left."""
     wheel = tmp_path / "headshot_kit-0.1.0-py3-none-any.whl"
+    served = serve_checkout(wheel, tmp_path / "served")
+    assert (served / "pyproject.toml").is_file() and (served / "requirements.lock").is_file()
     for path in sorted(NOTEBOOKS.glob("[0-9]*.ipynb")):
         source = "".join(setup_cell(json.loads(path.read_text()))["source"])
         assert "headshot-kit/headshot-kit" in source, f"{path.name}: no install in its first cell"
-        served = localize(source, wheel, tmp_path / "served")
-        assert "github" not in served and source != served
+        local = localize(source, wheel, served)
+        assert "headshot-kit/headshot-kit" not in local and served.as_uri() in local
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +70,8 @@ class Session:
         cached = replica_of(runtime)
         self.ready_seconds = time.monotonic() - start
         self.replica = cached.copy(root / "venv")
-        self.wheel, self.root, self.served = wheel, root, root / "served"
+        self.wheel, self.root = wheel, root
+        self.served = serve_checkout(wheel, root / "served")
         self.kernel = kernel_spec(self.replica, root / "jupyter")
         self.content = root / "content"
         self.executed = root / "executed"
@@ -77,23 +82,27 @@ class Session:
             # Drive stands in as a folder; it also makes the workbench behave as on Colab.
             self.workdir_root = root / "drive" / "MyDrive"
             runtime_env["HEADSHOT_KIT_DRIVE"] = str(self.workdir_root)
+            self.parameters = []
         else:
+            # The workbench has no stand-in for /kaggle/working: the notebooks are told the
+            # folder it would use there (their `workdir` setting).
             self.workdir_root = root / "kaggle" / "working"
-            runtime_env["HEADSHOT_KIT_KAGGLE_WORKING"] = str(self.workdir_root)
+            self.parameters = ["-p", "workdir", str(self.workdir_root / "headshot-kit")]
         self.workdir_root.mkdir(parents=True)
         self.env = clean_env(PATH=f"{self.replica.venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
                              HEADSHOT_KIT_CACHE=str(root / "cache"),
                              JUPYTER_DATA_DIR=str(root / "jupyter"),
                              IPYTHONDIR=str(root / "ipython"), **runtime_env)
 
-    def execute(self, nb: dict, name: str) -> tuple[dict, str, float]:
+    def execute(self, nb: dict, name: str, parameters=()) -> tuple[dict, str, float]:
         """Run a notebook with papermill from this venv in the replica's kernel: the executed
         notebook, papermill's stderr, the seconds it took."""
         source, target = self.executed / f"in-{name}", self.executed / name
         source.write_text(json.dumps(nb))
         start = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "papermill", source, target, "--cwd",
-                               self.content, "-k", self.kernel, "--no-progress-bar"],
+                               self.content, "-k", self.kernel, "--no-progress-bar",
+                               *parameters],
                               cwd=self.content, env=self.env, capture_output=True, text=True)
         seconds = time.monotonic() - start
         executed = json.loads(target.read_text()) if target.is_file() else {"cells": []}
@@ -159,7 +168,7 @@ def test_the_stage_notebooks_then_the_quickstart_run_on_the_tiny_preset(installe
     failures = []
     for name in (*STAGES, "00_quickstart"):
         nb = localized_notebook(NOTEBOOKS / f"{name}.ipynb", session.wheel, session.served)
-        ran, error, seconds = session.execute(nb, f"{name}.ipynb")
+        ran, error, seconds = session.execute(nb, f"{name}.ipynb", session.parameters)
         errors = [o for o in outputs(ran) if o["output_type"] == "error"]
         if error or errors:
             failures.append(f"{name} ({seconds:.0f} s):\n"
