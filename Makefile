@@ -64,3 +64,10 @@ runtime-constraints:
 
 clean:
 	rm -rf $(VENV) results/demo results/bench models/tiny-*
+
+# Refresh the runtime snapshots in runtimes/ (Colab's package lists from googlecolab/backend-info,
+# Kaggle's layer from Kaggle/docker-python) at the commits each runtime.json names, and the
+# requirements of their stand-ins; needs the network. The replica tests only read them.
+.PHONY: runtimes
+runtimes: $(VENV)/.installed
+	$(PY) runtimes/refresh.py
