@@ -73,7 +73,8 @@ def with_dataset_subject(cfg: TrainConfig, data_dir: str | Path) -> TrainConfig:
     fix = ", or prepare the photos again with the token and class_name you want"
     subject = agree("TrainConfig.subject", cfg.subject, f"{token} {class_name}", source, fix)
     class_prompt = cfg.class_prompt or f"a photo of a {class_name}"
-    if class_name not in class_prompt.split():
+    # A class noun of several words ("young woman") must appear whole, word for word.
+    if f" {' '.join(class_name.split())} " not in f" {' '.join(class_prompt.split())} ":
         raise ConfigError(f"TrainConfig.class_prompt {class_prompt!r} does not name the class "
                           f"{class_name!r} that {source} records; leave class_prompt unset, or "
                           f"write one with {class_name!r} in it.")
