@@ -20,6 +20,43 @@ from typing import Callable, Iterable, Iterator
 
 from .config import ConfigError
 
+# The file that marks a folder as made by the workbench (a pack, a sweep, a work folder), and
+# the lock file that lets one writer at a time into a folder.
+WORKBENCH_MARKER = ".headshot-kit"
+LOCK_FILE = ".headshot-kit.lock"
+
+
+class FolderLock:
+    """One writer per folder: a lock file (filelock, which the hub client uses for its own
+    cache) held while a stage writes. A second writer is refused in one sentence (`wait=0`) or
+    waits up to `wait` seconds; the lock goes with the process that held it, however it ends.
+
+    Re-entrant: code that already holds it may take it again (a checkpoint saved during a run).
+    """
+
+    def __init__(self, folder: str | Path, what: str, lock_file: str | Path | None = None):
+        self.folder, self.what = Path(folder), what
+        self.path = Path(lock_file) if lock_file else self.folder / LOCK_FILE
+        self._lock = None
+
+    @contextmanager
+    def held(self, wait: float = 0) -> Iterator[None]:
+        from filelock import FileLock, Timeout
+
+        if self._lock is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = FileLock(str(self.path))
+        try:
+            self._lock.acquire(timeout=wait)
+        except Timeout:
+            raise ConfigError(f"{self.folder} is in use: another {self.what} is writing to it "
+                              f"(it holds {self.path}). Wait for that one to finish, or use "
+                              "another folder.") from None
+        try:
+            yield
+        finally:
+            self._lock.release()
+
 
 @contextmanager
 def atomic_path(path: str | Path,

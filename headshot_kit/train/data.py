@@ -58,6 +58,21 @@ def load_dataset(data_dir: str | Path) -> list[TrainExample]:
     return examples
 
 
+def dataset_fingerprint(data_dir: str | Path, examples: list[TrainExample]) -> str:
+    """A fingerprint of what a run learns from: the captions file, every photo and face mask
+    it lists (their bytes) and the subject words; other photos give another fingerprint."""
+    import hashlib
+
+    data_dir = Path(data_dir)
+    digest = hashlib.sha256((data_dir / "metadata.jsonl").read_bytes())
+    digest.update(" ".join(dataset_subject(data_dir)).encode())
+    for e in examples:
+        for path in (e.image, e.mask):
+            if path is not None:
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
 def dataset_subject(data_dir: str | Path) -> tuple[str, str]:
     """The token and class noun the prepare stage recorded in the dataset's config.json."""
     path = Path(data_dir) / "config.json"

@@ -1,0 +1,124 @@
+"""Nothing lost, nothing run that shouldn't be: checkpoints that carry no code, a run that
+knows its photos, one writer per folder, stages that write only their own folders, settings
+and files from elsewhere checked before they are used, and failures reported in one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from headshot_kit.config import ConfigError, get_preset
+from headshot_kit.lora import LORA_WEIGHTS
+from headshot_kit.train import Trainer, latest_checkpoint, train_lora
+
+
+def tiny(**changes):
+    return dataclasses.replace(get_preset("tiny").train, validate_every=0, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class _CreatesFile:
+    """Pickled, this object is a call to open(path, "w"): unpickling it creates the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _two_checkpoints(data, out):
+    """A finished 2-step run with a checkpoint at each step."""
+    train_lora(data, out, tiny(steps=2, checkpoint_every=1), progress=False)
+    return sorted((out / "checkpoints").glob("checkpoint-*"))
+
+
+def test_a_crafted_checkpoint_runs_no_code_when_a_run_resumes(prepared_dataset, tmp_path):
+    out = tmp_path / "run"
+    first, second = _two_checkpoints(prepared_dataset, out)
+    # Newest of all, beside a valid meta.json: every state file the loader could read is a
+    # pickle that creates a file when unpickled.
+    crafted = out / "checkpoints" / "checkpoint-0000003"
+    crafted.mkdir()
+    meta = json.loads((second / "meta.json").read_text())
+    (crafted / "meta.json").write_text(json.dumps({**meta, "step": 3}))
+    planted = tmp_path / "planted.txt"
+    torch.save(_CreatesFile(planted), crafted / "state.pt")
+    for name in ("state.safetensors", "state.json"):
+        shutil.copy(crafted / "state.pt", crafted / name)
+
+    resumed = Trainer(prepared_dataset, out, tiny(steps=4, checkpoint_every=1),
+                      progress=False)
+    assert not planted.exists()
+    assert resumed.resumed_from == second and resumed.step == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated state", "empty meta.json"])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_good_one(
+        prepared_dataset, tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    first, second = _two_checkpoints(prepared_dataset, out)
+    if damage == "empty meta.json":
+        (second / "meta.json").write_text("")
+    else:  # cut short, as a full disk or a lost connection leaves a file
+        for state in second.glob("state.*"):
+            state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    capsys.readouterr()
+    resumed = Trainer(prepared_dataset, out, tiny(steps=2, checkpoint_every=1),
+                      progress=False)
+    assert resumed.resumed_from == first and resumed.step == 1
+    said = capsys.readouterr().out
+    assert str(second) in said and "skipped, resuming from the one before it" in said
+    resumed.run()
+    assert latest_checkpoint(out / "checkpoints").name == second.name
+
+
+def test_other_photos_never_finish_an_old_run(prepared_dataset, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny(steps=2, checkpoint_every=0)
+    train_lora(prepared_dataset, out, cfg, progress=False)
+    lora, config = (out / LORA_WEIGHTS).read_bytes(), (out / "config.json").read_text()
+    # The user replaces a photo (here: the first one, mirrored) and prepares again.
+    other = tmp_path / "other-photos"
+    shutil.copytree(prepared_dataset, other)
+    from PIL import Image, ImageOps
+
+    first = other / json.loads((other / "metadata.jsonl").read_text().splitlines()[0])[
+        "file_name"]
+    with Image.open(first) as im:
+        ImageOps.mirror(im).save(first)
+    with pytest.raises(ConfigError, match="trained on other photos.*new out folder"):
+        train_lora(other, out, cfg, progress=False)
+    assert (out / LORA_WEIGHTS).read_bytes() == lora
+    assert (out / "config.json").read_text() == config
+    # Started over on purpose, the same folder takes the new photos.
+    train_lora(other, out, dataclasses.replace(cfg, resume=False), progress=False)
+    assert json.loads((out / "config.json").read_text())["data_dir"] == str(other)
+
+
+def test_a_second_training_into_the_same_folder_is_refused_and_harms_nothing(
+        prepared_dataset, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny(steps=4, checkpoint_every=1)
+    refusals = []
+
+    def start_another(trainer, record):
+        if record["step"] == 2:
+            try:
+                Trainer(prepared_dataset, out, cfg, progress=False)
+            except ConfigError as exc:
+                refusals.append(str(exc))
+
+    train_lora(prepared_dataset, out, cfg, progress=False, on_step=start_another)
+    assert len(refusals) == 1 and "is in use: another training run" in refusals[0]
+    assert latest_checkpoint(out / "checkpoints").name == "checkpoint-0000004"
+    # Once the first has finished, the folder is free again.
+    again = Trainer(prepared_dataset, out, cfg, progress=False)
+    assert again.step == 4
