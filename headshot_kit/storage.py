@@ -84,6 +84,23 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def mark_folder(folder: str | Path, stage: str) -> Path:
+    """Mark `folder` as the output of a workbench stage (what purge and the stages look for)."""
+    marker = Path(folder) / WORKBENCH_MARKER
+    marker.write_text(json.dumps({"made_by": f"headshot-kit {stage}"}) + "\n")
+    return marker
+
+
+def made_by(folder: str | Path) -> str:
+    """The stage whose marker `folder` carries ("" when it carries none)."""
+    try:
+        record = json.loads((Path(folder) / WORKBENCH_MARKER).read_text())
+    except (OSError, ValueError):
+        return ""
+    return str(record.get("made_by", "")).removeprefix("headshot-kit ") if isinstance(
+        record, dict) else ""
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it becomes `path`.

@@ -122,3 +122,108 @@ def test_a_second_training_into_the_same_folder_is_refused_and_harms_nothing(
     # Once the first has finished, the folder is free again.
     again = Trainer(prepared_dataset, out, cfg, progress=False)
     assert again.step == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Packs: their own folder, their stars
+
+
+@pytest.fixture(scope="module")
+def gen_cfg():
+    return dataclasses.replace(get_preset("tiny").generate, styles=["corporate"], seeds=[0],
+                               steps=2)
+
+
+@pytest.mark.parametrize("where", ["folder of other files", "work folder"])
+def test_generate_never_replaces_a_folder_it_did_not_make(pipe, gen_cfg, tmp_path, where):
+    from headshot_kit import generate as gen
+
+    if where == "work folder":  # generate --out pointed at the work folder itself
+        out = tmp_path / "work"
+        keep = {out / "photos" / "me.jpg": b"a selfie", out / "lora" / LORA_WEIGHTS: b"w"}
+    else:
+        out = tmp_path / "documents"
+        keep = {out / "thesis.docx": b"years of work", out / "sub" / "taxes.pdf": b"2025"}
+    for path, data in keep.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    with pytest.raises(ConfigError, match=f"out_dir {out} already holds files that are not a "
+                       "generated pack"):
+        gen.generate_pack(None, out, gen_cfg, pipe=pipe, progress=False)
+    assert all(path.read_bytes() == data for path, data in keep.items())
+    assert sorted(p.name for p in out.iterdir()) == sorted({p.relative_to(out).parts[0]
+                                                            for p in keep})
+
+
+def test_a_pack_keeps_what_the_user_put_beside_it(pipe, gen_cfg, tmp_path):
+    from headshot_kit import generate as gen
+
+    out = tmp_path / "pack"
+    gen.generate_pack(None, out, gen_cfg, pipe=pipe, progress=False)
+    (out / "notes.txt").write_text("send the second one to HR")
+    gen.generate_pack(None, out, dataclasses.replace(gen_cfg, seeds=[0, 1]), pipe=pipe,
+                      progress=False)
+    assert (out / "notes.txt").read_text() == "send the second one to HR"
+    assert (out / "images" / "corporate_seed1.png").is_file()
+
+
+STAR_WRITER = """
+import sys
+from headshot_kit.generate import set_starred
+out, first, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(first, first + n):
+    set_starred(out, f"images/x{i:03d}.png")
+"""
+
+
+def test_two_writers_of_the_stars_lose_none(tmp_path):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from headshot_kit.generate import MANIFEST_COLUMNS, load_manifest
+
+    rows = [{c: "" for c in MANIFEST_COLUMNS} | {"file": f"images/x{i:03d}.png",
+                                                 "starred": False} for i in range(200)]
+    pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(tmp_path / "manifest.csv", index=False)
+    # Two notebooks starring at once: 100 images each.
+    writers = [subprocess.Popen([sys.executable, "-c", STAR_WRITER, str(tmp_path), str(first),
+                                 "100"]) for first in (0, 100)]
+    assert [w.wait(timeout=600) for w in writers] == [0, 0]
+    assert int(load_manifest(tmp_path)["starred"].sum()) == 200
+
+
+def test_a_star_clicked_while_the_pack_is_rewritten_is_kept(pipe, gen_cfg, tmp_path,
+                                                            monkeypatch):
+    from headshot_kit import generate as gen
+
+    out = tmp_path / "pack"
+    gen.generate_pack(None, out, gen_cfg, pipe=pipe, progress=False)
+    real = gen.render_batch
+
+    def star_meanwhile(shots, pipe):  # the user stars the first image during the re-run
+        gen.set_starred(out, "images/corporate_seed0.png")
+        return real(shots, pipe)
+
+    monkeypatch.setattr(gen, "render_batch", star_meanwhile)
+    result = gen.generate_pack(None, out, dataclasses.replace(gen_cfg, seeds=[0, 1]),
+                               pipe=pipe, progress=False)
+    starred = dict(zip(result.manifest["file"], result.manifest["starred"]))
+    assert starred == {"images/corporate_seed0.png": True, "images/corporate_seed1.png": False}
+    assert gen.load_manifest(out)["starred"].tolist() == [True, False]
+
+
+def test_an_image_that_comes_out_black_is_flagged_in_the_manifest(pipe, gen_cfg, tmp_path):
+    from headshot_kit import generate as gen
+
+    def nan_out(module, args, output):  # NaN from the UNet, as a broken LoRA or fp16 gives
+        output[0].fill_(float("nan"))
+
+    hook = pipe.unet.register_forward_hook(nan_out)
+    try:
+        result = gen.generate_pack(None, tmp_path / "pack", gen_cfg, pipe=pipe, progress=False)
+    finally:
+        hook.remove()
+    assert result.manifest["image_check"].str.startswith("black").all()
+    assert gen.load_manifest(tmp_path / "pack")["image_check"].str.startswith("black").all()
