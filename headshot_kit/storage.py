@@ -21,9 +21,14 @@ from typing import Callable, Iterable, Iterator
 from .config import ConfigError
 
 # The file that marks a folder as made by the workbench (a pack, a sweep, a work folder), and
-# the lock file that lets one writer at a time into a folder.
+# the lock file that lets one writer at a time into a folder (.headshot-kit.<what>.lock for
+# a folder with several).
 WORKBENCH_MARKER = ".headshot-kit"
 LOCK_FILE = ".headshot-kit.lock"
+
+
+def is_lock_file(name: str) -> bool:
+    return name.startswith(".headshot-kit") and name.endswith(".lock")
 
 
 class FolderLock:
@@ -102,16 +107,24 @@ def made_by(folder: str | Path) -> str:
 
 
 @contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, links: Iterable[str] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it becomes `path`.
 
-    An existing `path` is replaced only after the new folder is complete.
+    An existing `path` is replaced only after the new folder is complete. The files named in
+    `links` (lock files) are hard-linked from the old folder into the new one first: the same
+    file stays at the same path throughout, so a lock held in it holds across the swap.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        for name in links:
+            if (path / name).is_file() and not (tmp / name).exists():
+                try:
+                    os.link(path / name, tmp / name)
+                except OSError:  # a filesystem without hard links: a new lock file then
+                    pass
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -179,8 +192,10 @@ def purge(root_or_paths: str | Path | Iterable[str | Path], older_than_days: flo
 
     With `older_than_days`, only files last changed longer ago than that go, and folders left
     empty by them; the given folders stay. Links are deleted, never followed, so nothing
-    outside the given roots is touched. Folders that hold your home or current folder are
-    refused. Returns (and prints a summary of) what was deleted, or would be with `dry_run`.
+    outside the given roots is touched. Only folders the workbench made are deleted (see
+    `is_workbench_folder`); folders that hold your home, the current folder or the
+    headshot-kit checkout are refused. Returns (and prints a summary of) what was deleted, or
+    would be with `dry_run`.
     """
     roots = ([root_or_paths] if isinstance(root_or_paths, (str, os.PathLike))
              else list(root_or_paths))
@@ -191,6 +206,7 @@ def purge(root_or_paths: str | Path | Iterable[str | Path], older_than_days: flo
         if not root.exists() and not root.is_symlink():
             continue
         _refuse_broad_root(root)
+        _refuse_foreign_root(root)
         if root.is_symlink() or root.is_file():
             if cutoff is None or root.lstat().st_mtime < cutoff:
                 deleted.append(_delete(root, dry_run))
@@ -222,8 +238,42 @@ def _outline(paths: list[Path], roots: set[Path]) -> list[str]:
     return lines
 
 
+def is_workbench_folder(folder: Path) -> bool:
+    """Whether the workbench made `folder`: it carries the workbench's marker file, or a
+    stage's finishing file (a dataset's metadata.jsonl, a LoRA's weights, a pack's
+    manifest.csv, the scores), or it is a work folder holding such a stage folder."""
+    from .workspace import MARKER  # the stage folders' finishing files
+
+    if (folder / WORKBENCH_MARKER).is_file():
+        return True
+    finishing = {*MARKER.values(), "experiments.csv"}
+    if any((folder / name).is_file() for name in finishing):
+        return True
+    return any((folder / stage / name).is_file() for stage, name in MARKER.items())
+
+
+def _refuse_foreign_root(root: Path) -> None:
+    """Refuse a root the workbench did not make (nor a folder the workbench made holds)."""
+    real = root.resolve()
+    start = real if real.is_dir() else real.parent
+    if is_workbench_folder(start) or any((p / WORKBENCH_MARKER).is_file() or
+                                         is_workbench_folder(p) and p != Path(p.anchor)
+                                         for p in start.parents):
+        return
+    raise ConfigError(f"Refusing to purge {root}: the workbench did not make it (no "
+                      f"{WORKBENCH_MARKER} marker, prepared dataset, LoRA, pack or scores in it "
+                      "or above it). Give the subject's work folder or a stage folder; delete "
+                      "other files yourself.")
+
+
 def _refuse_broad_root(root: Path) -> None:
     real = root.resolve()
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (real == checkout
+                                                   or real in checkout.parents):
+        raise ConfigError(f"Refusing to purge {root}: it holds the headshot-kit checkout "
+                          f"{checkout}. Give the subject's own folder (its uploads, dataset, "
+                          "LoRA and outputs).")
     for precious in (Path.home().resolve(), Path.cwd().resolve()):
         if real == precious or real in precious.parents:
             raise ConfigError(f"Refusing to purge {root}: it holds {precious}. Give the "

@@ -227,3 +227,37 @@ def test_an_image_that_comes_out_black_is_flagged_in_the_manifest(pipe, gen_cfg,
         hook.remove()
     assert result.manifest["image_check"].str.startswith("black").all()
     assert gen.load_manifest(tmp_path / "pack")["image_check"].str.startswith("black").all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Purge
+
+
+def test_purge_deletes_only_folders_the_workbench_made(tmp_path, monkeypatch, capsys):
+    from headshot_kit.cli import main
+    from headshot_kit.storage import purge
+
+    monkeypatch.chdir(tmp_path / "..")  # the current folder is elsewhere
+    documents = tmp_path / "documents"
+    (documents / "sub").mkdir(parents=True)
+    (documents / "thesis.docx").write_bytes(b"years of work")
+    (documents / "sub" / "taxes.pdf").write_bytes(b"2025")
+    for path in (documents, documents / "sub", documents / "thesis.docx"):
+        assert main(["purge", str(path)]) == 2
+        assert "the workbench did not make it" in capsys.readouterr().err
+    assert (documents / "thesis.docx").read_bytes() == b"years of work"
+    assert (documents / "sub" / "taxes.pdf").read_bytes() == b"2025"
+    # The checkout itself, and any folder above it, are refused too.
+    from headshot_kit import workspace
+
+    for broad in (workspace.CHECKOUT, workspace.CHECKOUT.parent):
+        with pytest.raises(ConfigError, match="Refusing to purge"):
+            purge(broad, dry_run=True)
+    # A work folder the workbench wrote into goes, uploads included.
+    work = tmp_path / "work"
+    (work / "photos").mkdir(parents=True)
+    (work / "photos" / "me.jpg").write_bytes(b"x")
+    (work / "lora").mkdir()
+    (work / "lora" / LORA_WEIGHTS).write_bytes(b"w")
+    assert main(["purge", str(work / "photos")]) == 0 and not (work / "photos").exists()
+    assert main(["purge", str(work)]) == 0 and not work.exists()

@@ -38,7 +38,7 @@ from ..families import get_family
 from ..images import image_grid
 from ..lora import chosen_checkpoint, lora_weights
 from ..storage import (WORKBENCH_MARKER, FolderLock, atomic_dir, atomic_path, copy_ranked,
-                       made_by, mark_folder, safetensors_digest)
+                       is_lock_file, made_by, mark_folder, safetensors_digest)
 from .compare import (AXES, ComparePlan, base_vs_lora_grid, compare_grid, default_axis_values,
                       parse_axis_values, plan_compare, render_plan)
 from .shots import (SAMPLERS, Shot, cell_text, check_generate, check_lora, describe_shot,
@@ -64,6 +64,7 @@ MANIFEST_COLUMNS = ["file", "style", "seed", "prompt", "negative_prompt", "steps
 PACK_FILES = ("images", "manifest.csv", "grid.png", "config.json", WORKBENCH_MARKER)
 # A star clicked while the pack is written waits this long for the manifest at most.
 STAR_WAIT_S = 120
+LOCKS = (".headshot-kit.generate.lock", ".headshot-kit.manifest.lock")
 
 
 @dataclass
@@ -94,7 +95,7 @@ def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
     shots = [make_shot(cfg, styles[n], seed, lora_dir) for n in names for seed in cfg.seeds]
     out_dir = Path(out_dir)
     check_pack_folder(out_dir)
-    with FolderLock(out_dir, "generate run", _lock_file(out_dir, "generate")).held():
+    with _pack_lock(out_dir, "generate").held():
         return _write_pack(lora_dir, out_dir, cfg, names, shots, pipe, progress)
 
 
@@ -116,8 +117,8 @@ def _write_pack(lora_dir, out_dir: Path, cfg: GenerateConfig, names: list[str],
     # The manifest lock is taken at the end and held until the new pack is in place, so a
     # star clicked meanwhile is either in the old manifest (and carried over) or waits.
     with ExitStack() as swap_done:
-        with atomic_dir(out_dir) as tmp, tqdm(total=len(todo), desc="generate",
-                                              disable=not progress) as bar:
+        with atomic_dir(out_dir, links=LOCKS) as tmp, tqdm(total=len(todo), desc="generate",
+                                                           disable=not progress) as bar:
             _carry_over(out_dir, tmp, kept)
             made.update({file: (_open(tmp / file), cell_text(row.get("face_detail_note")),
                                 bool(row["starred"])) for file, row in kept.items()})
@@ -130,7 +131,7 @@ def _write_pack(lora_dir, out_dir: Path, cfg: GenerateConfig, names: list[str],
                         save_png(done.image, tmp / _file(shot), shot, done.note)
                         made[_file(shot)] = (done.image, done.note, False)
                     bar.update(len(batch))
-            swap_done.enter_context(_manifest_lock(out_dir).held(wait=STAR_WAIT_S))
+            swap_done.enter_context(_pack_lock(out_dir, "manifest").held(wait=STAR_WAIT_S))
             stars = _current_stars(out_dir, kept)
             _keep_others(out_dir, tmp)
             rows = [{"file": _file(s), **s.row(), "face_detail_note": made[_file(s)][1],
@@ -174,7 +175,8 @@ def check_pack_folder(out_dir: Path) -> None:
         return
     if not out_dir.is_dir():
         raise ConfigError(f"out_dir {out_dir} is a file; give a folder name for the pack.")
-    if not any(out_dir.iterdir()) or made_by(out_dir) == "generate":
+    held = sorted(p.name for p in out_dir.iterdir() if not is_lock_file(p.name))
+    if not held or made_by(out_dir) == "generate":
         return
     try:  # a pack written before packs carried the workbench's marker
         if json.loads((out_dir / "config.json").read_text()).get(
@@ -182,22 +184,19 @@ def check_pack_folder(out_dir: Path) -> None:
             return
     except (OSError, ValueError, AttributeError):
         pass
-    held = sorted(p.name for p in out_dir.iterdir())
     raise ConfigError(f"out_dir {out_dir} already holds files that are not a generated pack "
                       f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}), and the pack "
                       "would replace them; choose an empty or new folder (e.g. "
                       f"{out_dir / 'headshots'}).")
 
 
-def _lock_file(out_dir: Path, what: str) -> Path:
-    # Beside the pack, not in it: the pack folder itself is replaced whole.
-    out_dir = out_dir.absolute()
-    return out_dir.parent / f".{out_dir.name}.{what}.lock"
-
-
-def _manifest_lock(out_dir: str | Path) -> FolderLock:
+def _pack_lock(out_dir: str | Path, what: str) -> FolderLock:
+    """The pack's lock for a generate run (a second is refused) or for its manifest (a star
+    waits its turn). It lives in the pack and is carried into each new pack (atomic_dir's
+    links), so it holds while the pack folder is swapped."""
     out_dir = Path(out_dir)
-    return FolderLock(out_dir, "writer of its manifest", _lock_file(out_dir, "manifest"))
+    doing = "generate run" if what == "generate" else "writer of its manifest"
+    return FolderLock(out_dir, doing, out_dir / f".headshot-kit.{what}.lock")
 
 
 def _current_stars(out_dir: Path, kept: Mapping[str, Any]) -> dict[str, bool]:
@@ -215,7 +214,7 @@ def _keep_others(out_dir: Path, tmp: Path) -> None:
     if not out_dir.is_dir():
         return
     for entry in out_dir.iterdir():
-        if entry.name in PACK_FILES or (tmp / entry.name).exists():
+        if entry.name in PACK_FILES or is_lock_file(entry.name) or (tmp / entry.name).exists():
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, tmp / entry.name, symlinks=True)
@@ -326,7 +325,8 @@ def set_starred(out_dir: str | Path, file: str, starred: bool = True) -> pd.Data
 
     Read, changed and written under the manifest's lock: a star set from another notebook, or
     while generate writes the pack, is never lost."""
-    with _manifest_lock(out_dir).held(wait=STAR_WAIT_S):
+    load_manifest(out_dir)  # a folder without a pack is named before anything is written
+    with _pack_lock(out_dir, "manifest").held(wait=STAR_WAIT_S):
         manifest = load_manifest(out_dir)
         hit = manifest["file"] == file
         if not hit.any():
@@ -339,6 +339,6 @@ def set_starred(out_dir: str | Path, file: str, starred: bool = True) -> pd.Data
 
 def export_starred(out_dir: str | Path) -> Path:
     """Copy the starred images of a pack into out_dir/favourites/ (replacing earlier exports)."""
-    with _manifest_lock(out_dir).held(wait=STAR_WAIT_S):
+    with _pack_lock(out_dir, "manifest").held(wait=STAR_WAIT_S):
         manifest = load_manifest(out_dir)
         return copy_ranked(manifest[manifest["starred"]], "file", Path(out_dir), "favourites")
