@@ -261,3 +261,46 @@ def test_purge_deletes_only_folders_the_workbench_made(tmp_path, monkeypatch, ca
     (work / "lora" / LORA_WEIGHTS).write_bytes(b"w")
     assert main(["purge", str(work / "photos")]) == 0 and not (work / "photos").exists()
     assert main(["purge", str(work)]) == 0 and not work.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Files made elsewhere: a PNG's settings, a LoRA
+
+
+def _png_from_elsewhere(path, line: str):
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", f"corporate headshot of ohwx person\nNegative prompt: blurry\n"
+                                f"{line}")
+    Image.new("RGB", (64, 64), "grey").save(path, pnginfo=info)
+    return path
+
+
+PLAIN = "Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 1, Lora: lora, Lora scale: 1.0"
+
+
+def test_regenerate_loads_no_model_a_png_names_and_bounds_its_size_and_steps(
+        pipe, lora_dir, tmp_path, monkeypatch):
+    from headshot_kit import generate as gen
+
+    loaded, rendered = [], []
+    monkeypatch.setattr(gen, "load_generate_pipeline",
+                        lambda cfg: loaded.append(cfg.model) or pipe)
+    monkeypatch.setattr(gen, "render", lambda shot, pipe: rendered.append(shot))
+    elsewhere = _png_from_elsewhere(tmp_path / "a.png", f"Steps: 3, Size: 64x64, Model: "
+                                    f"{tmp_path / 'downloads' / 'some-model'}, {PLAIN}")
+    with pytest.raises(ConfigError, match="names the model .*some-model.*trained on "
+                       "'tiny-sd15'"):
+        gen.regenerate(gen.read_parameters(elsewhere), lora_dir)
+    for line, named in (("Steps: 3, Size: 100000x100000", "size 100000x100000"),
+                        ("Steps: 100000, Size: 64x64", "100000 steps")):
+        huge = _png_from_elsewhere(tmp_path / "b.png", f"{line}, Model: tiny-sd15, {PLAIN}")
+        with pytest.raises(ConfigError, match=named):
+            gen.regenerate(gen.read_parameters(huge), lora_dir)
+    assert loaded == [] and rendered == []
+    # The LoRA's own model, within the limits, renders; another one only when asked for.
+    fine = _png_from_elsewhere(tmp_path / "c.png", f"Steps: 3, Size: 64x64, Model: tiny-sd15, "
+                               f"{PLAIN}")
+    gen.regenerate(gen.read_parameters(fine), lora_dir)
+    assert loaded == ["tiny-sd15"] and len(rendered) == 1

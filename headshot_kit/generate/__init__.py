@@ -22,6 +22,7 @@ LoRA, rendering, the PNG's parameters) and `compare` (X/Y grids over any two set
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from contextlib import ExitStack
@@ -301,10 +302,36 @@ def _carry_over(out_dir: Path, tmp: Path, kept: Mapping[str, Any]) -> None:
 
 
 def regenerate(manifest_row: Mapping[str, Any], lora_dir: str | Path | None,
-               pipe=None) -> Image.Image:
+               pipe=None, *, model: str | None = None,
+               other_base_model: bool = False) -> Image.Image:
     """The image a manifest row (or a PNG's `read_parameters`) describes, rendered again with
-    its face-detail pass (pixel-equal on the same device)."""
+    its face-detail pass (pixel-equal on the same device).
+
+    A PNG may come from anywhere, so the model it names is not loaded on its word: the model
+    is `model`, or else the one the LoRA was trained on (its config.json), and a row naming
+    another is refused unless `other_base_model` says so. Its size and steps must lie within
+    the settings' limits (shots.check_shot)."""
     shot = shot_from_row(manifest_row, lora_dir)
+    recorded = {}
+    if lora_dir is not None:
+        record = Path(lora_dir) / "config.json"
+        recorded = json.loads(record.read_text()) if record.is_file() else {}
+    chosen = model or recorded.get("model")
+    if not chosen:
+        raise ConfigError(f"The image names the model {shot.model!r}, and no LoRA records one: "
+                          f"pass model={shot.model!r} (or the model you want) to render it with "
+                          "that model on purpose.")
+    if shot.model != chosen and not other_base_model:
+        raise ConfigError(f"The image names the model {shot.model!r}, but "
+                          f"{'the LoRA was trained on' if not model else 'model is'} "
+                          f"{chosen!r}; pass model={shot.model!r} to use the image's model, or "
+                          "other_base_model=True to render it with "
+                          f"{chosen!r} anyway (the face comes out less alike).")
+    family = recorded.get("family", shot.family)
+    if family != shot.family:
+        raise ConfigError(f"The image names the model family {shot.family!r}, but the LoRA "
+                          f"was trained for {family!r}; use an image made with this LoRA.")
+    shot = dataclasses.replace(shot, model=chosen)
     if pipe is None:
         pipe = load_generate_pipeline(GenerateConfig(model=shot.model, family=shot.family))
     return render(shot, pipe)
