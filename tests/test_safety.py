@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from headshot_kit.config import ConfigError, get_preset
+from headshot_kit.config import ConfigError, DataError, get_preset
 from headshot_kit.lora import LORA_WEIGHTS
 from headshot_kit.train import Trainer, latest_checkpoint, train_lora
 
@@ -304,3 +304,54 @@ def test_regenerate_loads_no_model_a_png_names_and_bounds_its_size_and_steps(
                                f"{PLAIN}")
     gen.regenerate(gen.read_parameters(fine), lora_dir)
     assert loaded == ["tiny-sd15"] and len(rendered) == 1
+
+
+def _broken_lora(lora_dir, folder, damage: str):
+    """A copy of a good LoRA folder with one kind of damage to its weights file."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(lora_dir, folder)
+    path = folder / LORA_WEIGHTS
+    if damage == "keys that match nothing":
+        state = load_file(str(path))
+        # Half of the layers (both their matrices) moved to modules the model does not have.
+        modules = sorted({k.split(".lora")[0] for k in state})
+        elsewhere = set(modules[::2])
+        moved = {k.replace("to_", "to_nowhere_") if k.split(".lora")[0] in elsewhere else k: v
+                 for k, v in state.items()}
+        assert len(moved) == len(state) and moved.keys() != state.keys()
+        save_file(moved, str(path))
+    elif damage == "NaN weights":
+        state = load_file(str(path))
+        first = sorted(k for k in state if "up" in k)[0]
+        state[first][0, 0] = float("nan")
+        save_file(state, str(path))
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # a header claiming a petabyte
+        path.write_bytes((10 ** 15).to_bytes(8, "little") + b"{" * 64)
+    return folder
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("keys that match nothing", "LoRA layers match no layer of the model"),
+    ("NaN weights", "holds NaN or inf values"),
+    ("truncated", "cut short"),
+    ("header bomb", "header claims 1,000,000,000,000,000 bytes")])
+def test_a_broken_lora_file_is_refused_in_one_sentence_naming_it(
+        pipe, lora_dir, gen_cfg, tmp_path, capsys, damage, said):
+    from headshot_kit import generate as gen
+    from headshot_kit.cli import main
+
+    broken = _broken_lora(lora_dir, tmp_path / "lora", damage)
+    with pytest.raises((ConfigError, DataError), match=said) as refused:
+        gen.generate_pack(broken, tmp_path / "pack", gen_cfg, pipe=pipe, progress=False)
+    assert str(broken / LORA_WEIGHTS) in str(refused.value)
+    assert not (tmp_path / "pack" / "manifest.csv").exists()
+    # The command line says it in one line, exit status 2.
+    assert main(["generate", "--lora", str(broken), "--out", str(tmp_path / "cli"),
+                 "--set", "styles=corporate", "--set", "seeds=0", "--set", "steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("headshot-kit")]
+    assert said in line and str(broken / LORA_WEIGHTS) in line

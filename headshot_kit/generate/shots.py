@@ -27,7 +27,8 @@ from ..config import (DEFAULT_CLASS, DEFAULT_TOKEN, MAX_SIDE, MAX_STEPS, ConfigE
 from ..facedetail import (FaceDetailResult, detail_faces, detail_parameters, image_to_image,
                           read_detail_parameters)
 from ..families import get_family
-from ..lora import LORA_WEIGHTS, lora_weights, pick_checkpoint
+from ..lora import (LORA_WEIGHTS, LoraFileError, check_lora_file, check_lora_loaded,
+                    lora_weights, pick_checkpoint)
 from ..storage import atomic_path
 from .styles import Style
 
@@ -227,6 +228,7 @@ def check_lora(lora_dir: str | Path | None, cfg: GenerateConfig) -> Path | None:
         return None
     lora_weights(lora_dir)
     lora_dir = pick_checkpoint(lora_dir, cfg.lora_checkpoint)
+    check_lora_file(lora_weights(lora_dir))
     trained = Path(lora_dir) / "config.json"
     recorded = json.loads(trained.read_text()) if trained.is_file() else {}
     family, model = recorded.get("family"), recorded.get("model")
@@ -259,7 +261,18 @@ def use_lora(pipe, lora_dir: str | Path | None, scale: float) -> None:
     # Adapter names become module keys, which may not contain dots.
     name = "lora_" + hashlib.sha1(key.encode()).hexdigest()[:12]
     if name not in loaded:
-        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS, adapter_name=name)
+        check_lora_file(weights)
+        try:
+            pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS, adapter_name=name)
+        except ValueError as exc:  # peft: not one of its layers is in the model
+            raise LoraFileError(f"{weights}: its LoRA layers match no layer of the model "
+                                f"({str(exc).splitlines()[0][:160]}); use a LoRA trained on "
+                                "this base model.") from None
+        try:
+            check_lora_loaded(pipe, name, weights)
+        except LoraFileError:
+            pipe.delete_adapters([name])
+            raise
     pipe.enable_lora()
     pipe.set_adapters([name], adapter_weights=[scale])
 
