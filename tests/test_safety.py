@@ -355,3 +355,52 @@ def test_a_broken_lora_file_is_refused_in_one_sentence_naming_it(
     assert "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("headshot-kit")]
     assert said in line and str(broken / LORA_WEIGHTS) in line
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: one line and exit status 2 for every failure a user can meet
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("headshot-kit")]
+    return line
+
+
+def test_a_full_disk_is_one_line_and_the_old_pack_survives(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from headshot_kit import generate as gen
+    from headshot_kit.cli import main
+
+    out = tmp_path / "pack"
+    args = ["generate", "--out", str(out), "--set", "styles=corporate", "--set", "steps=2"]
+    assert main([*args, "--seeds", "0"]) == 0
+    before = (out / "manifest.csv").read_text()
+
+    def disk_full(image, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(gen, "save_png", disk_full)
+    capsys.readouterr()
+    assert main([*args, "--seeds", "0", "1"]) == 2
+    line = _one_line(capsys)
+    assert "the disk is full" in line and "corporate_seed1.png" in line
+    assert (out / "manifest.csv").read_text() == before
+
+
+def test_a_damaged_photo_and_a_diverged_run_are_one_line(prepared_dataset, tmp_path, capsys):
+    from headshot_kit.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared_dataset, data)
+    photo = data / json.loads((data / "metadata.jsonl").read_text().splitlines()[1])["file_name"]
+    photo.write_bytes(photo.read_bytes()[:100])  # cut short, as an interrupted copy leaves it
+    args = ["train", "--steps", "30", "--set", "validate_every=0", "--set", "checkpoint_every=0"]
+    assert main([*args, "--data", str(data), "--out", str(tmp_path / "a")]) == 2
+    assert photo.name in _one_line(capsys)
+    # A learning rate that blows the weights up: the loss turns NaN and the run stops.
+    assert main([*args, "--data", str(prepared_dataset), "--out", str(tmp_path / "b"),
+                 "--set", "lr=1e30", "--set", "max_bad_steps=2"]) == 2
+    assert "The loss was NaN/inf for 2 steps in a row" in _one_line(capsys)
