@@ -299,6 +299,9 @@ class GenerateConfig:
     # False refuses that mix-up; True allows it on purpose.
     other_base_model: bool = False
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 @dataclass
 class EvaluateConfig:
@@ -438,8 +441,9 @@ _RANGES: dict[str, dict[str, tuple]] = {
     "EvaluateConfig": {"detect_upsample": (0, 3, True), "detect_max_side": _ONE_UP,
                        "best_n": _ONE_UP},
 }
-# What a setting of each kind must be, in words.
-_KINDS = {bool: "True or False", int: "a whole number", float: "a number", str: "a text"}
+# Settings whose range is best said in their own words.
+_ADVICE = {"face_detail_strength": "use a denoising strength from 0 (off) to 1 (0.4 is "
+                                   "ADetailer's default)."}
 # Fields that must not be empty (GenerateConfig's token and class_name may: "" = recorded).
 _NOT_EMPTY = {"PrepareConfig.token", "PrepareConfig.class_name", "model", "family", "target_modules", "optimizer",
               "mixed_precision", "lr_scheduler", "scheduler", "device", "lora_checkpoint",
@@ -514,8 +518,8 @@ def check_fields(cfg: Any) -> Any:
                     high is not None and v > high):
                 usual = _default(f)
                 usual = f" ({usual!r} is usual)" if isinstance(usual, (int, float)) else ""
-                raise ConfigError(f"{where} is {v!r}; use a value "
-                                  f"{_bound_text(low, high, closed)}{usual}.")
+                raise ConfigError(f"{where} is {v!r}; " + _ADVICE.get(
+                    f.name, f"use a value {_bound_text(low, high, closed)}{usual}."))
         if {f.name, where} & _NOT_EMPTY and (value is None or not value or (
                 isinstance(value, str) and not value.strip())
                 or (isinstance(value, tuple) and not all(str(v).strip() for v in value))):

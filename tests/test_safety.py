@@ -404,3 +404,145 @@ def test_a_damaged_photo_and_a_diverged_run_are_one_line(prepared_dataset, tmp_p
     assert main([*args, "--data", str(prepared_dataset), "--out", str(tmp_path / "b"),
                  "--set", "lr=1e30", "--set", "max_bad_steps=2"]) == 2
     assert "The loss was NaN/inf for 2 steps in a row" in _one_line(capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def test_a_sweep_refuses_bad_values_at_planning(tmp_path, capsys):
+    from headshot_kit.cli import main
+    from headshot_kit.sweep import plan_runs
+
+    with pytest.raises(ConfigError, match="--grid lr=nan: TrainConfig.lr is nan"):
+        plan_runs("tiny", {"lr": ["nan", "3e-3"]})
+    for bad in ("rank=true", "steps=inf", "guidance=nan", "validation_steps=0",
+                "resolution=0"):
+        with pytest.raises(ConfigError, match=f"--grid {bad}"):
+            plan_runs("tiny", {bad.split("=")[0]: [bad.split("=")[1]]})
+    assert main(["sweep", "--data", str(tmp_path), "--out", str(tmp_path / "s"), "--dry-run",
+                 "--grid", "lr=nan,3e-3"]) == 2
+    assert "lr is nan" in _one_line(capsys)
+
+
+def test_run_ids_are_safe_folder_names(tmp_path):
+    from headshot_kit.sweep import plan_runs
+
+    runs = plan_runs("tiny", {"class_prompt": ["../../../escaped", "a photo of a person"],
+                              "rank": ["4"]})
+    for run_id, _, _ in runs:
+        assert "/" not in run_id and not run_id.startswith(".")
+        assert (tmp_path / run_id).resolve().parent == tmp_path.resolve()
+    assert len({r[0] for r in runs}) == 2
+    # Plain values keep their plain names (finished runs of earlier sweeps are found again).
+    assert [r[0] for r in plan_runs("tiny", {"rank": ["4", "16"], "lr": ["1e-4"]})] == [
+        "rank=4_lr=0.0001", "rank=16_lr=0.0001"]
+
+
+def test_a_failed_run_is_reported_while_the_others_run(tmp_path, monkeypatch, capsys):
+    from headshot_kit import sweep as sw
+
+    ran = []
+
+    def job(data_dir, out_dir, run, progress=True):
+        ran.append(run[0])
+        if run[0] == "rank=2":
+            raise FileNotFoundError("no such model")
+        return None  # finished elsewhere meanwhile: nothing to record
+
+    monkeypatch.setattr(sw, "run_job", job)
+    with pytest.raises(sw.SweepError, match=r"1 of 2 runs failed: rank=2 \(FileNotFoundError"):
+        sw.sweep(tmp_path / "data", tmp_path / "out", "tiny", {"rank": ["2", "4"]})
+    assert ran == ["rank=2", "rank=4"]
+    assert "rank=2 failed: FileNotFoundError: no such model" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: every field's type and range, wherever the value comes from
+
+ABSURD = {
+    "TrainConfig": {"lr": [float("nan"), float("inf"), -1.0], "resolution": [0, -8],
+                    "steps": [float("inf")], "rank": [True], "model": [{"a": 1}],
+                    "target_modules": ["", ()], "validation_steps": [0],
+                    "grad_accum": [-1], "lora_dropout": [1.5], "max_grad_norm": [0.0],
+                    "noise_offset": [-0.1], "checkpoints_keep": [0],
+                    "snr_gamma": [float("nan")], "seed": [-1], "alpha": [0],
+                    "validate_every": [-5], "checkpoint_every": [-1],
+                    "prior_loss_weight": [float("nan")], "class_image_steps": [0],
+                    "max_bad_steps": [0], "gradient_checkpointing": ["yes"]},
+    "GenerateConfig": {"guidance": [float("nan")], "steps": [0, 100000],
+                       "lora_scale": [float("inf")], "resolution": [0, 100000],
+                       "batch_size": [-1], "seeds": [[], [-1]], "styles": ["corporate"],
+                       "face_detail_strength": [float("nan")],
+                       "face_detail_padding": [float("inf")]},
+    "PrepareConfig": {"resolution": [0], "crop_scale": [float("nan")], "token": ["", "two words"],
+                      "class_name": [""], "min_photos": [0], "max_file_mb": [0],
+                      "detect_upsample": [-1], "identity_warn": [float("nan")]},
+    "EvaluateConfig": {"best_n": [0], "detect_max_side": [0], "embedder": [{}]},
+}
+
+
+def test_every_absurd_value_is_refused_when_the_config_is_built():
+    from headshot_kit import config
+
+    n = 0
+    for cls_name, fields in ABSURD.items():
+        cls = getattr(config, cls_name)
+        for name, values in fields.items():
+            for value in values:
+                with pytest.raises(ConfigError, match=f"{cls_name}.{name} is") as refused:
+                    dataclasses.replace(cls(), **{name: value})
+                assert "\n" not in str(refused.value)
+                n += 1
+    assert n >= 27
+
+
+def test_bad_values_from_set_and_yaml_stop_before_any_model_loads(prepared_dataset, tmp_path,
+                                                                  capsys, monkeypatch):
+    from headshot_kit import models
+    from headshot_kit.cli import main
+
+    loaded = []
+
+    def load_pipeline(*args, **kwargs):
+        loaded.append(args)
+        raise RuntimeError("a model was loaded")
+
+    monkeypatch.setattr(models, "load_pipeline", load_pipeline)
+    train = ["train", "--data", str(prepared_dataset), "--out", str(tmp_path / "lora")]
+    for bad in ("lr=nan", "resolution=0", "target_modules=", "validation_steps=0",
+                "snr_gamma=nan", "rank=-2"):
+        assert main([*train, "--set", bad]) == 2, bad
+        assert f"TrainConfig.{bad.split('=')[0]} is" in _one_line(capsys)
+    for yaml_text, named in (("steps: .inf", "steps"), ("rank: true", "rank"),
+                             ("model: {a: 1}", "model"), ("lr: .nan", "lr"),
+                             ("target_modules: []", "target_modules")):
+        settings = tmp_path / "settings.yaml"
+        settings.write_text(f"train:\n  {yaml_text}\n")
+        assert main([*train, "--config", str(settings)]) == 2, yaml_text
+        assert f"TrainConfig.{named} is" in _one_line(capsys)
+    assert main(["generate", "--out", str(tmp_path / "pack"), "--set", "guidance=nan"]) == 2
+    assert "GenerateConfig.guidance is nan" in _one_line(capsys)
+    assert loaded == []
+
+
+# ---------------------------------------------------------------------------------------------
+# A class noun of several words
+
+
+def test_a_class_noun_of_two_words_goes_through_every_stage(obama_photos, tmp_path, pipe,
+                                                            gen_cfg):
+    from headshot_kit import generate as gen
+    from headshot_kit.prepare import prepare_photos
+
+    prep = dataclasses.replace(get_preset("tiny").prepare, class_name="young man")
+    prepare_photos(obama_photos, tmp_path / "data", prep)
+    trainer = Trainer(tmp_path / "data", tmp_path / "lora", tiny(steps=2, checkpoint_every=0),
+                      progress=False)
+    assert trainer.cfg.subject == "ohwx young man"
+    assert trainer.cfg.class_prompt == "a photo of a young man"
+    trainer.run()
+    trainer.close()
+    pack = gen.generate_pack(tmp_path / "lora", tmp_path / "pack", gen_cfg, pipe=pipe,
+                             progress=False)
+    assert "ohwx young man" in pack.manifest.loc[0, "prompt"]
