@@ -106,6 +106,22 @@ def made_by(folder: str | Path) -> str:
         record, dict) else ""
 
 
+def check_own_folder(folder: str | Path, stage: str, own: Iterable[str], what: str) -> None:
+    """Refuse an out folder that holds files and is not this stage's: not marked as made by
+    it, and holding none of the files it writes (`own`). An empty or new folder is fine."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ConfigError(f"out_dir {folder} is a file; give a folder name.")
+    held = sorted(p.name for p in folder.iterdir() if not is_lock_file(p.name))
+    if not held or made_by(folder) == stage or any((folder / name).exists() for name in own):
+        return
+    raise ConfigError(f"out_dir {folder} already holds files that are not {what} "
+                      f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}), which the "
+                      f"{stage} stage could write over; choose an empty or new folder.")
+
+
 @contextmanager
 def atomic_dir(path: str | Path, links: Iterable[str] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it becomes `path`.

@@ -546,3 +546,21 @@ def test_a_class_noun_of_two_words_goes_through_every_stage(obama_photos, tmp_pa
     pack = gen.generate_pack(tmp_path / "lora", tmp_path / "pack", gen_cfg, pipe=pipe,
                              progress=False)
     assert "ohwx young man" in pack.manifest.loc[0, "prompt"]
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate"])
+def test_train_and_evaluate_never_write_over_a_folder_of_other_files(
+        prepared_dataset, tmp_path, stage):
+    from headshot_kit.evaluate import evaluate_images
+
+    out = tmp_path / "documents"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": true}')
+    (out / "README.md").write_text("my notes")
+    with pytest.raises(ConfigError, match=f"out_dir {out} already holds files"):
+        if stage == "train":
+            train_lora(prepared_dataset, out, tiny(steps=1), progress=False)
+        else:
+            evaluate_images(prepared_dataset / "images", prepared_dataset / "images", out)
+    assert (out / "config.json").read_text() == '{"mine": true}'
+    assert (out / "README.md").read_text() == "my notes"

@@ -47,9 +47,10 @@ from ..config import (ConfigError, RunFailed, TrainConfig, config_hash, save_con
 from ..families import Conditioning, get_family
 from ..fitcheck import check_before_training
 from ..images import image_grid
-from ..lora import BEST_DIR, add_lora, chosen_checkpoint, export_kohya, peft_state, save_lora
+from ..lora import (BEST_DIR, LORA_WEIGHTS, add_lora, chosen_checkpoint, export_kohya,
+                    peft_state, save_lora)
 from ..placement import training_placement
-from ..storage import FolderLock, atomic_dir, atomic_path
+from ..storage import FolderLock, atomic_dir, atomic_path, check_own_folder, mark_folder
 from .card import usage_snippet, write_model_card
 from .checkpoints import (RESUME_KEYS, CheckpointUnreadable, check_resume, latest_checkpoint,
                           list_checkpoints, load_state, read_meta, save_state)
@@ -127,6 +128,9 @@ class Trainer:
         self.examples = load_dataset(self.data_dir)
         self.data_fingerprint = dataset_fingerprint(self.data_dir, self.examples)
         self.cfg = cfg = with_dataset_subject(cfg, self.data_dir)
+        # Its own folder: a folder of other files (a config.json, a README.md) is refused.
+        check_own_folder(self.out_dir, "train", (LORA_WEIGHTS, "checkpoints", "metrics.csv"),
+                         "a trained LoRA")
         # One training per folder: a second one started meanwhile is refused before it loads
         # anything, and never deletes the first's checkpoint in progress.
         self._locks = [FolderLock(self.out_dir, "training run")]
@@ -551,6 +555,7 @@ class Trainer:
     def save_metrics(self) -> pd.DataFrame:
         metrics = pd.DataFrame(self.history, columns=list(METRICS_COLUMNS))
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        mark_folder(self.out_dir, "train")
         with atomic_path(self.out_dir / "metrics.csv") as tmp:
             metrics.to_csv(tmp, index=False)
         return metrics
