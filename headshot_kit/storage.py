@@ -89,6 +89,23 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def read_record(path: str | Path) -> dict:
+    """A stage's JSON record (a config.json) as a dict; {} when there is none, and a DataError
+    naming the file when it is damaged (cut short, edited by hand, not JSON)."""
+    from .config import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is damaged ({exc}); run the stage that wrote it again.") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path} holds no record of settings; run the stage that wrote it again.")
+    return record
+
+
 def mark_folder(folder: str | Path, stage: str) -> Path:
     """Mark `folder` as the output of a workbench stage (what purge and the stages look for)."""
     marker = Path(folder) / WORKBENCH_MARKER

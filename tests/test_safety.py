@@ -564,3 +564,14 @@ def test_train_and_evaluate_never_write_over_a_folder_of_other_files(
             evaluate_images(prepared_dataset / "images", prepared_dataset / "images", out)
     assert (out / "config.json").read_text() == '{"mine": true}'
     assert (out / "README.md").read_text() == "my notes"
+
+
+def test_a_damaged_record_of_a_lora_is_one_line_naming_it(lora_dir, tmp_path, capsys):
+    from headshot_kit.cli import main
+
+    lora = tmp_path / "lora"
+    shutil.copytree(lora_dir, lora)
+    (lora / "config.json").write_text('{"family": "sd15", "mod')  # cut short
+    assert main(["generate", "--lora", str(lora), "--out", str(tmp_path / "pack")]) == 2
+    line = _one_line(capsys)
+    assert str(lora / "config.json") in line and "damaged" in line

@@ -39,7 +39,7 @@ from ..families import get_family
 from ..images import image_grid
 from ..lora import chosen_checkpoint, lora_weights
 from ..storage import (WORKBENCH_MARKER, FolderLock, atomic_dir, atomic_path, copy_ranked,
-                       is_lock_file, made_by, mark_folder, safetensors_digest)
+                       is_lock_file, made_by, mark_folder, read_record, safetensors_digest)
 from .compare import (AXES, ComparePlan, base_vs_lora_grid, compare_grid, default_axis_values,
                       parse_axis_values, plan_compare, render_plan)
 from .shots import (SAMPLERS, Shot, cell_text, check_generate, check_lora, describe_shot,
@@ -314,8 +314,7 @@ def regenerate(manifest_row: Mapping[str, Any], lora_dir: str | Path | None,
     shot = shot_from_row(manifest_row, lora_dir)
     recorded = {}
     if lora_dir is not None:
-        record = Path(lora_dir) / "config.json"
-        recorded = json.loads(record.read_text()) if record.is_file() else {}
+        recorded = read_record(Path(lora_dir) / "config.json")
     chosen = model or recorded.get("model")
     if not chosen:
         raise ConfigError(f"The image names the model {shot.model!r}, and no LoRA records one: "

@@ -29,7 +29,7 @@ from ..facedetail import (FaceDetailResult, detail_faces, detail_parameters, ima
 from ..families import get_family
 from ..lora import (LORA_WEIGHTS, LoraFileError, check_lora_file, check_lora_loaded,
                     lora_weights, pick_checkpoint)
-from ..storage import atomic_path
+from ..storage import atomic_path, read_record
 from .styles import Style
 
 
@@ -141,7 +141,7 @@ def with_lora_subject(cfg: GenerateConfig, lora_dir: str | Path | None) -> Gener
     """`cfg` with the subject words the LoRA was trained on (its config.json records them);
     a token or class_name setting that names other words is refused."""
     trained = Path(lora_dir) / "config.json" if lora_dir is not None else None
-    recorded = json.loads(trained.read_text()) if trained and trained.is_file() else {}
+    recorded = read_record(trained) if trained else {}
     if "token" not in recorded:  # the base model, or a LoRA from elsewhere: the settings hold
         return cfg
     fix = ", or train a LoRA on a dataset prepared with those words"
@@ -230,7 +230,7 @@ def check_lora(lora_dir: str | Path | None, cfg: GenerateConfig) -> Path | None:
     lora_dir = pick_checkpoint(lora_dir, cfg.lora_checkpoint)
     check_lora_file(lora_weights(lora_dir))
     trained = Path(lora_dir) / "config.json"
-    recorded = json.loads(trained.read_text()) if trained.is_file() else {}
+    recorded = read_record(trained)
     family, model = recorded.get("family"), recorded.get("model")
     if family and family != cfg.family:
         raise ConfigError(f"{trained}: this LoRA was trained for family {family!r} but "

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .. import models
 from ..config import DEFAULT_CLASS, DEFAULT_TOKEN, ConfigError, DataError, TrainConfig, agree
 from ..images import centre_square, list_images, load_image
-from ..storage import atomic_path
+from ..storage import atomic_path, read_record
 
 
 @dataclass
@@ -76,7 +76,7 @@ def dataset_fingerprint(data_dir: str | Path, examples: list[TrainExample]) -> s
 def dataset_subject(data_dir: str | Path) -> tuple[str, str]:
     """The token and class noun the prepare stage recorded in the dataset's config.json."""
     path = Path(data_dir) / "config.json"
-    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded = read_record(path)
     return recorded.get("token", DEFAULT_TOKEN), recorded.get("class_name", DEFAULT_CLASS)
 
 
