@@ -485,8 +485,12 @@ class Trainer:
                     "resume_hash": config_hash({k: to_dict(self.cfg)[k] for k in RESUME_KEYS}),
                     "data_dir": str(self.data_dir), "data_fingerprint": self.data_fingerprint,
                 }, indent=2, default=str) + "\n")
-            for old in list_checkpoints(self.checkpoint_dir)[: -max(1,
-                                                                 self.cfg.checkpoints_keep)]:
+            found = list_checkpoints(self.checkpoint_dir)
+            if not self.cfg.resume:  # started over: later steps belong to the run it replaces
+                found = [f for f in found if f.name <= target.name]
+                for later in set(list_checkpoints(self.checkpoint_dir)) - set(found):
+                    shutil.rmtree(later, ignore_errors=True)
+            for old in found[: -max(1, self.cfg.checkpoints_keep)]:
                 shutil.rmtree(old, ignore_errors=True)
         return target
 
