@@ -98,9 +98,12 @@ def test_other_photos_never_finish_an_old_run(prepared_dataset, tmp_path):
         train_lora(other, out, cfg, progress=False)
     assert (out / LORA_WEIGHTS).read_bytes() == lora
     assert (out / "config.json").read_text() == config
-    # Started over on purpose, the same folder takes the new photos.
-    train_lora(other, out, dataclasses.replace(cfg, resume=False), progress=False)
+    # Started over on purpose (and shorter), the same folder takes the new photos, and the
+    # next run continues the new one, not the old one's later checkpoint.
+    train_lora(other, out, tiny(steps=1, checkpoint_every=0, resume=False), progress=False)
     assert json.loads((out / "config.json").read_text())["data_dir"] == str(other)
+    again = Trainer(other, out, tiny(steps=1, checkpoint_every=0), progress=False)
+    assert again.step == 1 and again.resumed_from.name == "checkpoint-0000001"
 
 
 def test_a_second_training_into_the_same_folder_is_refused_and_harms_nothing(
