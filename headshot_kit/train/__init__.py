@@ -129,14 +129,15 @@ class Trainer:
         self.data_fingerprint = dataset_fingerprint(self.data_dir, self.examples)
         self.cfg = cfg = with_dataset_subject(cfg, self.data_dir)
         # Its own folder: a folder of other files (a config.json, a README.md) is refused.
-        check_own_folder(self.out_dir, "train", (LORA_WEIGHTS, "checkpoints", "metrics.csv"),
-                         "a trained LoRA")
+        check_own_folder(self.out_dir, "train", (LORA_WEIGHTS, "checkpoints", "metrics.csv",
+                                                 "validation.png", BEST_DIR), "a trained LoRA")
         # One training per folder: a second one started meanwhile is refused before it loads
         # anything, and never deletes the first's checkpoint in progress.
         self._locks = [FolderLock(self.out_dir, "training run")]
         if self.checkpoint_dir.resolve().parent != self.out_dir.resolve():
             self._locks.append(FolderLock(self.checkpoint_dir, "training run"))
         with self.writing():
+            mark_folder(self.out_dir, "train")  # from now on it is this stage's folder
             # Before any model loads: a wrong embedder name fails at once, not after loading.
             self.judge = self._likeness_judge() if cfg.validate_every else None
             device = models.pick_device(cfg.device)
@@ -559,7 +560,6 @@ class Trainer:
     def save_metrics(self) -> pd.DataFrame:
         metrics = pd.DataFrame(self.history, columns=list(METRICS_COLUMNS))
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        mark_folder(self.out_dir, "train")
         with atomic_path(self.out_dir / "metrics.csv") as tmp:
             metrics.to_csv(tmp, index=False)
         return metrics
