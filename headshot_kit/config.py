@@ -421,7 +421,9 @@ _RANGES: dict[str, dict[str, tuple]] = {
         "resolution": (64, 4096, True), "crop_shift_down": _ANY, "detect_upsample": (0, 3, True),
         "padding_fail": _UNIT, "max_face_outside": _UNIT, "dark_warn": _UNIT,
         "dark_fail": _UNIT, "clipped_warn": _UNIT, "clipped_fail": _UNIT,
-        "contrast_warn": _UNIT, "duplicate_hash_bits": (0, 64, True),
+        "contrast_warn": _UNIT, "duplicate_hash_bits": (-1, 64, True),
+        # A negative duplicate distance switches the duplicate check off.
+        "duplicate_face_distance": (-1, None, True),
         "yaw_warn_deg": (0, 180, True), "roll_warn_deg": (0, 180, True),
         "frontal_yaw_deg": (0, 180, True), "min_photos": _ONE_UP, "max_photos": _ONE_UP,
         "detect_max_side": _ONE_UP, "min_image_side": _ONE_UP, "max_file_mb": _POSITIVE,
