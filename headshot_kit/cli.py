@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import (PRESETS, ConfigError, DataError, EvaluateConfig, GenerateConfig,
-                     PrepareConfig, TrainConfig, get_preset, update_config)
+                     PrepareConfig, RunFailed, TrainConfig, get_preset, update_config)
 from .models import ModelUnavailable
 from .sweep import SweepError
 
@@ -257,13 +257,34 @@ def _sweep(args) -> int:
     return 0
 
 
+def os_error_text(exc: OSError) -> str:
+    """A failed read or write as one sentence: what happened, to which file, what to do."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the disk is full{where}: free some space, or write to a folder on a larger "
+                "disk, and run the command again (what was written before is kept).")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"not allowed to write or read{where}: choose a folder you can write to, or "
+                "fix its permissions.")
+    return f"{exc}. Check the file (is it complete and readable?) and run the command again."
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure a user can meet (a wrong setting, a missing or damaged
+    file, a full disk, a diverged run) ends in one line and exit status 2; a traceback means a
+    bug in headshot-kit."""
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, DataError, FileNotFoundError, ModelUnavailable, SweepError) as exc:
-        print(f"headshot-kit {args.command}: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, DataError, FileNotFoundError, ModelUnavailable, SweepError,
+            RunFailed) as exc:
+        message = str(exc)
+    except OSError as exc:  # a full disk, a damaged photo (PIL's errors are OSErrors)
+        message = os_error_text(exc)
+    print(f"headshot-kit {args.command}: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from .config import DataError
+
 # Neutral grey for padding and flattened transparency: black or white would fake an exposure
 # problem, and a model sees a flat grey border as what it is.
 GREY = (128, 128, 128)
@@ -20,7 +22,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".m
                   ".heif", ".gif")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(DataError):
     """A file could not be read as a photo; the message names it and says what to do."""
 
 

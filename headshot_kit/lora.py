@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Mapping
 
-from .config import ConfigError
+from .config import ConfigError, DataError
 from .storage import atomic_path, same_safetensors
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -166,6 +166,71 @@ def export_kohya(lora_path: Path, rank: int, alpha: float,
         save_file(out, str(tmp), metadata={"ss_network_dim": str(int(rank)),
                                            "ss_network_alpha": str(alpha)})
     return target
+
+
+# safetensors' own limit on a file's header; a header claiming more is a "header bomb".
+MAX_HEADER_BYTES = 100_000_000
+# The names of a LoRA layer's first (down) matrix in diffusers', peft's and kohya's files.
+_DOWN_KEY = re.compile(r"\.(?:lora\.down|lora_A|lora_down|lora_linear_layer\.down)\.weight$")
+
+
+class LoraFileError(DataError):
+    """A LoRA file cannot be used as it is; the message names the file and says why."""
+
+
+def check_lora_file(path: str | Path) -> Path:
+    """Refuse a LoRA file that is cut short, whose header is oversized or not safetensors',
+    or whose weights hold NaN or inf, in one sentence naming the file; before any loading."""
+    import torch
+    from safetensors import safe_open
+
+    path = Path(path)
+
+    def bad(reason: str) -> LoraFileError:
+        return LoraFileError(f"{path} is not a usable LoRA file: {reason}. Train it again (or "
+                             "download it again, if it came from elsewhere).")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"it is {size} bytes, too short for a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            raise bad(f"its header claims {n:,} bytes, in a file of {size:,}")
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise bad(f"its header is not safetensors' ({type(exc).__name__})") from None
+    if 8 + n + max(ends, default=0) > size:
+        raise bad(f"it is cut short ({size:,} bytes of {8 + n + max(ends):,})")
+    if not ends:
+        raise bad("it holds no weights")
+    with safe_open(str(path), "pt") as weights:
+        for key in weights.keys():
+            tensor = weights.get_tensor(key)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise bad(f"{key} holds NaN or inf values (a diverged training)")
+    return path
+
+
+def check_lora_loaded(pipe, adapter: str, path: Path) -> None:
+    """Refuse a LoRA whose layers did not all find a layer of the model to attach to: it was
+    made for another model (diffusers only logs a warning, which it silences)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        expected = sum(bool(_DOWN_KEY.search(k)) for k in f.keys())
+    loaded = sum(adapter in getattr(m, "lora_A", {})
+                 for name in ("unet", "transformer", "text_encoder", "text_encoder_2")
+                 if getattr(pipe, name, None) is not None
+                 for m in getattr(pipe, name).modules())
+    if loaded < expected:
+        raise LoraFileError(f"{path}: {expected - loaded} of its {expected} LoRA layers match no "
+                            "layer of the model: it was made for another model, or its weight "
+                            "names are neither diffusers' nor kohya's. Use a LoRA trained on "
+                            "this base model.")
 
 
 def lora_weights(lora_dir: str | Path) -> Path:

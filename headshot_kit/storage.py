@@ -20,6 +20,48 @@ from typing import Callable, Iterable, Iterator
 
 from .config import ConfigError
 
+# The file that marks a folder as made by the workbench (a pack, a sweep, a work folder), and
+# the lock file that lets one writer at a time into a folder (.headshot-kit.<what>.lock for
+# a folder with several).
+WORKBENCH_MARKER = ".headshot-kit"
+LOCK_FILE = ".headshot-kit.lock"
+
+
+def is_lock_file(name: str) -> bool:
+    return name.startswith(".headshot-kit") and name.endswith(".lock")
+
+
+class FolderLock:
+    """One writer per folder: a lock file (filelock, which the hub client uses for its own
+    cache) held while a stage writes. A second writer is refused in one sentence (`wait=0`) or
+    waits up to `wait` seconds; the lock goes with the process that held it, however it ends.
+
+    Re-entrant: code that already holds it may take it again (a checkpoint saved during a run).
+    """
+
+    def __init__(self, folder: str | Path, what: str, lock_file: str | Path | None = None):
+        self.folder, self.what = Path(folder), what
+        self.path = Path(lock_file) if lock_file else self.folder / LOCK_FILE
+        self._lock = None
+
+    @contextmanager
+    def held(self, wait: float = 0) -> Iterator[None]:
+        from filelock import FileLock, Timeout
+
+        if self._lock is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = FileLock(str(self.path))
+        try:
+            self._lock.acquire(timeout=wait)
+        except Timeout:
+            raise ConfigError(f"{self.folder} is in use: another {self.what} is writing to it "
+                              f"(it holds {self.path}). Wait for that one to finish, or use "
+                              "another folder.") from None
+        try:
+            yield
+        finally:
+            self._lock.release()
+
 
 @contextmanager
 def atomic_path(path: str | Path,
@@ -47,17 +89,75 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def read_record(path: str | Path) -> dict:
+    """A stage's JSON record (a config.json) as a dict; {} when there is none, and a DataError
+    naming the file when it is damaged (cut short, edited by hand, not JSON)."""
+    from .config import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is damaged ({exc}); run the stage that wrote it again.") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path} holds no record of settings; run the stage that wrote it again.")
+    return record
+
+
+def mark_folder(folder: str | Path, stage: str) -> Path:
+    """Mark `folder` as the output of a workbench stage (what purge and the stages look for)."""
+    marker = Path(folder) / WORKBENCH_MARKER
+    marker.write_text(json.dumps({"made_by": f"headshot-kit {stage}"}) + "\n")
+    return marker
+
+
+def made_by(folder: str | Path) -> str:
+    """The stage whose marker `folder` carries ("" when it carries none)."""
+    try:
+        record = json.loads((Path(folder) / WORKBENCH_MARKER).read_text())
+    except (OSError, ValueError):
+        return ""
+    return str(record.get("made_by", "")).removeprefix("headshot-kit ") if isinstance(
+        record, dict) else ""
+
+
+def check_own_folder(folder: str | Path, stage: str, own: Iterable[str], what: str) -> None:
+    """Refuse an out folder that holds files and is not this stage's: not marked as made by
+    it, and holding none of the files it writes (`own`). An empty or new folder is fine."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ConfigError(f"out_dir {folder} is a file; give a folder name.")
+    held = sorted(p.name for p in folder.iterdir() if not is_lock_file(p.name))
+    if not held or made_by(folder) == stage or any((folder / name).exists() for name in own):
+        return
+    raise ConfigError(f"out_dir {folder} already holds files that are not {what} "
+                      f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}), which the "
+                      f"{stage} stage could write over; choose an empty or new folder.")
+
+
 @contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, links: Iterable[str] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it becomes `path`.
 
-    An existing `path` is replaced only after the new folder is complete.
+    An existing `path` is replaced only after the new folder is complete. The files named in
+    `links` (lock files) are hard-linked from the old folder into the new one first: the same
+    file stays at the same path throughout, so a lock held in it holds across the swap.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        for name in links:
+            if (path / name).is_file() and not (tmp / name).exists():
+                try:
+                    os.link(path / name, tmp / name)
+                except OSError:  # a filesystem without hard links: a new lock file then
+                    pass
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -125,8 +225,10 @@ def purge(root_or_paths: str | Path | Iterable[str | Path], older_than_days: flo
 
     With `older_than_days`, only files last changed longer ago than that go, and folders left
     empty by them; the given folders stay. Links are deleted, never followed, so nothing
-    outside the given roots is touched. Folders that hold your home or current folder are
-    refused. Returns (and prints a summary of) what was deleted, or would be with `dry_run`.
+    outside the given roots is touched. Only folders the workbench made are deleted (see
+    `is_workbench_folder`); folders that hold your home, the current folder or the
+    headshot-kit checkout are refused. Returns (and prints a summary of) what was deleted, or
+    would be with `dry_run`.
     """
     roots = ([root_or_paths] if isinstance(root_or_paths, (str, os.PathLike))
              else list(root_or_paths))
@@ -137,6 +239,7 @@ def purge(root_or_paths: str | Path | Iterable[str | Path], older_than_days: flo
         if not root.exists() and not root.is_symlink():
             continue
         _refuse_broad_root(root)
+        _refuse_foreign_root(root)
         if root.is_symlink() or root.is_file():
             if cutoff is None or root.lstat().st_mtime < cutoff:
                 deleted.append(_delete(root, dry_run))
@@ -168,8 +271,42 @@ def _outline(paths: list[Path], roots: set[Path]) -> list[str]:
     return lines
 
 
+def is_workbench_folder(folder: Path) -> bool:
+    """Whether the workbench made `folder`: it carries the workbench's marker file, or a
+    stage's finishing file (a dataset's metadata.jsonl, a LoRA's weights, a pack's
+    manifest.csv, the scores), or it is a work folder holding such a stage folder."""
+    from .workspace import MARKER  # the stage folders' finishing files
+
+    if (folder / WORKBENCH_MARKER).is_file():
+        return True
+    finishing = {*MARKER.values(), "experiments.csv"}
+    if any((folder / name).is_file() for name in finishing):
+        return True
+    return any((folder / stage / name).is_file() for stage, name in MARKER.items())
+
+
+def _refuse_foreign_root(root: Path) -> None:
+    """Refuse a root the workbench did not make (nor a folder the workbench made holds)."""
+    real = root.resolve()
+    start = real if real.is_dir() else real.parent
+    if is_workbench_folder(start) or any((p / WORKBENCH_MARKER).is_file() or
+                                         is_workbench_folder(p) and p != Path(p.anchor)
+                                         for p in start.parents):
+        return
+    raise ConfigError(f"Refusing to purge {root}: the workbench did not make it (no "
+                      f"{WORKBENCH_MARKER} marker, prepared dataset, LoRA, pack or scores in it "
+                      "or above it). Give the subject's work folder or a stage folder; delete "
+                      "other files yourself.")
+
+
 def _refuse_broad_root(root: Path) -> None:
     real = root.resolve()
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (real == checkout
+                                                   or real in checkout.parents):
+        raise ConfigError(f"Refusing to purge {root}: it holds the headshot-kit checkout "
+                          f"{checkout}. Give the subject's own folder (its uploads, dataset, "
+                          "LoRA and outputs).")
     for precious in (Path.home().resolve(), Path.cwd().resolve()):
         if real == precious or real in precious.parents:
             raise ConfigError(f"Refusing to purge {root}: it holds {precious}. Give the "

@@ -21,9 +21,11 @@ two T4s) one run per GPU at a time (headshot_kit.multigpu), otherwise one after 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -81,7 +83,11 @@ def plan_runs(preset_name: str, grid: dict[str, list[Any]], seeds: list[int] | N
         settings = dict(zip(names, values))
         for name, value in settings.items():
             stage = _stage_of(name, preset)
-            cfg = update_config(getattr(preset, stage), {name: value}, source="--grid")
+            try:
+                cfg = update_config(getattr(preset, stage), {name: value}, source="--grid")
+            except ConfigError as exc:  # before anything runs: the good values wait for a fix
+                raise ConfigError(f"--grid {name}={value}: {exc} Fix or drop that value; no run "
+                                  "has started.") from None
             setattr(preset, stage, cfg)
             settings[name] = getattr(cfg, name)  # parsed to the setting's type
         if train_seed is not None:
@@ -90,9 +96,19 @@ def plan_runs(preset_name: str, grid: dict[str, list[Any]], seeds: list[int] | N
             settings["train_seed"] = preset.train.seed
         if seeds:
             preset.generate = update_config(preset.generate, {"seeds": list(seeds)})
-        run_id = "_".join(f"{n}={v}" for n, v in settings.items()) or "default"
-        runs.append((run_id, settings, preset))
+        runs.append((safe_run_id(settings), settings, preset))
     return runs
+
+
+def safe_run_id(settings: dict[str, Any]) -> str:
+    """The run's folder name, `name=value_name=value`: one safe folder name whatever the
+    values hold (a `../` or a `/` cannot lead outside the sweep's folder). A name that had to
+    change carries a short hash of the settings, so two runs never share a folder."""
+    text = "_".join(f"{n}={v}" for n, v in settings.items()) or "default"
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)[:150].lstrip(".") or "run"
+    if safe != text:
+        safe += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return safe
 
 
 def run_job(data_dir: str | Path, out_dir: str | Path, run: Run, progress: bool = True):
@@ -180,10 +196,23 @@ def sweep(data_dir: str | Path, out_dir: str | Path, preset: str = "tiny",
     elif len(todo) > 1 and (gpus := local_gpu_count()) > 1:
         run_on_gpus(data_dir, out_dir, todo, preset, table, gpus)
     else:
+        failed = []
         for i, run in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {run[0]}")
-            _finish(run_job(data_dir, out_dir, run, progress), run, preset, table, out_dir)
+            try:  # a failed run is reported and the others go on, as on Ray
+                _finish(run_job(data_dir, out_dir, run, progress), run, preset, table, out_dir)
+            except Exception as exc:
+                print(f"{run[0]} failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
+                failed.append(f"{run[0]} ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+        _report_failures(failed, len(todo))
     return pd.read_csv(table) if table.is_file() else pd.DataFrame()
+
+
+def _report_failures(failed: list[str], n_runs: int) -> None:
+    if failed:
+        raise SweepError(f"{len(failed)} of {n_runs} runs failed: {'; '.join(failed)}. "
+                         "Their reasons are in the output above; fix the cause and run the "
+                         "sweep again: finished runs are skipped.")
 
 
 def estimate_cost(runs: list[Run], gpu: str = "t4") -> pd.DataFrame:
@@ -264,7 +293,4 @@ def _run_on_ray(address: str, data_dir: Path, out_dir: Path, todo: list[Run], pr
         bar.update()
         bar.set_postfix(run=run[0], failed=len(failed))
     bar.close()
-    if failed:
-        raise SweepError(f"{len(failed)} of {len(todo)} runs failed: {'; '.join(failed)}. "
-                         "Their tracebacks are in the output above; fix the cause and run the "
-                         "sweep again: finished runs are skipped.")
+    _report_failures(failed, len(todo))

@@ -106,14 +106,14 @@ def _short_errors() -> None:
     shell = get_ipython()
     if shell is None:
         return
-    from .config import ConfigError, DataError
+    from .config import ConfigError, DataError, RunFailed
 
     def one_line(shell, etype, value, tb, tb_offset=None):
         # IPython leaves the showing to the handler: an error output of one line. The cell
         # still fails, so Run All stops here.
         shell._showtraceback(etype, value, [f"{etype.__name__}: {value}"])
 
-    shell.set_custom_exc((ConfigError, DataError, StageMissing), one_line)
+    shell.set_custom_exc((ConfigError, DataError, RunFailed, StageMissing), one_line)
 
 
 def default_workdir() -> Path:

@@ -616,6 +616,8 @@ def test_purge_dry_run_lists_what_it_would_delete(tmp_path, capsys):
     root = tmp_path / "work"
     (root / "photos").mkdir(parents=True)
     (root / "photos" / "me.jpg").write_bytes(b"x")
+    (root / "prepared").mkdir()  # a work folder: the prepare stage has written into it
+    (root / "prepared" / "metadata.jsonl").write_text("")
     purge(root, dry_run=True)
     out = capsys.readouterr().out
     assert f"  {root / 'photos'}/ (1 file)\n" in out and (root / "photos" / "me.jpg").exists()

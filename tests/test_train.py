@@ -23,6 +23,7 @@ from headshot_kit.config import ConfigError, get_preset
 from headshot_kit.lora import KOHYA_WEIGHTS, LORA_WEIGHTS, peft_state
 from headshot_kit.train import (Trainer, TrainingDiverged, latest_checkpoint, load_dataset,
                                 optimizer_state_dtypes, train_lora)
+from headshot_kit.train.checkpoints import load_state
 from headshot_kit.train.loss import diffusion_loss
 
 PROMPT = "a photo of ohwx person"
@@ -201,12 +202,12 @@ def test_subject_comes_from_the_dataset_and_a_disagreeing_one_is_refused(tmp_pat
 KILLED_RUN = """
 import sys, time, torch
 import headshot_kit.train as train
-real_save = torch.save
-def slow_save(obj, path, *a, **k):  # widen the window in which a kill lands mid-write
-    real_save(obj, path, *a, **k)
+real_save = train.save_state
+def slow_save(folder, state):  # widen the window in which a kill lands mid-write
+    real_save(folder, state)
     print("writing", flush=True)
     time.sleep(2)
-train.torch.save = slow_save
+train.save_state = slow_save
 from headshot_kit.config import get_preset
 import dataclasses
 cfg = dataclasses.replace(get_preset("tiny").train, steps=1000, checkpoint_every=1)
@@ -232,7 +233,7 @@ def test_kill_during_checkpoint_write_keeps_latest_intact(prepared_dataset, tmp_
         assert list((out / "checkpoints").glob(".checkpoint-*.tmp")), "the kill missed the write"
         latest = latest_checkpoint(out / "checkpoints")
         assert latest is not None
-        state = torch.load(latest / "state.pt", weights_only=False)
+        state = load_state(latest)
         assert state["step"] == json.loads((latest / "meta.json").read_text())["step"]
     resumed = Trainer(prepared_dataset, out, tiny(steps=1000, checkpoint_every=1),
                       progress=False)

@@ -53,7 +53,7 @@ from ..config import ConfigError, EvaluateConfig, save_config
 from ..images import list_images, load_image
 from ..lora import chosen_checkpoint
 from ..quality import Metric, quality_metrics
-from ..storage import atomic_write_text, copy_ranked
+from ..storage import atomic_write_text, check_own_folder, copy_ranked, mark_folder
 from ..workspace import SCORES
 from .clip import ClipScorer, clip_or_note
 from .consistency import (consistency_per_image, crop_grey, face_region, group_faces,
@@ -116,6 +116,7 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
     """
     cfg = _check_config(cfg or EvaluateConfig())
     out_dir = Path(out_dir)
+    check_own_folder(out_dir, "evaluate", ("scores.csv",), "scores")
     chosen = _checkpoint_choice(Path(images))
     embedder = get_embedder(cfg, avoid=chosen.get("chosen_by"))
     reference_paths = _reference_files(references)
@@ -180,6 +181,7 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
                         else out_dir.name)
     settings = {**_constant_settings(manifest), **(settings or {})}
     out_dir.mkdir(parents=True, exist_ok=True)
+    mark_folder(out_dir, "evaluate")
     atomic_write_text(out_dir / "scores.csv", scores.to_csv(index=False))
     atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
     pairs = similarity[np.triu_indices(len(face_rows), 1)]

@@ -22,8 +22,10 @@ LoRA, rendering, the PNG's parameters) and `compare` (X/Y grids over any two set
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from contextlib import ExitStack
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,12 +33,13 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 from PIL import Image
 
-from ..config import GenerateConfig, save_config
+from ..config import ConfigError, GenerateConfig, save_config
 from ..facedetail import pass_steps
 from ..families import get_family
 from ..images import image_grid
 from ..lora import chosen_checkpoint, lora_weights
-from ..storage import atomic_dir, atomic_path, copy_ranked, safetensors_digest
+from ..storage import (WORKBENCH_MARKER, FolderLock, atomic_dir, atomic_path, copy_ranked,
+                       is_lock_file, made_by, mark_folder, read_record, safetensors_digest)
 from .compare import (AXES, ComparePlan, base_vs_lora_grid, compare_grid, default_axis_values,
                       parse_axis_values, plan_compare, render_plan)
 from .shots import (SAMPLERS, Shot, cell_text, check_generate, check_lora, describe_shot,
@@ -56,7 +59,13 @@ __all__ = ["AXES", "MANIFEST_COLUMNS", "SAMPLERS", "ComparePlan", "GenerateResul
 
 MANIFEST_COLUMNS = ["file", "style", "seed", "prompt", "negative_prompt", "steps", "guidance",
                     "scheduler", "lora_scale", "width", "height", "model", "family", "lora",
-                    "face_detail_strength", "face_detail_padding", "face_detail_note", "starred"]
+                    "face_detail_strength", "face_detail_padding", "face_detail_note", "starred",
+                    "image_check"]
+# What a pack writes (and replaces on a re-run); anything else in its folder is kept as it is.
+PACK_FILES = ("images", "manifest.csv", "grid.png", "config.json", WORKBENCH_MARKER)
+# A star clicked while the pack is written waits this long for the manifest at most.
+STAR_WAIT_S = 120
+LOCKS = (".headshot-kit.generate.lock", ".headshot-kit.manifest.lock")
 
 
 @dataclass
@@ -74,11 +83,11 @@ def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
 
     The pack is written to a temporary folder and swapped in whole, so an interrupted run never
     replaces a good pack. Run again into the same folder, images whose settings and LoRA are
-    unchanged are kept with their stars, and favourites/ and best/ stay. `pipe` reuses an
-    already loaded pipeline (its scheduler is replaced).
+    unchanged are kept with their stars, and favourites/ and best/ (and anything else the pack
+    does not write itself) stay. A folder that holds other files and is not a pack is refused,
+    as is a second generate into the same folder while one runs. `pipe` reuses an already
+    loaded pipeline (its scheduler is replaced).
     """
-    from tqdm.auto import tqdm
-
     cfg = cfg or GenerateConfig()
     styles = load_styles(cfg.style_dirs)
     names = check_generate(cfg, styles)
@@ -86,6 +95,15 @@ def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
     cfg = with_lora_subject(cfg, lora_dir)
     shots = [make_shot(cfg, styles[n], seed, lora_dir) for n in names for seed in cfg.seeds]
     out_dir = Path(out_dir)
+    check_pack_folder(out_dir)
+    with _pack_lock(out_dir, "generate").held():
+        return _write_pack(lora_dir, out_dir, cfg, names, shots, pipe, progress)
+
+
+def _write_pack(lora_dir, out_dir: Path, cfg: GenerateConfig, names: list[str],
+                shots: list[Shot], pipe, progress: bool) -> GenerateResult:
+    from tqdm.auto import tqdm
+
     digest = weights_digest(lora_dir)
     kept = _unchanged(out_dir, digest, shots)
     todo = [s for s in shots if _file(s) not in kept]
@@ -97,32 +115,112 @@ def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
         pipe = load_generate_pipeline(cfg)
     # Each image with its face-detail note and its star.
     made: dict[str, tuple[Image.Image, str, bool]] = {}
-    with atomic_dir(out_dir) as tmp, tqdm(total=len(todo), desc="generate",
-                                          disable=not progress) as bar:
-        _carry_over(out_dir, tmp, kept)
-        made.update({file: (_open(tmp / file), cell_text(row.get("face_detail_note")),
-                            bool(row["starred"])) for file, row in kept.items()})
-        size = pick_batch_size(cfg, pipe) if todo else 1
-        for name in names:  # one style's shots differ only in seed
-            style_shots = [s for s in todo if s.style == name]
-            for start in range(0, len(style_shots), size):
-                batch = style_shots[start:start + size]
-                for shot, done in zip(batch, render_batch(batch, pipe)):
-                    save_png(done.image, tmp / _file(shot), shot, done.note)
-                    made[_file(shot)] = (done.image, done.note, False)
-                bar.update(len(batch))
-        rows = [{"file": _file(s), **s.row(), "face_detail_note": made[_file(s)][1],
-                 "starred": made[_file(s)][2]} for s in shots]
-        images = [made[_file(s)][0] for s in shots]
-        manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-        manifest.to_csv(tmp / "manifest.csv", index=False)
-        grid = image_grid(images, len(names), len(cfg.seeds), row_labels=names,
-                          col_labels=[str(s) for s in cfg.seeds], x_name="seed ",
-                          title=describe_shot(shots[0], skip=("style", "seed")))
-        grid.save(tmp / "grid.png")
-        save_config(cfg, tmp / "config.json", lora_sha256=digest,
-                    lora_dir=str(lora_dir.resolve()) if lora_dir else None)
+    # The manifest lock is taken at the end and held until the new pack is in place, so a
+    # star clicked meanwhile is either in the old manifest (and carried over) or waits.
+    with ExitStack() as swap_done:
+        with atomic_dir(out_dir, links=LOCKS) as tmp, tqdm(total=len(todo), desc="generate",
+                                                           disable=not progress) as bar:
+            _carry_over(out_dir, tmp, kept)
+            made.update({file: (_open(tmp / file), cell_text(row.get("face_detail_note")),
+                                bool(row["starred"])) for file, row in kept.items()})
+            size = pick_batch_size(cfg, pipe) if todo else 1
+            for name in names:  # one style's shots differ only in seed
+                style_shots = [s for s in todo if s.style == name]
+                for start in range(0, len(style_shots), size):
+                    batch = style_shots[start:start + size]
+                    for shot, done in zip(batch, render_batch(batch, pipe)):
+                        save_png(done.image, tmp / _file(shot), shot, done.note)
+                        made[_file(shot)] = (done.image, done.note, False)
+                    bar.update(len(batch))
+            swap_done.enter_context(_pack_lock(out_dir, "manifest").held(wait=STAR_WAIT_S))
+            stars = _current_stars(out_dir, kept)
+            _keep_others(out_dir, tmp)
+            rows = [{"file": _file(s), **s.row(), "face_detail_note": made[_file(s)][1],
+                     "starred": stars.get(_file(s), made[_file(s)][2]),
+                     "image_check": image_check(made[_file(s)][0])} for s in shots]
+            images = [made[_file(s)][0] for s in shots]
+            manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+            manifest.to_csv(tmp / "manifest.csv", index=False)
+            grid = image_grid(images, len(names), len(cfg.seeds), row_labels=names,
+                              col_labels=[str(s) for s in cfg.seeds], x_name="seed ",
+                              title=describe_shot(shots[0], skip=("style", "seed")))
+            grid.save(tmp / "grid.png")
+            save_config(cfg, tmp / "config.json", lora_sha256=digest,
+                        lora_dir=str(lora_dir.resolve()) if lora_dir else None)
+            mark_folder(tmp, "generate")
+    flagged = manifest[manifest["image_check"] != ""]
+    if len(flagged):
+        print(f"{len(flagged)} of {len(manifest)} images came out blank ({flagged['file'].iloc[0]}:"
+              f" {flagged['image_check'].iloc[0]}); manifest.csv flags them in image_check.")
     return GenerateResult(out_dir=out_dir, manifest=manifest, images=images, grid=grid)
+
+
+def image_check(image: Image.Image) -> str:
+    """"" for a picture; a note for an image that came out black or one flat colour (NaN in
+    the model or LoRA decodes to black, as does fp16 overflow in SDXL's original VAE)."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB"))
+    if pixels.max() <= 8:
+        return ("black: the model gave NaN or nothing; check the LoRA's weights and the "
+                "precision (SDXL in fp16 needs the fp16-fix VAE)")
+    if int(pixels.max()) - int(pixels.min()) <= 2:
+        return "blank: one flat colour, no picture"
+    return ""
+
+
+def check_pack_folder(out_dir: Path) -> None:
+    """Refuse an out folder that is not empty and not a pack: writing the pack there would
+    replace what it holds."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ConfigError(f"out_dir {out_dir} is a file; give a folder name for the pack.")
+    held = sorted(p.name for p in out_dir.iterdir() if not is_lock_file(p.name))
+    if not held or made_by(out_dir) == "generate":
+        return
+    try:  # a pack written before packs carried the workbench's marker
+        if json.loads((out_dir / "config.json").read_text()).get(
+                "config_type") == "GenerateConfig" and (out_dir / "manifest.csv").is_file():
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
+    raise ConfigError(f"out_dir {out_dir} already holds files that are not a generated pack "
+                      f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}), and the pack "
+                      "would replace them; choose an empty or new folder (e.g. "
+                      f"{out_dir / 'headshots'}).")
+
+
+def _pack_lock(out_dir: str | Path, what: str) -> FolderLock:
+    """The pack's lock for a generate run (a second is refused) or for its manifest (a star
+    waits its turn). It lives in the pack and is carried into each new pack (atomic_dir's
+    links), so it holds while the pack folder is swapped."""
+    out_dir = Path(out_dir)
+    doing = "generate run" if what == "generate" else "writer of its manifest"
+    return FolderLock(out_dir, doing, out_dir / f".headshot-kit.{what}.lock")
+
+
+def _current_stars(out_dir: Path, kept: Mapping[str, Any]) -> dict[str, bool]:
+    """The stars of the kept images as manifest.csv holds them now (clicked during the run)."""
+    try:
+        manifest = load_manifest(out_dir)
+    except FileNotFoundError:
+        return {}
+    return {f: bool(s) for f, s in zip(manifest["file"], manifest["starred"]) if f in kept}
+
+
+def _keep_others(out_dir: Path, tmp: Path) -> None:
+    """Copy everything in the old pack folder that the pack does not write itself (the user's
+    favourites/ and best/, their notes) into the new one."""
+    if not out_dir.is_dir():
+        return
+    for entry in out_dir.iterdir():
+        if entry.name in PACK_FILES or is_lock_file(entry.name) or (tmp / entry.name).exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, tmp / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
 
 
 def _weights_used(lora_dir: Path | None, cfg: GenerateConfig) -> str:
@@ -197,20 +295,42 @@ def _unchanged(out_dir: Path, digest: str,
 
 
 def _carry_over(out_dir: Path, tmp: Path, kept: Mapping[str, Any]) -> None:
-    """Copy the kept images and the user's picks (favourites/, best/) into the new pack."""
+    """Copy the kept images into the new pack."""
     for file in kept:
         (tmp / file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(out_dir / file, tmp / file)
-    for folder in ("favourites", "best"):
-        if (out_dir / folder).is_dir():
-            shutil.copytree(out_dir / folder, tmp / folder)
 
 
 def regenerate(manifest_row: Mapping[str, Any], lora_dir: str | Path | None,
-               pipe=None) -> Image.Image:
+               pipe=None, *, model: str | None = None,
+               other_base_model: bool = False) -> Image.Image:
     """The image a manifest row (or a PNG's `read_parameters`) describes, rendered again with
-    its face-detail pass (pixel-equal on the same device)."""
+    its face-detail pass (pixel-equal on the same device).
+
+    A PNG may come from anywhere, so the model it names is not loaded on its word: the model
+    is `model`, or else the one the LoRA was trained on (its config.json), and a row naming
+    another is refused unless `other_base_model` says so. Its size and steps must lie within
+    the settings' limits (shots.check_shot)."""
     shot = shot_from_row(manifest_row, lora_dir)
+    recorded = {}
+    if lora_dir is not None:
+        recorded = read_record(Path(lora_dir) / "config.json")
+    chosen = model or recorded.get("model")
+    if not chosen:
+        raise ConfigError(f"The image names the model {shot.model!r}, and no LoRA records one: "
+                          f"pass model={shot.model!r} (or the model you want) to render it with "
+                          "that model on purpose.")
+    if shot.model != chosen and not other_base_model:
+        raise ConfigError(f"The image names the model {shot.model!r}, but "
+                          f"{'the LoRA was trained on' if not model else 'model is'} "
+                          f"{chosen!r}; pass model={shot.model!r} to use the image's model, or "
+                          "other_base_model=True to render it with "
+                          f"{chosen!r} anyway (the face comes out less alike).")
+    family = recorded.get("family", shot.family)
+    if family != shot.family:
+        raise ConfigError(f"The image names the model family {shot.family!r}, but the LoRA "
+                          f"was trained for {family!r}; use an image made with this LoRA.")
+    shot = dataclasses.replace(shot, model=chosen)
     if pipe is None:
         pipe = load_generate_pipeline(GenerateConfig(model=shot.model, family=shot.family))
     return render(shot, pipe)
@@ -227,18 +347,24 @@ def load_manifest(out_dir: str | Path) -> pd.DataFrame:
 
 
 def set_starred(out_dir: str | Path, file: str, starred: bool = True) -> pd.DataFrame:
-    """Mark one image (its manifest `file`) as a favourite or not, in manifest.csv."""
-    manifest = load_manifest(out_dir)
-    hit = manifest["file"] == file
-    if not hit.any():
-        raise KeyError(f"{file!r} is not in {Path(out_dir) / 'manifest.csv'}.")
-    manifest.loc[hit, "starred"] = bool(starred)
-    with atomic_path(Path(out_dir) / "manifest.csv") as tmp:
-        manifest.to_csv(tmp, index=False)
+    """Mark one image (its manifest `file`) as a favourite or not, in manifest.csv.
+
+    Read, changed and written under the manifest's lock: a star set from another notebook, or
+    while generate writes the pack, is never lost."""
+    load_manifest(out_dir)  # a folder without a pack is named before anything is written
+    with _pack_lock(out_dir, "manifest").held(wait=STAR_WAIT_S):
+        manifest = load_manifest(out_dir)
+        hit = manifest["file"] == file
+        if not hit.any():
+            raise KeyError(f"{file!r} is not in {Path(out_dir) / 'manifest.csv'}.")
+        manifest.loc[hit, "starred"] = bool(starred)
+        with atomic_path(Path(out_dir) / "manifest.csv") as tmp:
+            manifest.to_csv(tmp, index=False)
     return manifest
 
 
 def export_starred(out_dir: str | Path) -> Path:
     """Copy the starred images of a pack into out_dir/favourites/ (replacing earlier exports)."""
-    manifest = load_manifest(out_dir)
-    return copy_ranked(manifest[manifest["starred"]], "file", Path(out_dir), "favourites")
+    with _pack_lock(out_dir, "manifest").held(wait=STAR_WAIT_S):
+        manifest = load_manifest(out_dir)
+        return copy_ranked(manifest[manifest["starred"]], "file", Path(out_dir), "favourites")

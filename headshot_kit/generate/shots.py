@@ -22,13 +22,14 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image, PngImagePlugin
 
-from ..config import (DEFAULT_CLASS, DEFAULT_TOKEN, ConfigError, GenerateConfig, agree,
-                      validate_generate)
+from ..config import (DEFAULT_CLASS, DEFAULT_TOKEN, MAX_SIDE, MAX_STEPS, ConfigError,
+                      GenerateConfig, agree, validate_generate)
 from ..facedetail import (FaceDetailResult, detail_faces, detail_parameters, image_to_image,
                           read_detail_parameters)
 from ..families import get_family
-from ..lora import LORA_WEIGHTS, lora_weights, pick_checkpoint
-from ..storage import atomic_path
+from ..lora import (LORA_WEIGHTS, LoraFileError, check_lora_file, check_lora_loaded,
+                    lora_weights, pick_checkpoint)
+from ..storage import atomic_path, read_record
 from .styles import Style
 
 
@@ -140,7 +141,7 @@ def with_lora_subject(cfg: GenerateConfig, lora_dir: str | Path | None) -> Gener
     """`cfg` with the subject words the LoRA was trained on (its config.json records them);
     a token or class_name setting that names other words is refused."""
     trained = Path(lora_dir) / "config.json" if lora_dir is not None else None
-    recorded = json.loads(trained.read_text()) if trained and trained.is_file() else {}
+    recorded = read_record(trained) if trained else {}
     if "token" not in recorded:  # the base model, or a LoRA from elsewhere: the settings hold
         return cfg
     fix = ", or train a LoRA on a dataset prepared with those words"
@@ -227,8 +228,9 @@ def check_lora(lora_dir: str | Path | None, cfg: GenerateConfig) -> Path | None:
         return None
     lora_weights(lora_dir)
     lora_dir = pick_checkpoint(lora_dir, cfg.lora_checkpoint)
+    check_lora_file(lora_weights(lora_dir))
     trained = Path(lora_dir) / "config.json"
-    recorded = json.loads(trained.read_text()) if trained.is_file() else {}
+    recorded = read_record(trained)
     family, model = recorded.get("family"), recorded.get("model")
     if family and family != cfg.family:
         raise ConfigError(f"{trained}: this LoRA was trained for family {family!r} but "
@@ -259,7 +261,18 @@ def use_lora(pipe, lora_dir: str | Path | None, scale: float) -> None:
     # Adapter names become module keys, which may not contain dots.
     name = "lora_" + hashlib.sha1(key.encode()).hexdigest()[:12]
     if name not in loaded:
-        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS, adapter_name=name)
+        check_lora_file(weights)
+        try:
+            pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS, adapter_name=name)
+        except ValueError as exc:  # peft: not one of its layers is in the model
+            raise LoraFileError(f"{weights}: its LoRA layers match no layer of the model "
+                                f"({str(exc).splitlines()[0][:160]}); use a LoRA trained on "
+                                "this base model.") from None
+        try:
+            check_lora_loaded(pipe, name, weights)
+        except LoraFileError:
+            pipe.delete_adapters([name])
+            raise
     pipe.enable_lora()
     pipe.set_adapters([name], adapter_weights=[scale])
 
@@ -421,7 +434,7 @@ def shot_from_row(row: Mapping[str, Any], lora_dir: str | Path | None) -> Shot:
                          "lora_dir.")
     if not lora and lora_dir is not None:
         raise ValueError("This image was made with the base model; pass lora_dir=None.")
-    return Shot(style=cell_text(row.get("style", "")), prompt=cell_text(row["prompt"]),
+    return check_shot(Shot(style=cell_text(row.get("style", "")), prompt=cell_text(row["prompt"]),
                 negative_prompt=cell_text(row["negative_prompt"]), seed=int(row["seed"]),
                 steps=int(row["steps"]), guidance=float(row["guidance"]),
                 scheduler=str(row["scheduler"]), lora_scale=float(row["lora_scale"]),
@@ -430,7 +443,32 @@ def shot_from_row(row: Mapping[str, Any], lora_dir: str | Path | None) -> Shot:
                 lora_dir=str(lora_dir) if lora_dir is not None else None,
                 # A manifest from before the face-detail pass has no such columns: no pass.
                 face_detail_strength=float(cell_text(row.get("face_detail_strength")) or 0),
-                face_detail_padding=float(cell_text(row.get("face_detail_padding")) or 0))
+                face_detail_padding=float(cell_text(row.get("face_detail_padding")) or 0)))
+
+
+def check_shot(shot: Shot) -> Shot:
+    """Refuse a Shot read from a file made elsewhere (a PNG, a manifest) that asks for more
+    than a render can give: a size, steps or sampler outside the settings' own limits."""
+    problems = []
+    if not all(8 <= side <= MAX_SIDE and side % 8 == 0 for side in (shot.width, shot.height)):
+        problems.append(f"size {shot.width}x{shot.height} (at most {MAX_SIDE} px a side, a "
+                        "multiple of 8)")
+    if not 1 <= shot.steps <= MAX_STEPS:
+        problems.append(f"{shot.steps} steps (1 to {MAX_STEPS})")
+    if shot.scheduler not in SAMPLERS:
+        problems.append(f"sampler {shot.scheduler!r} (one of {', '.join(SAMPLERS)})")
+    for name, value, low, high in (("guidance", shot.guidance, 0, 50),
+                                   ("LoRA scale", shot.lora_scale, -10, 10),
+                                   ("face-detail strength", shot.face_detail_strength, 0, 1),
+                                   ("face-detail padding", shot.face_detail_padding, 0, 5),
+                                   ("seed", shot.seed, 0, 2 ** 64 - 1)):
+        if not (math.isfinite(value) and low <= value <= high):
+            problems.append(f"{name} {value} ({low} to {high})")
+    if problems:
+        raise ConfigError(f"The image's settings ask for {'; '.join(problems)}: outside what "
+                          "the workbench renders. Fix them in the row (or use settings of your "
+                          "own) and try again.")
+    return shot
 
 
 def describe_shot(shot: Shot, skip: Sequence[str] = ()) -> str:

@@ -30,6 +30,7 @@ import json
 import random
 import shutil
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -41,18 +42,20 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import models
-from ..config import (ConfigError, TrainConfig, config_hash, save_config, to_dict,
+from ..config import (ConfigError, RunFailed, TrainConfig, config_hash, save_config, to_dict,
                       validate_train, with_optimizer_defaults)
 from ..families import Conditioning, get_family
 from ..fitcheck import check_before_training
 from ..images import image_grid
-from ..lora import BEST_DIR, add_lora, chosen_checkpoint, export_kohya, peft_state, save_lora
+from ..lora import (BEST_DIR, LORA_WEIGHTS, add_lora, chosen_checkpoint, export_kohya,
+                    peft_state, save_lora)
 from ..placement import training_placement
-from ..storage import atomic_dir, atomic_path
+from ..storage import FolderLock, atomic_dir, atomic_path, check_own_folder, mark_folder
 from .card import usage_snippet, write_model_card
-from .checkpoints import RESUME_KEYS, check_resume, latest_checkpoint, list_checkpoints
-from .data import (TrainExample, dataset_subject, ensure_class_images, image_tensor,
-                   load_dataset, mask_tensor, with_dataset_subject)
+from .checkpoints import (RESUME_KEYS, CheckpointUnreadable, check_resume, latest_checkpoint,
+                          list_checkpoints, load_state, read_meta, save_state)
+from .data import (TrainExample, dataset_fingerprint, dataset_subject, ensure_class_images,
+                   image_tensor, load_dataset, mask_tensor, with_dataset_subject)
 from .loss import diffusion_loss, encode_latents, fixed_batch_loss, loss_weights
 from .optimizers import make_optimizer, optimizer_state_dtypes
 from .selection import RULE, LikenessJudge, choose_best, step_score
@@ -66,7 +69,7 @@ __all__ = ["Trainer", "TrainExample", "TrainResult", "TrainingDiverged", "datase
 METRICS_COLUMNS = ("step", "loss", "lr", "skipped", "likeness")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailed):
     """The loss stayed NaN/inf for several steps in a row."""
 
 
@@ -123,20 +126,40 @@ class Trainer:
             self.out_dir / "checkpoints")
         self.progress, self.on_step, self.on_validation = progress, on_step, on_validation
         self.examples = load_dataset(self.data_dir)
+        self.data_fingerprint = dataset_fingerprint(self.data_dir, self.examples)
         self.cfg = cfg = with_dataset_subject(cfg, self.data_dir)
-        # Before any model loads: a wrong embedder name fails at once, not after the loading.
-        self.judge = self._likeness_judge() if cfg.validate_every else None
-        device = models.pick_device(cfg.device)
-        if device.startswith("cuda"):
-            # Refuse a plan that cannot fit before minutes of loading end in out-of-memory.
-            check_before_training(cfg, force=cfg.force_fit)
-        self.dtype = models.pick_dtype(device, cfg.mixed_precision)
-        self.placement = training_placement(cfg)
-        try:
-            self._build(device)
-        except BaseException:
-            self.close()  # a retry must not find this attempt's models still on the GPU
-            raise
+        # Its own folder: a folder of other files (a config.json, a README.md) is refused.
+        check_own_folder(self.out_dir, "train", (LORA_WEIGHTS, "checkpoints", "metrics.csv",
+                                                 "validation.png", BEST_DIR), "a trained LoRA")
+        # One training per folder: a second one started meanwhile is refused before it loads
+        # anything, and never deletes the first's checkpoint in progress.
+        self._locks = [FolderLock(self.out_dir, "training run")]
+        if self.checkpoint_dir.resolve().parent != self.out_dir.resolve():
+            self._locks.append(FolderLock(self.checkpoint_dir, "training run"))
+        with self.writing():
+            mark_folder(self.out_dir, "train")  # from now on it is this stage's folder
+            # Before any model loads: a wrong embedder name fails at once, not after loading.
+            self.judge = self._likeness_judge() if cfg.validate_every else None
+            device = models.pick_device(cfg.device)
+            if device.startswith("cuda"):
+                # Refuse a plan that cannot fit before minutes of loading end in out-of-memory.
+                check_before_training(cfg, force=cfg.force_fit)
+            self.dtype = models.pick_dtype(device, cfg.mixed_precision)
+            self.placement = training_placement(cfg)
+            try:
+                self._build(device)
+            except BaseException:
+                self.close()  # a retry must not find this attempt's models still on the GPU
+                raise
+
+    @contextmanager
+    def writing(self):
+        """Hold the run's folders (out_dir, and checkpoint_dir when it is elsewhere) while
+        writing to them; another training into them is refused meanwhile."""
+        with ExitStack() as stack:
+            for lock in self._locks:
+                stack.enter_context(lock.held())
+            yield
 
     def _build(self, device: str) -> None:
         """Load the models, encode the inputs, attach the LoRA, resume: the heavy part."""
@@ -190,9 +213,24 @@ class Trainer:
         for stale in self.checkpoint_dir.glob(".checkpoint-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
         if cfg.resume:
-            latest = latest_checkpoint(self.checkpoint_dir)
-            if latest is not None:
-                self.load_checkpoint(latest)
+            self._resume()
+
+    def _resume(self) -> None:
+        """Continue from the newest checkpoint that reads back whole; a damaged one (cut
+        short by a full disk, say) is skipped for the one before it, with a sentence."""
+        found = list_checkpoints(self.checkpoint_dir)
+        if not found and list(self.checkpoint_dir.glob("checkpoint-*/state.pt")):
+            print(f"{self.checkpoint_dir} holds checkpoints in the older state.pt format, which "
+                  "is not loaded (a pickle can run code): training starts over. Delete them "
+                  "once this run has finished.")
+        for n, folder in enumerate(reversed(found)):
+            try:
+                self.load_checkpoint(folder)
+                return
+            except CheckpointUnreadable as exc:
+                then = ("resuming from the one before it" if n + 1 < len(found)
+                        else "no older one is left, so training starts over")
+                print(f"{exc}: skipped, {then}.")
 
     def close(self) -> None:
         """Let go of the models, optimizer and cached inputs, and hand their GPU memory back.
@@ -439,15 +477,22 @@ class Trainer:
             "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
             "lora": {name: peft_state(getattr(self.pipe, name)) for name in self._lora_modules()},
         }
-        with atomic_dir(target) as tmp:
-            torch.save(state, tmp / "state.pt")
-            (tmp / "meta.json").write_text(json.dumps({
-                "step": self.step, "config": to_dict(self.cfg),
-                "optimizer_used": self.optimizer_name,
-                "resume_hash": config_hash({k: to_dict(self.cfg)[k] for k in RESUME_KEYS}),
-            }, indent=2, default=str) + "\n")
-        for old in list_checkpoints(self.checkpoint_dir)[: -max(1, self.cfg.checkpoints_keep)]:
-            shutil.rmtree(old, ignore_errors=True)
+        with self.writing():
+            with atomic_dir(target) as tmp:
+                save_state(tmp, state)
+                (tmp / "meta.json").write_text(json.dumps({
+                    "step": self.step, "config": to_dict(self.cfg),
+                    "optimizer_used": self.optimizer_name,
+                    "resume_hash": config_hash({k: to_dict(self.cfg)[k] for k in RESUME_KEYS}),
+                    "data_dir": str(self.data_dir), "data_fingerprint": self.data_fingerprint,
+                }, indent=2, default=str) + "\n")
+            found = list_checkpoints(self.checkpoint_dir)
+            if not self.cfg.resume:  # started over: later steps belong to the run it replaces
+                found = [f for f in found if f.name <= target.name]
+                for later in set(list_checkpoints(self.checkpoint_dir)) - set(found):
+                    shutil.rmtree(later, ignore_errors=True)
+            for old in found[: -max(1, self.cfg.checkpoints_keep)]:
+                shutil.rmtree(old, ignore_errors=True)
         return target
 
     def _lora_modules(self) -> list[str]:
@@ -456,15 +501,15 @@ class Trainer:
     def load_checkpoint(self, folder: Path) -> None:
         from peft.utils import set_peft_model_state_dict
 
-        meta = json.loads((folder / "meta.json").read_text())
-        check_resume(folder, meta, self.cfg)
+        meta = read_meta(folder)
+        check_resume(folder, meta, self.cfg, self.data_fingerprint, self.data_dir)
         used = meta.get("optimizer_used", self.optimizer_name)
         if used != self.optimizer_name:
             raise ConfigError(f"{folder} holds {used} state but this run steps with "
                               f"{self.optimizer_name}; they cannot continue each other. Set the "
                               "optimizer the checkpoint used, use a new checkpoint_dir, or set "
                               "resume=False to start over.")
-        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+        state = load_state(folder)  # tensors and JSON: nothing in it can run
         for name, weights in state["lora"].items():
             set_peft_model_state_dict(getattr(self.pipe, name), weights)
         for p in self.params:
@@ -484,6 +529,10 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        with self.writing():
+            return self._run()
+
+    def _run(self) -> TrainResult:
         cfg, start = self.cfg, time.perf_counter()
         if self.resumed_from:
             print(f"Resuming from {self.resumed_from} (step {self.step} of {cfg.steps})."
@@ -525,7 +574,7 @@ class Trainer:
         save_config(self.cfg, folder / "config.json", data_dir=str(self.data_dir),
                     token=token, class_name=class_name, optimizer_used=self.optimizer_name,
                     trainable_parameters=self.n_trainable, n_images=len(self.examples),
-                    **record)
+                    data_fingerprint=self.data_fingerprint, **record)
         return lora_path
 
     def save(self, seconds: float = 0.0) -> TrainResult:

@@ -1,11 +1,26 @@
-"""Checkpoints: which exist, which is the latest, and whether a run may continue one."""
+"""Checkpoints: which exist, which is the latest, and whether a run may continue one.
+
+A checkpoint folder holds `meta.json` (the step, the settings and the photos that made it),
+`state.safetensors` (every tensor of the resumable state: LoRA weights, optimizer moments, the
+random generators' states) and `state.json` (the rest: numbers, lists and where each tensor
+goes). Neither format can carry code, so a checkpoint from a shared Drive folder or a sweep's
+network disk is data to read, never a program to run (unlike a pickled `state.pt`).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 from ..config import ConfigError, TrainConfig, to_dict
+
+STATE_TENSORS, STATE_JSON, META = "state.safetensors", "state.json", "meta.json"
+
+
+class CheckpointUnreadable(ValueError):
+    """A checkpoint's files are cut short or damaged; an older one may still be good."""
 
 # Settings a checkpoint must share with the run that resumes it: anything else can change
 # (e.g. more steps). The optimizer that ran is checked too (its state fits no other).
@@ -19,9 +34,17 @@ FREE_ON_RESUME = ("steps", "resume", "checkpoint_dir", "checkpoint_every", "chec
                   "max_bad_steps", "force_fit", "device", "class_dir")
 
 
-def check_resume(folder: Path, meta: dict, cfg: TrainConfig) -> None:
-    """Refuse to continue a checkpoint with settings that did not make it, naming only those
-    that changed, or with fewer steps than it already has."""
+def check_resume(folder: Path, meta: dict, cfg: TrainConfig, data: str = "",
+                 data_dir: Path | None = None) -> None:
+    """Refuse to continue a checkpoint with photos or settings that did not make it, naming
+    only those that changed, or with fewer steps than it already has. `data` is the prepared
+    dataset's fingerprint (headshot_kit.train.data.dataset_fingerprint)."""
+    if data and meta.get("data_fingerprint") != data:
+        raise ConfigError(f"{folder} continues a run trained on other photos "
+                          f"({meta.get('data_dir', 'not recorded')}), not on those in "
+                          f"{data_dir}: its LoRA would keep the old face. Train these photos "
+                          "into a new out folder (or checkpoint_dir), or set resume=False to "
+                          "start over in this one (its LoRA is then replaced).")
     # Through JSON, as the checkpoint stored them: a tuple and the list it became are equal.
     now = json.loads(json.dumps(to_dict(cfg), default=str))
     changed = [f"{k} {v!r} (now {now[k]!r})" for k, v in meta["config"].items()
@@ -42,7 +65,93 @@ def list_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.glob("checkpoint-*")
-                  if p.is_dir() and (p / "state.pt").is_file() and (p / "meta.json").is_file())
+                  if p.is_dir() and all((p / n).is_file() for n in (STATE_TENSORS, STATE_JSON,
+                                                                    META)))
+
+
+def read_meta(folder: Path) -> dict:
+    """A checkpoint's meta.json; CheckpointUnreadable when it is empty or damaged."""
+    try:
+        meta = json.loads((folder / META).read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not \
+                isinstance(meta.get("config"), dict):
+            raise ValueError("no step and settings in it")
+    except (OSError, ValueError) as exc:
+        raise CheckpointUnreadable(f"{folder / META} cannot be read ({exc})") from None
+    return meta
+
+
+# -- the state: tensors in safetensors, everything else in JSON -------------------------------
+
+def save_state(folder: Path, state: Any) -> None:
+    """Write `state` (nested dicts, lists, tuples, numbers, strings, tensors, numpy arrays)
+    as state.safetensors + state.json in `folder`."""
+    from safetensors.torch import save_file
+
+    tensors: dict = {}
+    tree = _encode(state, tensors)
+    save_file(tensors, str(folder / STATE_TENSORS))
+    (folder / STATE_JSON).write_text(json.dumps(tree))
+
+
+def load_state(folder: Path) -> Any:
+    """The state `save_state` wrote; CheckpointUnreadable when a file is cut short or damaged."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(folder / STATE_TENSORS))
+        return _decode(json.loads((folder / STATE_JSON).read_text()), tensors)
+    except Exception as exc:  # safetensors, json and a missing tensor each raise their own
+        raise CheckpointUnreadable(f"{folder} cannot be read ({type(exc).__name__}: "
+                                   f"{str(exc)[:200]})") from None
+
+
+def _encode(obj: Any, tensors: dict) -> Any:
+    import numpy as np
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        # A copy of its own: safetensors refuses tensors that share memory (bitsandbytes
+        # shares one quantisation map between parameters).
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        key = str(len(tensors))
+        tensors[key] = torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind in "ui"
+                                        else obj.copy())
+        return {"__ndarray__": key, "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, dict):
+        return {"__dict__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": str(obj)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"A checkpoint cannot hold a {type(obj).__name__}.")
+
+
+def _decode(obj: Any, tensors: dict) -> Any:
+    import numpy as np
+
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return tensors[obj["__ndarray__"]].numpy().astype(np.dtype(obj["dtype"]))
+    if "__float__" in obj:
+        return float(obj["__float__"])
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .. import models
 from ..config import DEFAULT_CLASS, DEFAULT_TOKEN, ConfigError, DataError, TrainConfig, agree
 from ..images import centre_square, list_images, load_image
-from ..storage import atomic_path
+from ..storage import atomic_path, read_record
 
 
 @dataclass
@@ -58,10 +58,25 @@ def load_dataset(data_dir: str | Path) -> list[TrainExample]:
     return examples
 
 
+def dataset_fingerprint(data_dir: str | Path, examples: list[TrainExample]) -> str:
+    """A fingerprint of what a run learns from: the captions file, every photo and face mask
+    it lists (their bytes) and the subject words; other photos give another fingerprint."""
+    import hashlib
+
+    data_dir = Path(data_dir)
+    digest = hashlib.sha256((data_dir / "metadata.jsonl").read_bytes())
+    digest.update(" ".join(dataset_subject(data_dir)).encode())
+    for e in examples:
+        for path in (e.image, e.mask):
+            if path is not None:
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
 def dataset_subject(data_dir: str | Path) -> tuple[str, str]:
     """The token and class noun the prepare stage recorded in the dataset's config.json."""
     path = Path(data_dir) / "config.json"
-    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded = read_record(path)
     return recorded.get("token", DEFAULT_TOKEN), recorded.get("class_name", DEFAULT_CLASS)
 
 
@@ -73,7 +88,8 @@ def with_dataset_subject(cfg: TrainConfig, data_dir: str | Path) -> TrainConfig:
     fix = ", or prepare the photos again with the token and class_name you want"
     subject = agree("TrainConfig.subject", cfg.subject, f"{token} {class_name}", source, fix)
     class_prompt = cfg.class_prompt or f"a photo of a {class_name}"
-    if class_name not in class_prompt.split():
+    # A class noun of several words ("young woman") must appear whole, word for word.
+    if f" {' '.join(class_name.split())} " not in f" {' '.join(class_prompt.split())} ":
         raise ConfigError(f"TrainConfig.class_prompt {class_prompt!r} does not name the class "
                           f"{class_name!r} that {source} records; leave class_prompt unset, or "
                           f"write one with {class_name!r} in it.")
