@@ -58,3 +58,12 @@ def test_loading_a_model_stops_at_a_bad_pair(monkeypatch):
             load_pipeline("tiny-sd15")
     finally:
         compat._checked.cache_clear()
+
+
+def test_a_ceiling_reads_as_written():
+    """`<=` stays one operator in the sentence (it once came out as `< =`)."""
+    installed = {"peft": "0.22.0"}
+    [sentence] = check_versions(installed, [Need("transformers", "5.23.0", "peft",
+                                                 "<=0.21.2,>=0.17")])
+    assert "needs peft <= 0.21.2, >= 0.17; installed 0.22.0" in sentence
+    assert "< =" not in sentence
