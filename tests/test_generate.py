@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from conftest import grid_of_single_renders, make_lora
 from test_facedetail import photo_as_first_render, sample_render
 
@@ -270,6 +271,37 @@ def test_base_vs_lora_grid_over_checkpoints(pipe, lora_dir, cfg, pack, tmp_path)
     other = make_lora(pipe, tmp_path / "run2" / "lora", seed=1)
     plan = gen.plan_compare([lora_dir, other], "seed", [0], "checkpoint", None, cfg)
     assert plan.row_labels == ["base model", f"{lora_dir.parent.name}/lora", "run2/lora"]
+
+
+def test_base_vs_lora_grid_renders_the_packs_checkpoint_and_checks_the_model(
+        pipe, lora_dir, cfg, tmp_path, monkeypatch):
+    """The LoRA row of base_vs_lora_grid is the checkpoint the pack renders (best/, where
+    training chose one), and a LoRA trained on another base model is refused there too."""
+    import shutil
+
+    from headshot_kit.lora import BEST_DIR
+
+    run = tmp_path / "lora"
+    shutil.copytree(lora_dir, run)
+    make_lora(pipe, run / BEST_DIR, seed=5)
+    (run / BEST_DIR / "config.json").write_text(json.dumps(
+        {"family": "sd15", "model": "tiny-sd15", "checkpoint": "best", "step": 4,
+         "likeness": 0.7, "chosen_by": "dlib-resnet-128"}))
+    drawn = []
+    monkeypatch.setattr(gen.compare, "render",
+                        lambda shot, pipe: drawn.append(shot) or Image.new("RGB", (8, 8)))
+    gen.base_vs_lora_grid(run, cfg, seeds=[0], pipe=pipe, progress=False)
+    pack_uses = gen.check_lora(run, cfg)
+    assert pack_uses == run / BEST_DIR
+    assert [s.lora_dir for s in drawn] == [None, str(pack_uses)]
+    # On the axis, a folder typed by hand renders its own weights: last and best side by side.
+    plan = gen.plan_compare(run, "seed", [0], "checkpoint", None, cfg)
+    assert [s.lora_dir for s in plan.shots] == [None, str(run), str(run / BEST_DIR)]
+    other = dataclasses.replace(cfg, model="other/sd15-model")
+    with pytest.raises(ConfigError, match="trained on 'tiny-sd15' but GenerateConfig.model"):
+        gen.base_vs_lora_grid(run, other, seeds=[0], pipe=pipe, progress=False)
+    with pytest.raises(ConfigError, match="trained on 'tiny-sd15' but GenerateConfig.model"):
+        gen.plan_compare(None, "seed", [0], "checkpoint", ["base", str(run)], other)
 
 
 def test_best_of_takes_top_scores_with_a_face(pack, tmp_path):
