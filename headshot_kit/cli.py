@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import (PRESETS, ConfigError, DataError, EvaluateConfig, GenerateConfig,
                      PrepareConfig, TrainConfig, get_preset, update_config)
+from .images import ImageReadError
 from .models import ModelUnavailable
 from .sweep import SweepError
 
@@ -261,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, DataError, FileNotFoundError, ModelUnavailable, SweepError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ModelUnavailable, SweepError,
+            ImageReadError) as exc:
         print(f"headshot-kit {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -193,6 +194,23 @@ def test_evaluate_command_scores_every_headshot(headshots, photos, tmp_path, cap
     # The tiny model draws noise: no face, and the headline says so.
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
         "0 of 6 look like you")
+
+
+def test_evaluate_with_no_face_in_the_references_is_one_line(headshots, tmp_path, capsys):
+    """References without a face stop evaluate with its one sentence and exit 2, not a
+    traceback."""
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(refs / "noise.png")
+    code = main(["evaluate", "--references", str(refs), "--images", str(headshots),
+                 "--out", str(tmp_path / "scores")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]  # after the progress bar
+    assert line.startswith("headshot-kit evaluate: No face was found in any of the 1 reference")
+    assert str(refs) in line
 
 
 def test_purge_lists_with_dry_run_and_deletes_without(photos, tmp_path, capsys):
