@@ -344,10 +344,23 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def same_photo(folder: Path, content: bytes) -> Path | None:
+    """The file in `folder` with exactly these bytes, if one is there (a photo picked twice)."""
+    if not folder.is_dir():
+        return None
+    content = bytes(content)
+    return next((p for p in sorted(folder.iterdir()) if p.is_file()
+                 and p.stat().st_size == len(content) and p.read_bytes() == content), None)
+
+
 def save_photo(folder: Path, name: str, content: bytes) -> Path:
     """Write one uploaded file into `folder`; a name already taken gets a number, so nothing
-    is ever overwritten."""
+    is ever overwritten. A file with the same bytes already there is not written again (a
+    second copy would only be flagged as a duplicate by prepare): its path is returned."""
     folder.mkdir(parents=True, exist_ok=True)
+    already = same_photo(folder, content)
+    if already is not None:
+        return already
     name = Path(name).name or "photo"
     target, n = folder / name, 1
     while target.exists():
@@ -377,12 +390,36 @@ class PhotoUpload(_Panel):
         self.picker.observe(lambda _: self.save(), names="value")
 
     def save(self) -> list[Path]:
-        """Write the picked files; returns their paths."""
-        saved = [save_photo(self.folder, item["name"], item["content"])
-                 for item in self.picker.value]
-        if saved:
-            self.status.value = f"Saved {len(saved)} photo(s) to {self.folder}."
+        """Write the picked files; returns the paths of those written (a photo already in the
+        folder, byte for byte, is skipped and named in the status line)."""
+        saved, skipped = _save_all(self.folder, [(item["name"], item["content"])
+                                                 for item in self.picker.value])
+        if saved or skipped:
+            self.status.value = _saved_line(self.folder, saved, skipped)
         return saved
+
+
+def _save_all(folder: Path, files) -> tuple[list[Path], list[str]]:
+    """Save (name, bytes) pairs: the paths written, and the names of those already there."""
+    saved, skipped = [], []
+    for name, content in files:
+        if same_photo(folder, content) is not None:
+            skipped.append(Path(name).name)
+        else:
+            saved.append(save_photo(folder, name, content))
+    return saved, skipped
+
+
+def _saved_line(folder: Path, saved: list[Path], skipped: list[str]) -> str:
+    line = f"Saved {_photos(len(saved))} to {folder}."
+    if skipped:
+        line += (f" {_photos(len(skipped))} already there with the same content, not saved "
+                 f"again: {', '.join(skipped)}.")
+    return line
+
+
+def _photos(n: int) -> str:
+    return f"{n} photo{'' if n == 1 else 's'}"
 
 
 def upload_photos(folder: str | Path):
@@ -398,8 +435,7 @@ def upload_photos(folder: str | Path):
             pass
         else:
             picked = files.upload()
-            saved = [save_photo(folder, name, content) for name, content in picked.items()]
-            print(f"Saved {len(saved)} photo(s) to {folder}.")
+            print(_saved_line(folder, *_save_all(folder, picked.items())))
             return None
     return PhotoUpload(folder)
 

@@ -166,11 +166,29 @@ def test_photo_upload_saves_without_overwriting(tmp_path, samples):
                  "last_modified": datetime.now(timezone.utc), "content": memoryview(photo)},)
 
     panel.picker.set_trait("value", upload("../obama.jpg"))
+    assert "Saved 1 photo to" in panel.status.value
+    other = photo
+    photo = (samples / "obama2.jpg").read_bytes()  # another photo under a name already taken
     panel.picker.set_trait("value", upload("obama.jpg"))
     names = sorted(p.name for p in (tmp_path / "me").iterdir())
     assert names == ["obama-1.jpg", "obama.jpg"]  # kept inside the folder, never overwritten
-    assert (tmp_path / "me" / "obama.jpg").read_bytes() == photo
+    assert (tmp_path / "me" / "obama.jpg").read_bytes() == other
     assert "Saved 1 photo" in panel.status.value
+
+
+def test_the_same_photo_uploaded_again_is_not_saved_twice(tmp_path, samples):
+    """A second copy (obama-1.jpg) would be rejected by prepare as a duplicate of the first."""
+    from headshot_kit.widgets import PhotoUpload
+
+    panel = PhotoUpload(tmp_path / "me")
+    photo = (samples / "obama.jpg").read_bytes()
+    item = {"name": "obama.jpg", "type": "image/jpeg", "size": len(photo),
+            "last_modified": datetime.now(timezone.utc), "content": memoryview(photo)}
+    panel.picker.set_trait("value", (item,))
+    panel.picker.set_trait("value", ({**item, "name": "IMG_0001.jpg"},))
+    assert sorted(p.name for p in (tmp_path / "me").iterdir()) == ["obama.jpg"]
+    assert panel.status.value == (f"Saved 0 photos to {tmp_path / 'me'}. 1 photo already there "
+                                  "with the same content, not saved again: IMG_0001.jpg.")
 
 
 def test_an_upload_with_the_default_settings_leaves_git_status_clean(samples, monkeypatch):
