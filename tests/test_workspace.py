@@ -18,12 +18,23 @@ def local(monkeypatch):
 
 def test_locally_everything_lands_in_a_git_ignored_folder(local):
     ws = workspace()
-    assert ws.root == ROOT / "results" / "demo" and ws.photos == ws.root / "photos"
+    assert ws.root == ROOT / "results" / "work" and ws.photos == ws.root / "photos"
     assert not wsm.is_colab()
     if (ROOT / ".git").exists():
         check = subprocess.run(["git", "check-ignore", "-q", str(ws.photos / "me.jpg")],
                                cwd=ROOT)
         assert check.returncode == 0, "uploads would show up in git status"
+
+
+def test_the_local_work_folder_is_not_the_demos(local):
+    """A first real run must not mix its photos, LoRA and scores with `make demo`'s."""
+    import inspect
+
+    from headshot_kit.demo import run_demo
+
+    demo = ROOT / inspect.signature(run_demo).parameters["out"].default
+    assert workspace().root.resolve() != demo.resolve()
+    assert not workspace().root.resolve().is_relative_to(demo.resolve())
 
 
 def test_on_colab_the_defaults_are_on_drive(tmp_path, monkeypatch):
