@@ -327,7 +327,7 @@ def test_batched_pack_matches_one_image_at_a_time(pack, pipe, lora_dir, cfg, tmp
 
 
 def test_regenerating_keeps_stars_picks_and_unchanged_images(pipe, lora_dir, cfg, tmp_path,
-                                                             monkeypatch):
+                                                             monkeypatch, capsys):
     out = tmp_path / "pack"
     first = gen.generate_pack(lora_dir, out, cfg, pipe=pipe, progress=False)
     gen.set_starred(out, "images/corporate_seed1.png")
@@ -345,11 +345,33 @@ def test_regenerating_keeps_stars_picks_and_unchanged_images(pipe, lora_dir, cfg
     assert starred["images/corporate_seed1.png"] and starred.sum() == 1
     assert (out / "favourites" / "01_corporate_seed1.png").is_file()
     assert (out / "best" / "best.csv").is_file()
+    capsys.readouterr()
+    # Other seeds: the starred picture is left out; its star goes, and one line says so.
+    gen.set_starred(out, "images/executive_seed0.png")
+    fewer = dataclasses.replace(cfg, seeds=[0])
+    again = gen.generate_pack(lora_dir, out, fewer, pipe=pipe, progress=False)
+    assert again.manifest.set_index("file")["starred"].to_dict() == {
+        "images/corporate_seed0.png": False, "images/executive_seed0.png": True}
+    said = capsys.readouterr().out
+    assert ("1 starred image released (corporate_seed1.png): their settings changed or they "
+            "are no longer in the pack" in said)
+    # Nothing to render is said as such, not as "0 to render, on a T4 GPU under a minute".
+    assert said.startswith("2 images (2 styles x 1 seed) with ") and "0 to render" not in said
+    assert "kept, with their stars; nothing to render." in said
+    changed = dataclasses.replace(cfg, guidance=cfg.guidance + 1)
+    gen.generate_pack(lora_dir, out, changed, pipe=pipe, progress=False)
+    assert "1 starred image released (executive_seed0.png)" in capsys.readouterr().out
+    gen.set_starred(out, "images/corporate_seed1.png")
     # New LoRA weights: every image is rendered again, and no star survives on a new picture.
     rendered.clear()
     other = make_lora(pipe, tmp_path / "other" / "lora", seed=3)
-    again = gen.generate_pack(other, out, cfg, pipe=pipe, progress=False)
+    again = gen.generate_pack(other, out, changed, pipe=pipe, progress=False)
     assert len(rendered) == 4 and not again.manifest["starred"].any()
+    said = capsys.readouterr().out
+    assert ("1 starred image released (corporate_seed1.png): the LoRA's weights changed, so "
+            "the new pictures start unstarred. favourites/ keeps the copies exported before."
+            in said)
+    assert (out / "favourites" / "01_corporate_seed1.png").is_file()
 
 
 def test_a_token_set_at_prepare_reaches_every_prompt(tmp_path, obama_photos, pipe):
