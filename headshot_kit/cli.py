@@ -199,7 +199,8 @@ def run(args) -> int:
         result = prepare_photos(args.photos, args.out, cfg)
         for line in result.advice:
             print(line)
-        print(f"{result.n_used} photos prepared in {args.out} (report: {args.out}/report.csv)")
+        print(f"{result.n_used} photo{'' if result.n_used == 1 else 's'} prepared in {args.out} "
+              f"(report: {args.out}/report.csv)")
     elif args.command == "purge":
         from .storage import purge
 

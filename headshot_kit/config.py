@@ -325,7 +325,9 @@ def _tiny() -> Preset:
         description="A tiny SD-1.5-architecture model built locally: runs offline on a CPU in "
         "seconds. It shows the plumbing, not pretty pictures.",
         # 256 px keeps faces large enough for dlib to find again in the prepared crops.
-        prepare=PrepareConfig(resolution=256),
+        # It learns no face, so 3 photos prove every stage: the bundled samples hold three usable
+        # ones (real photos of one person, not copies), and a real preset keeps DreamBooth's 5.
+        prepare=PrepareConfig(resolution=256, min_photos=3),
         train=TrainConfig(
             model=model, resolution=64, steps=30, rank=4,
             # A random tiny model learns slowly at SD's 5e-4; 3e-3 makes a 30-step run show it.

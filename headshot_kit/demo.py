@@ -41,8 +41,9 @@ def notebook_dir() -> Path:
 
 
 def samples_dir() -> Path:
-    """The bundled public-domain sample photos (with their PROVENANCE.md)."""
-    return _shipped("data/samples", "data/samples")
+    """The bundled public-domain sample photos: photos only, their PROVENANCE.md and SHA256SUMS
+    one folder up, so the demo reads no note as a photo."""
+    return _shipped("data/samples", "data/samples") / "photos"
 
 
 def _photos(photos: str | Path | None) -> Path:

@@ -22,12 +22,12 @@ import pytest
 pytest_plugins = ("pytester",)
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "data" / "samples"
+SAMPLES = ROOT / "data" / "samples" / "photos"
 
 
 @pytest.fixture(scope="session")
 def samples() -> Path:
-    """The public-domain sample photos (see data/samples/PROVENANCE.md)."""
+    """The public-domain sample photos (see data/samples/PROVENANCE.md, beside them)."""
     return SAMPLES
 
 

@@ -174,6 +174,34 @@ def test_prepare_command_writes_a_captioned_dataset(photos, tmp_path, capsys):
     assert f"3 photos prepared in {out}" in capsys.readouterr().out
 
 
+def test_an_empty_photo_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    code = main(["prepare", "--photos", str(tmp_path / "photos"), "--out",
+                 str(tmp_path / "out"), "--preset", "tiny"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"headshot-kit prepare: {tmp_path / 'photos'}: no photos there. Put 5-20 photos of the "
+        "person in it (JPEG, PNG, HEIC, ... or a .zip), then run this again.")
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_photo_prepared_is_said_in_the_singular(samples, tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    shutil.copy(samples / "obama.jpg", tmp_path / "photos")
+    assert main(["prepare", "--photos", str(tmp_path / "photos"), "--out",
+                 str(tmp_path / "out"), "--preset", "tiny"]) == 0
+    assert f"1 photo prepared in {tmp_path / 'out'}" in capsys.readouterr().out
+
+
+def test_a_missing_lora_is_said_in_the_users_words(tmp_path, capsys):
+    code = main(["generate", "--lora", str(tmp_path), "--out", str(tmp_path / "out"),
+                 "--preset", "tiny"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "not a trained LoRA" in err and "leave the LoRA out" in err
+    assert "None" not in err
+
+
 def test_generate_command_renders_the_chosen_styles_and_seeds(headshots):
     manifest = pd.read_csv(headshots / "manifest.csv")
     assert list(manifest["file"]) == [f"images/{style}_seed{seed}.png" for style in (
