@@ -46,3 +46,15 @@ def test_the_report_flags_the_problem_samples(executed):
     used = set(report.loc[report["status"] == "used", "file"])
     assert {"obama.jpg", "obama2.jpg", "obama3.jpg"} <= used
     assert "biden.jpg" not in used
+
+
+def test_the_evaluate_notebook_evaluates_and_leaves_the_sweep_to_the_user(executed):
+    """Run whole, 04_evaluate does its own stage: the sweep (training runs) only prints what it
+    would cost, and starts when the user sets run_sweep = True."""
+    workdir, notebooks = executed
+    nb = json.loads(next(p for p in notebooks if p.name == "04_evaluate.ipynb").read_text())
+    sweep_cell = next(c for c in nb["cells"] if c["cell_type"] == "code"
+                      and "sweep(" in "".join(c["source"]))
+    said = "".join(o.get("text", "") for o in sweep_cell["outputs"])
+    assert "GPU hours of training on a t4" in said and "Not started: set run_sweep = True" in said
+    assert not (workdir / "sweep").exists()
