@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import ipywidgets as w
-from IPython.display import clear_output, display
 from PIL import Image
 
 from .config import ConfigError, GenerateConfig
 from .generate import (AXES, SAMPLERS, ComparePlan, Shot, check_lora, default_axis_values,
                        describe_shot, export_starred, load_generate_pipeline, load_manifest,
                        load_styles, make_shot, parse_axis_values, plan_compare, render,
-                       set_starred, with_lora_subject)
+                       save_png, set_starred, with_lora_subject)
 from .images import image_grid
 
 
@@ -53,11 +52,17 @@ def _seeds_label(shots: Sequence[Shot]) -> str:
 
 
 class PromptStudio(_Panel):
-    """Try a style or your own prompt with the LoRA; the last few runs stay on screen."""
+    """Try a style or your own prompt with the LoRA; the last few runs stay on screen, and
+    *Keep* saves the newest run's images (with their settings in each PNG) into `out_dir`."""
 
     def __init__(self, lora_dir: str | Path | None, cfg: GenerateConfig | None = None,
-                 pipe=None, keep: int = 4):
+                 pipe=None, keep: int = 4, out_dir: str | Path | None = None):
         cfg = cfg or GenerateConfig()
+        # Beside the LoRA in its work folder (<workdir>/studio), never inside the LoRA's folder.
+        self.out_dir = Path(out_dir) if out_dir else (
+            Path(lora_dir).parent / "studio" if lora_dir else Path("studio"))
+        self.runs = 0  # numbers the history's rows, so two runs of one style differ
+        self.last: list[tuple[Shot, Image.Image]] = []  # the newest run: what Keep saves
         # The LoRA's weights cfg.lora_checkpoint names (its best checkpoint by default).
         self.lora_dir = check_lora(lora_dir, cfg)
         self.cfg = with_lora_subject(cfg, self.lora_dir)
@@ -93,7 +98,10 @@ class PromptStudio(_Panel):
                                       tooltip="Redraw each face at the model's resolution")
         self.face_detail_strength = w.FloatSlider(
             value=self.cfg.face_detail_strength, min=0.0, max=1.0, step=0.05,
-            description="Face strength", disabled=not self.cfg.face_detail)
+            description="Face strength", disabled=not self.cfg.face_detail,
+            style={"description_width": "initial"})  # the default width cuts the name
+        self.keep_button = w.Button(description="Keep", icon="save", disabled=True,
+                                    tooltip="Save the newest run's images, settings included")
         self.generate_button = w.Button(description="Generate", icon="play",
                                         button_style="primary")
         self.progress = w.IntProgress(value=0, min=0, max=1)
@@ -104,13 +112,15 @@ class PromptStudio(_Panel):
             w.HBox([self.seed, self.dice, self.count]),
             w.HBox([self.steps, self.guidance]), w.HBox([self.lora_scale, self.scheduler]),
             w.HBox([self.face_detail, self.face_detail_strength]),
-            w.HBox([self.generate_button, self.progress, self.status]), self.output])
+            w.HBox([self.generate_button, self.keep_button, self.progress, self.status]),
+            self.output])
         self.style.observe(lambda change: self.apply_style(change["new"]), names="value")
         self.dice.on_click(lambda _: self.roll_dice())
         self.face_detail.observe(
             lambda change: setattr(self.face_detail_strength, "disabled", not change["new"]),
             names="value")
         self.generate_button.on_click(self._on_generate)
+        self.keep_button.on_click(lambda _: self.keep_last())
         self.apply_style(first)
 
     def apply_style(self, name: str) -> None:
@@ -148,8 +158,13 @@ class PromptStudio(_Panel):
             self.status.value = f"{len(images)}/{len(shots)}"
             images.append(render(shot, self.pipe))
             self.progress.value = len(images)
-        label = f"{shots[0].style}, {_seeds_label(shots)}"
+        self.runs += 1
+        # A prompt of your own is not the style's: say so, and number every run.
+        own = self.prompt.value.strip() != self.styles[self.style.value].prompt.strip()
+        label = f"{self.runs}. {'own prompt' if own else shots[0].style}, {_seeds_label(shots)}"
         self.history = [(label, images), *self.history][: self.keep]
+        self.last = list(zip(shots, images))
+        self.keep_button.disabled = False
         self.status.value = "" if "{subject}" in self.prompt.value else (
             "The prompt has no {subject}: the trained face may not appear.")
         cols = max(len(imgs) for _, imgs in self.history)
@@ -157,10 +172,22 @@ class PromptStudio(_Panel):
         self.grid = image_grid(cells, len(self.history), cols,
                                row_labels=[label for label, _ in self.history],
                                title="Newest first: " + describe_shot(shots[0], ("style", "seed")))
-        with self.output:
-            clear_output(wait=True)
-            display(self.grid)
+        _show_in(self.output, self.grid)
         return images
+
+    def keep_last(self) -> list[Path]:
+        """Save the newest run's images into out_dir, each PNG with its settings (as the pack's
+        are, so `regenerate` can make it again); a name already taken gets a number."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        kept = []
+        for shot, image in self.last:
+            target, n = self.out_dir / f"{shot.style}_seed{shot.seed}.png", 1
+            while target.exists():
+                target, n = self.out_dir / f"{shot.style}_seed{shot.seed}-{n}.png", n + 1
+            kept.append(save_png(image, target, shot))
+        if kept:
+            self.status.value = f"Kept {len(kept)} image{'s' * (len(kept) > 1)} in {self.out_dir}."
+        return kept
 
     def _on_generate(self, _button: w.Button) -> None:
         self.generate_button.disabled = True
@@ -233,9 +260,7 @@ class ComparePanel(_Panel):
             self.images.append(render(shot, self.pipe))
             self.progress.value = len(self.images)
         self.grid = self.plan.grid(self.images)
-        with self.output:
-            clear_output(wait=True)
-            display(self.grid)
+        _show_in(self.output, self.grid)
         return self.grid
 
     def _on_render(self, _button: w.Button) -> None:
@@ -254,8 +279,22 @@ def _one_line_errors(output: w.Output):
     try:
         yield
     except (ConfigError, FileNotFoundError) as exc:
-        output.clear_output()
-        output.append_stderr(f"{exc}\n")
+        output.outputs = ({"output_type": "stream", "name": "stderr", "text": f"{exc}\n"},)
+
+
+def _show_in(output: w.Output, image: Image.Image) -> None:
+    """Make `image` the panel output's one picture.
+
+    Set through the widget's `outputs`, as the error line is, and not printed inside `with
+    output:`: that way goes through the front end, which sends its own copy of the outputs
+    back later and could overwrite a message set here meanwhile (a typo after a drawn grid
+    showed a blank panel)."""
+    import base64
+
+    png = base64.b64encode(_png_bytes(image)).decode("ascii")
+    output.outputs = ({"output_type": "display_data", "metadata": {},
+                       "data": {"image/png": png,
+                                "text/plain": f"<image {image.width}x{image.height}>"}},)
 
 
 def _thumbnail_png(path: Path, side: int = 192) -> bytes:
@@ -293,8 +332,10 @@ class Gallery(_Panel):
             self.cards[row.file] = w.VBox([image, w.Label(f"{row.style}, seed {row.seed}"),
                                            star])
             _mark_starred(self.cards[row.file], star, bool(row.starred))
+        # A card is the 192 px picture, the widgets' 2 px margins and the 3 px frame on each
+        # side: 202 px in a 200 px column scrolled sideways. Columns of CARD_PX leave room.
         self.grid = w.GridBox(layout=w.Layout(
-            grid_template_columns=f"repeat({columns}, 200px)"))
+            grid_template_columns=f"repeat({columns}, {CARD_PX}px)"))
         self.widget = w.VBox([w.HBox([self.style_filter, self.starred_only, self.export_button]),
                               self.status, self.grid])
         self.style_filter.observe(lambda _: self.refresh(), names="value")
@@ -329,6 +370,9 @@ class Gallery(_Panel):
         folder = export_starred(self.out_dir)
         self.status.value = f"Exported {int(self.manifest['starred'].sum())} images to {folder}"
         return folder
+
+
+CARD_PX = 212
 
 
 def _mark_starred(card: w.VBox, star: w.ToggleButton, starred: bool) -> None:
