@@ -180,6 +180,37 @@ def grid_of_single_renders(plan, pipe):
                       col_labels=plan.col_labels, title=plan.title)
 
 
+def text_overflows(sheet, cols: int) -> list[str]:
+    """Where a labelled grid's text leaves its place, measured in its pixels: text in the last
+    4 px of the sheet's width above the cells (a title or label running off the edge), or
+    column-label text within 3 px of a boundary between two cells (a label running into its
+    neighbour's). The cells (non-white pictures) start where the bottom row and the right
+    column first turn non-white."""
+    import numpy as np
+
+    grey = np.asarray(sheet.convert("L"))
+    height, width = grey.shape
+    left = int(np.argmax(grey[height - 2] < 250))
+    top = int(np.argmax(grey[:, width - 2] < 250))
+    cell = (width - left) // cols
+    inked = (grey[:top, left:] < 200).any(axis=1)
+    # The column labels: the lowest block of inked rows above the cells, gaps of < 9 rows.
+    rows, gap, y = [], 0, top - 1
+    while y >= 0 and gap < 9:
+        gap = 0 if inked[y] else gap + 1
+        rows.append(y)
+        y -= 1
+    band = grey[min(rows):top]
+    problems = []
+    if (grey[:top, width - 4:] < 200).any():
+        problems.append("text runs off the sheet's right edge")
+    for c in range(1, cols):
+        x = left + c * cell
+        if (band[:, x - 3:x + 3] < 200).any():
+            problems.append(f"column label {c} runs into column {c + 1}")
+    return problems
+
+
 @pytest.fixture(scope="module")
 def pipe():
     """The tiny SD 1.5 pipeline, loaded once per test module."""

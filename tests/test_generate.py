@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from conftest import grid_of_single_renders, make_lora
+from conftest import grid_of_single_renders, make_lora, text_overflows
 from test_facedetail import photo_as_first_render, sample_render
 
 from headshot_kit import generate as gen
@@ -63,6 +63,8 @@ def test_pack_writes_images_manifest_grid_and_config(pack, cfg, lora_dir):
     grid = gen.Image.open(out / "grid.png")
     assert grid.size == pack.grid.size
     assert 2 * 192 < grid.width < 3 * 192 and 2 * 192 < grid.height < 3 * 192
+    # The title wraps to the sheet's width instead of running off it; labels stay apart.
+    assert text_overflows(grid, 2) == []
     saved = json.loads((out / "config.json").read_text())
     assert saved["config_type"] == "GenerateConfig" and saved["steps"] == 3
     assert saved["lora_dir"] == str(lora_dir.resolve())

@@ -48,6 +48,15 @@ def trained(prepared_dataset, tmp_path_factory):
     return trainer, result, before, trainer.fixed_loss()
 
 
+def test_validation_column_labels_stay_in_their_columns(trained):
+    from conftest import text_overflows
+
+    trainer, result = trained[:2]
+    sheet = Image.open(result.out_dir / "validation.png")
+    cols = len(trainer.cfg.validation_prompts) * len(trainer.cfg.validation_seeds)
+    assert cols >= 2 and text_overflows(sheet, cols) == []
+
+
 def test_loss_on_a_fixed_batch_falls(trained):
     trainer, result, before, after = trained
     assert len(result.metrics) == 30

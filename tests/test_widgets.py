@@ -52,7 +52,8 @@ def test_prompt_studio_generates_from_its_controls(pipe, lora_dir, cfg):
     # numbered so two runs of one style and seed are told apart.
     assert [label for label, _ in studio.history] == [f"{n}. creative, seed {studio.seed.value}"
                                                       for n in (3, 2)]
-    assert studio.grid.size == image_grid(images[:2], 2, 1, title="newest first",
+    title = "Newest first: " + gen.describe_shot(studio.shots()[0], ("style", "seed"))
+    assert studio.grid.size == image_grid(images[:2], 2, 1, title=title,
                                           row_labels=[label for label, _ in studio.history]).size
     assert not studio.generate_button.disabled
 

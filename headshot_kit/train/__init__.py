@@ -382,7 +382,8 @@ class Trainer:
         self._judge(images)
         self.validation_rows.append((self.step, images))
         # Label by what follows the subject words: every prompt starts the same way.
-        columns = [f"{p.split(cfg.subject)[-1].strip(' ,')[:28]} s{s}" for p in prompts
+        # (image_grid wraps each to its cell's width.)
+        columns = [f"{p.split(cfg.subject)[-1].strip(' ,')} s{s}" for p in prompts
                    for s in cfg.validation_seeds]
         grid = image_grid([im for _, row in self.validation_rows for im in row],
                           rows=len(self.validation_rows), cols=len(images),
