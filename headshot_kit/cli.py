@@ -235,6 +235,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                    help=f"named settings every run starts from (default {DEFAULT_PRESET})")
 
+    p = sub.add_parser("lab", help="JupyterLab on working copies of the notebooks (git-ignored "
+                       "results/notebooks/ in a checkout), so running and saving them never "
+                       "changes the tracked ones")
+    p.add_argument("--dir", help="where the working copies live (default: results/notebooks)")
+    p.add_argument("jupyter_args", nargs=argparse.REMAINDER,
+                   help="passed to jupyter lab after --, e.g. -- --port=8889")
+
     p = sub.add_parser("demo", help="run all four stages on the bundled sample photos")
     p.add_argument("--out", default="results/demo", help="where every artifact goes")
     p.add_argument("--photos", help="photos to use instead of the bundled samples")
@@ -292,6 +299,16 @@ def run(args) -> int:
                             mode="full" if args.full else "lora")
     elif args.command == "sweep":
         return _sweep(args)
+    elif args.command == "lab":
+        import subprocess
+
+        from .demo import working_notebooks
+
+        folder = working_notebooks(args.dir)
+        extra = [a for a in args.jupyter_args if a != "--"]
+        print(f"JupyterLab on {folder} (copies of the notebooks: run and save them freely).",
+              flush=True)
+        return subprocess.call([sys.executable, "-m", "jupyterlab", *extra], cwd=folder)
     elif args.command == "demo":
         from .demo import run_demo
 

@@ -77,3 +77,25 @@ def test_notebook_errors_the_workbench_explains_are_one_line(local, capfd):
         assert "Traceback" not in out
     finally:
         InteractiveShell.clear_instance()
+
+
+def test_lab_runs_working_copies_and_keeps_the_users(tmp_path, capsys):
+    """`make lab` serves copies of the notebooks in a git-ignored folder; a copy the user has
+    run or edited is never overwritten, and one that differs from the shipped notebook is
+    named."""
+    from headshot_kit.demo import lab_dir, notebook_dir, working_notebooks
+
+    if (ROOT / ".git").exists():
+        check = subprocess.run(["git", "check-ignore", "-q", str(lab_dir() / "x.ipynb")],
+                               cwd=ROOT)
+        assert check.returncode == 0, "saved notebooks would show up in git status"
+    folder = working_notebooks(tmp_path / "lab")
+    shipped = sorted(p.name for p in notebook_dir().glob("[0-9]*.ipynb"))
+    assert sorted(p.name for p in folder.iterdir()) == shipped
+    mine = folder / "00_quickstart.ipynb"
+    mine.write_text(mine.read_text().replace('preset = \\"tiny\\"', 'preset = \\"sd15-t4\\"'))
+    edited = mine.read_text()
+    assert 'preset = \\"sd15-t4\\"' in edited
+    working_notebooks(folder)
+    assert mine.read_text() == edited
+    assert f"Kept your copy {mine}" in capsys.readouterr().out
