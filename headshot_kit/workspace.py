@@ -7,8 +7,9 @@
     <workdir>/scores/     likeness and quality scores (04_evaluate)
 
 Locally the work folder is `results/work` (git-ignored, so photos of a face are never
-committed; `make demo` keeps its own, `results/demo`, apart from it). On Colab it is a folder on Google Drive: each Colab notebook gets its own runtime,
-and a disconnect loses the runtime's disk, so only Drive carries one stage's output to the next.
+committed; `make demo` keeps its own, `results/demo`, apart from it). On Colab it is a folder
+on Google Drive: each Colab notebook gets its own runtime, and a disconnect loses the
+runtime's disk, so only Drive carries one stage's output to the next.
 `HEADSHOT_KIT_DRIVE` names a folder that stands in for the mounted Drive (tests, or a Drive
 synced some other way); setting it also makes the workbench behave as it does on Colab.
 """
