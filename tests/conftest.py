@@ -194,13 +194,14 @@ def text_overflows(sheet, cols: int) -> list[str]:
     top = int(np.argmax(grey[:, width - 2] < 250))
     cell = (width - left) // cols
     inked = (grey[:top, left:] < 200).any(axis=1)
-    # The column labels: the lowest block of inked rows above the cells, gaps of < 9 rows.
-    rows, gap, y = [], 0, top - 1
-    while y >= 0 and gap < 9:
-        gap = 0 if inked[y] else gap + 1
-        rows.append(y)
+    # The column labels: the lowest block of inked rows above the cells (gaps under 6 rows;
+    # a title sits further up).
+    lowest = int(np.nonzero(inked)[0].max())
+    y, gap = lowest, 0
+    while y > 0 and gap < 6:
         y -= 1
-    band = grey[min(rows):top]
+        gap = 0 if inked[y] else gap + 1
+    band = grey[y:top]
     problems = []
     if (grey[:top, width - 4:] < 200).any():
         problems.append("text runs off the sheet's right edge")

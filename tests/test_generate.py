@@ -71,6 +71,19 @@ def test_pack_writes_images_manifest_grid_and_config(pack, cfg, lora_dir):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temp folder left"
 
 
+def test_a_narrow_grids_title_wraps_instead_of_running_off(pipe, lora_dir, cfg, tmp_path):
+    """One seed makes grid.png one cell wide; its title (the settings held fixed) is longer
+    than that and wraps onto more lines instead of being cut at the sheet's edge."""
+    narrow = dataclasses.replace(cfg, styles=["corporate"], seeds=[0])
+    pack = gen.generate_pack(lora_dir, tmp_path / "pack", narrow, pipe=pipe, progress=False)
+    title = gen.describe_shot(gen.make_shot(narrow, gen.load_styles()["corporate"], 0, lora_dir),
+                              skip=("style", "seed"))
+    from headshot_kit.images import font
+
+    assert font(192 // 11).getlength(title) > pack.grid.width  # too long for one line
+    assert text_overflows(gen.Image.open(pack.out_dir / "grid.png"), 1) == []
+
+
 def test_png_parameters_round_trip(pack):
     row = pack.manifest.iloc[3]
     text = gen.Image.open(pack.out_dir / row["file"]).info["parameters"]

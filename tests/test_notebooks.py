@@ -55,7 +55,7 @@ def test_the_evaluate_notebook_evaluates_and_leaves_the_sweep_to_the_user(execut
     nb = json.loads(next(p for p in notebooks if p.name == "04_evaluate.ipynb").read_text())
     sweep_cell = next(c for c in nb["cells"] if c["cell_type"] == "code"
                       and "sweep(" in "".join(c["source"]))
-    said = "".join(o.get("text", "") for o in sweep_cell["outputs"])
+    said = "".join("".join(o.get("text", "")) for o in sweep_cell["outputs"])
     assert "GPU hours of training on a t4" in said and "Not started: set run_sweep = True" in said
     assert not (workdir / "sweep").exists()
 
