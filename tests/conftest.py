@@ -184,19 +184,19 @@ def text_overflows(sheet, cols: int) -> list[str]:
     """Where a labelled grid's text leaves its place, measured in its pixels: text in the last
     4 px of the sheet's width above the cells (a title or label running off the edge), or
     column-label text within 3 px of a boundary between two cells (a label running into its
-    neighbour's). The cells (non-white pictures) start where the bottom row and the right
-    column first turn non-white."""
+    neighbour's). The cells (pictures, not white) start where the bottom row first turns
+    non-white and at the first row that is nearly all non-white (no row of text is)."""
     import numpy as np
 
     grey = np.asarray(sheet.convert("L"))
     height, width = grey.shape
     left = int(np.argmax(grey[height - 2] < 250))
-    top = int(np.argmax(grey[:, width - 2] < 250))
+    top = int(np.argmax((grey[:, left:] < 250).mean(axis=1) > 0.9))
     cell = (width - left) // cols
     inked = (grey[:top, left:] < 200).any(axis=1)
     # The column labels: the lowest block of inked rows above the cells (gaps under 6 rows;
     # a title sits further up).
-    lowest = int(np.nonzero(inked)[0].max())
+    lowest = int(np.nonzero(inked)[0].max()) if inked.any() else 0
     y, gap = lowest, 0
     while y > 0 and gap < 6:
         y -= 1

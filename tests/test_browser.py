@@ -176,13 +176,14 @@ LAB_COPIES = SCREENSHOTS / "lab"
 
 
 @pytest.fixture(scope="module")
-def make_lab(lab, tmp_path_factory, request):
+def make_lab(tmp_path_factory, request):
     """JupyterLab started as `make lab` starts it (`python -m headshot_kit lab`), on working
     copies in LAB_COPIES; the quickstart's copy points at a fresh workdir with the photos."""
     import shutil
 
     from headshot_kit.demo import working_notebooks
 
+    _require_browser_tools()
     tmp = tmp_path_factory.mktemp("make-lab")
     shutil.rmtree(LAB_COPIES, ignore_errors=True)
     copies = working_notebooks(LAB_COPIES)  # as the command makes them; it keeps them as they are
@@ -218,9 +219,10 @@ def _overflowing(locator) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def page(lab, request):
+def page(request):
     from playwright.sync_api import sync_playwright
 
+    _require_browser_tools()
     pw = sync_playwright().start()
     request.addfinalizer(pw.stop)
     browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
