@@ -121,7 +121,8 @@ def test_scores_name_their_embedder_and_files_are_written(result):
                  "consistency.png", "contact_sheet.png"):
         assert (result.out_dir / name).stat().st_size > 0, name
     config = json.loads((result.out_dir / "config.json").read_text())
-    assert config["embedder_name"] == "dlib-resnet-128" and config["run_id"] == "run-a"
+    assert config["embedder_name"] == "dlib-resnet-128"
+    assert re.fullmatch(r"run-a-\d{8}-\d{6}-\d{3}", config["run_id"])  # folder and time
     html = result._repr_html_()
     assert result.headline.split(";")[0] in html and html.count("<img") == 4
 
