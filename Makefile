@@ -35,8 +35,9 @@ test: $(VENV)/.installed
 test-all: $(VENV)/.installed
 	$(PY) -m pytest
 
+# Working copies in results/notebooks/ (git-ignored): JupyterLab saves outputs into what it runs.
 lab: $(VENV)/.installed
-	$(VENV)/bin/jupyter lab notebooks/
+	$(PY) -m headshot_kit lab
 
 bench: $(VENV)/.installed
 	@for b in bench/[a-z]*.py; do case $$b in bench/common.py) continue;; esac; \

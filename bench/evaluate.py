@@ -25,7 +25,7 @@ from headshot_kit.config import EvaluateConfig
 from headshot_kit.evaluate import evaluate_images
 from headshot_kit.images import load_image
 
-SAMPLES = ROOT / "data" / "samples"
+SAMPLES = ROOT / "data" / "samples" / "photos"
 SOURCES = ("obama.jpg", "obama2.jpg", "obama3.jpg", "32bit.png", "biden.jpg")
 REFERENCES = [SAMPLES / n for n in ("obama.jpg", "obama2.jpg", "obama3.jpg")]
 PER_SOURCE, SIDE = 8, 512

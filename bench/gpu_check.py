@@ -26,7 +26,7 @@ installed, and diffusers too (carry its wheel). Without bitsandbytes the run use
 fallback, torch AdamW, and plans with it. Without dlib, prepare cannot find faces: pass
 `--data DIR` with datasets prepared beforehand on a machine with dlib (`headshot-kit prepare
 --photos PHOTOS --preset sdxl-t4 --out DIR/sdxl-t4`, likewise sd15-t4, PHOTOS a folder of
-data/samples' obama*.jpg), or let it fall back to centre crops of those photos with the
+data/samples/photos' obama*.jpg), or let it fall back to centre crops of those photos with the
 preset's caption (the JSON says which it used).
 
 Usage:
@@ -156,7 +156,7 @@ def prepared_data(name: str, prepare_cfg, folder: Path, given: Path | None) -> t
     from headshot_kit.faces import FaceModelsMissing
     from headshot_kit.prepare import prepare_photos
 
-    photos = [ROOT / "data" / "samples" / n for n in SAMPLES]
+    photos = [ROOT / "data" / "samples" / "photos" / n for n in SAMPLES]
     try:
         prepare_photos(photos, folder, prepare_cfg)
         return folder, "prepare_photos on the sample photos"

@@ -303,7 +303,7 @@ def prepare_data(folder: Path, n_photos: int) -> Path:
     from headshot_kit.config import get_preset
     from headshot_kit.prepare import prepare_photos
 
-    photos = [ROOT / "data" / "samples" / name for name in SAMPLES[:n_photos]]
+    photos = [ROOT / "data" / "samples" / "photos" / name for name in SAMPLES[:n_photos]]
     prepare_photos(photos, folder / "data", get_preset("sdxl-t4").prepare)
     return folder / "data"
 

@@ -22,7 +22,8 @@ SAMPLES = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg")
 def make_photos(folder: Path) -> list[Path]:
     paths = []
     for i in range(N_PHOTOS):
-        image = Image.open(ROOT / "data" / "samples" / SAMPLES[i % len(SAMPLES)]).convert("RGB")
+        photo = ROOT / "data" / "samples" / "photos" / SAMPLES[i % len(SAMPLES)]
+        image = Image.open(photo).convert("RGB")
         size = PHONE if i % 5 else PHONE[::-1]  # every fifth photo in landscape
         # Top-anchored cover crop: the sample faces sit in the upper part of the frame.
         image = ImageOps.fit(image, size, Image.Resampling.BICUBIC, centering=(0.5, 0.0))

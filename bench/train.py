@@ -30,7 +30,8 @@ def one_variant(cache_latents: bool, resolution: int) -> dict:
 
     preset = get_preset("tiny")
     with tempfile.TemporaryDirectory() as tmp:
-        photos = [ROOT / "data" / "samples" / n for n in ("obama.jpg", "obama2.jpg", "obama3.jpg")]
+        photos = [ROOT / "data" / "samples" / "photos" / n
+                  for n in ("obama.jpg", "obama2.jpg", "obama3.jpg")]
         prepare_photos(photos, Path(tmp) / "data", preset.prepare)
         cfg = dataclasses.replace(preset.train, steps=STEPS + WARMUP, cache_latents=cache_latents,
                                   resolution=resolution)

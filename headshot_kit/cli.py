@@ -46,13 +46,18 @@ def field_docs(cls: type) -> dict[str, str]:
         comment = []
     return docs
 
-def settings_help(cls: type) -> str:
-    """Every setting of a stage config with its type, default and comment, for `--help`."""
+def settings_help(cls: type, preset: str | None = None) -> str:
+    """Every setting of a stage config with its type, value and comment, for `--help`: the
+    values `preset` sets (what the command runs), or the dataclass defaults without one."""
     import textwrap
 
     types, docs = typing.get_type_hints(cls), field_docs(cls)
-    defaults = cls()
-    lines = [f"settings (--set NAME=VALUE; lists as V1,V2), {cls.__name__} defaults:"]
+    stage = {PrepareConfig: "prepare", TrainConfig: "train", GenerateConfig: "generate",
+             EvaluateConfig: "evaluate"}[cls]
+    defaults = getattr(get_preset(preset), stage) if preset else cls()
+    lines = [f"settings (--set NAME=VALUE; lists as V1,V2), as preset {preset} sets them "
+             "(--preset NAME --help shows another's):" if preset
+             else f"settings (--set NAME=VALUE; lists as V1,V2), {cls.__name__} defaults:"]
     for f in dataclasses.fields(cls):
         kind = getattr(types[f.name], "__name__", str(types[f.name]))
         lines.append(f"  {f.name} = {getattr(defaults, f.name)!r} ({kind})")
@@ -93,34 +98,79 @@ def _stage_config(args, stage: str, flags: dict):
             raise ConfigError(f"--set {item!r}: write it as name=value, e.g. --set rank=8.")
         key, value = item.split("=", 1)
         pairs[key.strip()] = value.strip()
-    cfg = update_config(cfg, pairs, source="--set")
-    return update_config(cfg, flags, source="command line")
+    cfg = update_config(update_config(cfg, pairs, source="--set"), flags, source="command line")
+    print(_banner(args, cfg), file=sys.stderr, flush=True)  # what runs, settings applied
+    return cfg
+
+
+def _banner(args, cfg) -> str:
+    """The first line a stage command prints: which preset runs, and on which model."""
+    if isinstance(cfg, EvaluateConfig):
+        what = f"embedder {cfg.embedder}"
+    else:
+        what = f"{getattr(cfg, 'model', None) or get_preset(args.preset).train.model}, " \
+               f"{cfg.resolution} px"
+        what += f", {cfg.steps} steps" if isinstance(cfg, TrainConfig) else ""
+    return f"headshot-kit {args.command}: preset {args.preset} ({what})"
+
+
+def _needs_gpu(args, cfg) -> None:
+    """A preset for a GPU's model, about to run on a machine without one, is refused with the
+    way out: a minute's wait would end in hours of CPU work or a failed download."""
+    import torch
+
+    if get_preset(args.preset).needs_download and cfg.device == "auto" and \
+            not torch.cuda.is_available():
+        raise ConfigError(
+            f"preset {args.preset} runs {cfg.model} on a GPU, and this machine has none (no "
+            "CUDA device). Run it where there is one (a free Colab T4 will do), or add "
+            "--preset tiny to run every stage offline on this CPU (it proves the plumbing; it "
+            "draws no real faces). --set device=cpu runs it here anyway, very slowly.")
+
+
+def _preset_in(argv: list[str] | None) -> str:
+    """The preset named on the command line (so --help can show its values), or the default."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            return argv[i + 1] if argv[i + 1] in PRESETS else DEFAULT_PRESET
+        if arg.startswith("--preset="):
+            return arg.split("=", 1)[1] if arg.split("=", 1)[1] in PRESETS else DEFAULT_PRESET
+    return DEFAULT_PRESET
+
+
+# The stage commands run what a user's photos need: the SD 1.5 preset for a Colab T4 (a
+# machine without a GPU is told to add --preset tiny); the demo runs the tiny preset.
+DEFAULT_PRESET = "sd15-t4"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                   help="named settings: tiny (offline CPU), sd15-t4, sdxl-t4 (Colab T4)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help=f"named settings (default {DEFAULT_PRESET}): sd15-t4, sdxl-t4 (a GPU such "
+                   "as Colab's T4), tiny (offline on any CPU, plumbing only)")
     p.add_argument("--config", help="a YAML or JSON file with prepare/train/generate/evaluate "
                    "sections of settings")
     p.add_argument("--set", action="append", metavar="NAME=VALUE",
                    help="override one setting of this stage (repeatable)")
 
 
-def _stage_parser(sub, name: str, cfg_class: type, help: str) -> argparse.ArgumentParser:
-    """A subcommand whose --help lists every setting of its stage, with the comment that
-    documents it in config.py (one text, shown in both places)."""
-    return sub.add_parser(name, help=help, epilog=settings_help(cfg_class),
+def _stage_parser(sub, name: str, cfg_class: type, help: str,
+                  preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
+    """A subcommand whose --help lists every setting of its stage as `preset` sets it, with the
+    comment that documents it in config.py (one text, shown in both places)."""
+    return sub.add_parser(name, help=help, epilog=settings_help(cfg_class, preset),
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="headshot-kit",
         description="Turn 5-20 selfies into professional headshots, and score them.")
     sub = parser.add_subparsers(dest="command", required=True)
+    preset = _preset_in(argv)
 
     p = _stage_parser(sub, "prepare", PrepareConfig,
-                      help="check, crop and caption selfies into a dataset")
+                      help="check, crop and caption selfies into a dataset", preset=preset)
     p.add_argument("--photos", required=True, help="a folder, a .zip, or one image file")
     p.add_argument("--out", required=True, help="the dataset folder to write")
     _common(p)
@@ -132,13 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only delete what is older than this many days")
     p.add_argument("--dry-run", action="store_true", help="list what would be deleted")
 
-    p = _stage_parser(sub, "train", TrainConfig, help="fine-tune a LoRA on a prepared dataset")
+    p = _stage_parser(sub, "train", TrainConfig, help="fine-tune a LoRA on a prepared dataset",
+                      preset=preset)
     p.add_argument("--data", required=True, help="the prepare stage's output folder")
     p.add_argument("--out", required=True, help="the folder for the LoRA and its records")
     p.add_argument("--steps", type=int, help="training steps (overrides the preset)")
     _common(p)
 
-    p = _stage_parser(sub, "generate", GenerateConfig, help="render headshots with a trained LoRA")
+    p = _stage_parser(sub, "generate", GenerateConfig, help="render headshots with a trained LoRA",
+                      preset=preset)
     p.add_argument("--lora", help="the train stage's output folder (omit for the base model)")
     p.add_argument("--out", required=True, help="the folder for the images")
     p.add_argument("--styles", nargs="+", help="style names (default: the preset's)")
@@ -147,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = _stage_parser(sub, "evaluate", EvaluateConfig,
-                      help="score likeness, quality and consistency")
+                      help="score likeness, quality and consistency", preset=preset)
     p.add_argument("--references", required=True, help="photos of the person (e.g. the "
                    "prepared dataset's images/ folder)")
     p.add_argument("--images", required=True, help="the generate stage's output folder")
@@ -155,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = _stage_parser(sub, "fitcheck", TrainConfig, help="predict peak GPU memory, step time "
-                      "and host RAM of a training run, without a GPU")
+                      "and host RAM of a training run, without a GPU", preset=preset)
     p.add_argument("--gpu", default="t4", help="t4, l4, a10g, a100-40g, a100-80g, h100 or a "
                    "torch.cuda device name")
     p.add_argument("--full", action="store_true", help="plan a full UNet fine-tune, not a LoRA")
@@ -179,7 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "GPU hours (from the fit check's step time) without running them")
     p.add_argument("--gpu", default="t4", help="the GPU the --dry-run estimate is for (as in "
                    "fitcheck)")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help=f"named settings every run starts from (default {DEFAULT_PRESET})")
+
+    p = sub.add_parser("lab", help="JupyterLab on working copies of the notebooks (git-ignored "
+                       "results/notebooks/ in a checkout), so running and saving them never "
+                       "changes the tracked ones")
+    p.add_argument("--dir", help="where the working copies live (default: results/notebooks)")
+    p.add_argument("jupyter_args", nargs=argparse.REMAINDER,
+                   help="passed to jupyter lab after --, e.g. -- --port=8889")
 
     p = sub.add_parser("demo", help="run all four stages on the bundled sample photos")
     p.add_argument("--out", default="results/demo", help="where every artifact goes")
@@ -198,7 +258,8 @@ def run(args) -> int:
         result = prepare_photos(args.photos, args.out, cfg)
         for line in result.advice:
             print(line)
-        print(f"{result.n_used} photos prepared in {args.out} (report: {args.out}/report.csv)")
+        print(f"{result.n_used} photo{'' if result.n_used == 1 else 's'} prepared in {args.out} "
+              f"(report: {args.out}/report.csv)")
     elif args.command == "purge":
         from .storage import purge
 
@@ -206,14 +267,21 @@ def run(args) -> int:
     elif args.command == "train":
         from .train import train_lora
 
-        cfg = _stage_config(args, "train", {"steps": args.steps})
+        from .config import validate_train
+
+        cfg = validate_train(_stage_config(args, "train", {"steps": args.steps}))
+        _needs_gpu(args, cfg)
         result = train_lora(args.data, args.out, cfg)
         print(f"LoRA written to {result.lora_path}")
     elif args.command == "generate":
         from .generate import generate_pack
 
         seeds = list(range(args.n)) if args.n else args.seeds
-        cfg = _stage_config(args, "generate", {"styles": args.styles, "seeds": seeds})
+        from .config import validate_generate
+
+        cfg = validate_generate(_stage_config(args, "generate",
+                                              {"styles": args.styles, "seeds": seeds}))
+        _needs_gpu(args, cfg)
         result = generate_pack(args.lora, args.out, cfg)
         print(f"{len(result.manifest)} images written to {result.out_dir} (grid: grid.png)")
     elif args.command == "evaluate":
@@ -230,6 +298,16 @@ def run(args) -> int:
                             mode="full" if args.full else "lora")
     elif args.command == "sweep":
         return _sweep(args)
+    elif args.command == "lab":
+        import subprocess
+
+        from .demo import working_notebooks
+
+        folder = working_notebooks(args.dir)
+        extra = [a for a in args.jupyter_args if a != "--"]
+        print(f"JupyterLab on {folder} (copies of the notebooks: run and save them freely).",
+              flush=True)
+        return subprocess.call([sys.executable, "-m", "jupyterlab", *extra], cwd=folder)
     elif args.command == "demo":
         from .demo import run_demo
 
@@ -242,6 +320,10 @@ def _sweep(args) -> int:
     from .sweep import cost_summary, estimate_cost, parse_grid, plan_runs, sweep
 
     grid = parse_grid(args.grid)
+    train = get_preset(args.preset).train
+    print(_banner(args, train), file=sys.stderr, flush=True)
+    if not args.dry_run and not args.ray:  # a cluster's nodes have the GPUs, not this one
+        _needs_gpu(args, train)
     if args.dry_run:
         cost = estimate_cost(plan_runs(args.preset, grid, args.seeds, args.train_seeds),
                              args.gpu)
@@ -275,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. Every failure a user can meet (a wrong setting, a missing or damaged
     file, a full disk, a diverged run) ends in one line and exit status 2; a traceback means a
     bug in headshot-kit."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return run(args)
     except (ConfigError, DataError, FileNotFoundError, ModelUnavailable, SweepError,

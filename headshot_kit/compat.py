@@ -11,6 +11,7 @@ naming the pair and the command that fixes it.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -119,7 +120,8 @@ def check_versions(versions: dict[str, str], needs: list[Need]) -> list[str]:
         have = versions.get(need.needed)
         if have is None or SpecifierSet(need.spec).contains(have, prereleases=True):
             continue
-        spec = need.spec.replace(">=", ">= ").replace("<", "< ").replace(",", ", ")
+        # ">=0.22,<1" -> ">= 0.22, < 1": a space after each operator, two-character ones whole.
+        spec = re.sub(r"(~=|===|==|!=|<=|>=|<|>)\s*", r"\1 ", need.spec).replace(",", ", ")
         problems.append(f"{need.package} {need.version} needs {need.needed} {spec}; installed "
                         f"{have}: {_fix(need)}, or install the tested set: {TESTED_SET}")
     return list(dict.fromkeys(problems))

@@ -39,8 +39,31 @@ class RunFailed(RuntimeError):
     reports it in one line, as it does a wrong setting."""
 
 
+class _ShownAsTable:
+    """A stage config in a notebook: one line naming what differs from the defaults, and every
+    setting in a table that opens on a click, instead of a wall of `Config(...)` text."""
+
+    def _repr_html_(self) -> str:
+        import html
+
+        defaults = type(self)()
+        rows, changed = [], []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            differs = value != getattr(defaults, f.name)
+            if differs:
+                changed.append(f"{f.name}={value!r}")
+            bold = ' style="font-weight:bold"' if differs else ""
+            rows.append(f"<tr><td><code>{f.name}</code></td><td{bold}>"
+                        f"{html.escape(repr(value))}</td></tr>")
+        said = ("changed from the defaults: " + ", ".join(changed)) if changed else \
+            "all at their defaults"
+        return (f"<details><summary><b>{type(self).__name__}</b>: {len(rows)} settings, "
+                f"{html.escape(said)}</summary><table>{''.join(rows)}</table></details>")
+
+
 @dataclass
-class PrepareConfig:
+class PrepareConfig(_ShownAsTable):
     # 512 is SD 1.5's native resolution; SDXL presets raise it to 1024.
     resolution: int = 512
     # A rare token the tokenizer splits into few pieces, so the LoRA can bind the face to it
@@ -124,7 +147,7 @@ class PrepareConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_ShownAsTable):
     # A hub id (downloaded on Colab) or a local diffusers folder; "tiny-sd15" is built locally.
     model: str = HUB_SD15
     # Which model family (headshot_kit.families) drives the training step: "sd15" or "sdxl".
@@ -243,7 +266,7 @@ class TrainConfig:
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(_ShownAsTable):
     # The base model the LoRA was trained on (a hub id, a local folder or a tiny model).
     model: str = HUB_SD15
     # Its model family: "sd15" or "sdxl".
@@ -304,7 +327,7 @@ class GenerateConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(_ShownAsTable):
     # Which face network scores likeness: "dlib" (offline), "arcface" or "facenet" (weights
     # download on Colab), or "auto": the first of ArcFace, FaceNet and dlib that loads, other
     # than the one that chose the LoRA's checkpoint while another loads (a network that chose
@@ -345,7 +368,9 @@ def _tiny() -> Preset:
         description="A tiny SD-1.5-architecture model built locally: runs offline on a CPU in "
         "seconds. It shows the plumbing, not pretty pictures.",
         # 256 px keeps faces large enough for dlib to find again in the prepared crops.
-        prepare=PrepareConfig(resolution=256),
+        # It learns no face, so 3 photos prove every stage: the bundled samples hold three usable
+        # ones (real photos of one person, not copies), and a real preset keeps DreamBooth's 5.
+        prepare=PrepareConfig(resolution=256, min_photos=3),
         train=TrainConfig(
             model=model, resolution=64, steps=30, rank=4,
             # A random tiny model learns slowly at SD's 5e-4; 3e-3 makes a 30-step run show it.

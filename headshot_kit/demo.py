@@ -41,8 +41,49 @@ def notebook_dir() -> Path:
 
 
 def samples_dir() -> Path:
-    """The bundled public-domain sample photos (with their PROVENANCE.md)."""
-    return _shipped("data/samples", "data/samples")
+    """The bundled public-domain sample photos: photos only, their PROVENANCE.md and SHA256SUMS
+    one folder up, so the demo reads no note as a photo."""
+    return _shipped("data/samples", "data/samples") / "photos"
+
+
+def lab_dir() -> Path:
+    """Where `make lab` (`headshot-kit lab`) keeps the notebooks a user runs: the checkout's
+    git-ignored results/notebooks, or ./results/notebooks for an installed workbench."""
+    from .workspace import CHECKOUT
+
+    root = CHECKOUT if (CHECKOUT / "pyproject.toml").is_file() else Path.cwd()
+    return root / "results" / "notebooks"
+
+
+def working_notebooks(folder: str | Path | None = None) -> Path:
+    """Copies of the stage notebooks to run and save in `folder` (default `lab_dir()`).
+
+    JupyterLab saves outputs into the notebooks it runs (every few minutes, by itself): run
+    from the tracked notebooks/, a user's photos and local paths would land in files git
+    tracks. A copy already there is the user's own and is never overwritten; one whose cells
+    differ from the shipped notebook is named, so the user can delete it for the new one.
+    """
+    import json
+
+    folder = Path(folder) if folder else lab_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    for shipped in sorted(notebook_dir().glob("[0-9]*.ipynb")):
+        copy = folder / shipped.name
+        if not copy.exists():
+            copy.write_bytes(shipped.read_bytes())
+            continue
+
+        def sources(path: Path) -> list[str]:
+            return ["".join(c["source"]) for c in json.loads(path.read_text())["cells"]]
+
+        try:
+            stale = sources(copy) != sources(shipped)
+        except (ValueError, KeyError):
+            stale = True
+        if stale:
+            print(f"Kept your copy {copy}: it differs from the shipped {shipped.name} (delete "
+                  "it to get the shipped one).")
+    return folder
 
 
 def _photos(photos: str | Path | None) -> Path:

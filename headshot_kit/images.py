@@ -75,28 +75,84 @@ def image_grid(images: Sequence[Image.Image], rows: int, cols: int, *,
                ) -> Image.Image:
     """Images laid out row by row, with column labels on top and row labels on the left.
 
-    Small images (the tiny model's 64 px) are scaled up to `cell` so they can be seen.
+    Small images (the tiny model's 64 px) are scaled up to `cell` so they can be seen. Every
+    text is measured: the title wraps to the sheet's width, a column label to its cell's and a
+    row label to the margin's (up to GRID_TEXT_LINES lines, then "..."), so none runs into its
+    neighbour or off the sheet.
     """
     if len(images) > rows * cols:
         raise ValueError(f"{len(images)} images do not fit a {rows}x{cols} grid")
     label_font, title_font = font(max(11, cell // 14)), font(max(13, cell // 11))
-    left = (max((len(s) for s in row_labels), default=0) * cell // 24 + 16) if row_labels else 0
-    left = min(left, cell * 2)
-    top = (cell // 7 + 8 if col_labels else 0) + (cell // 6 if title else 0)
-    sheet = Image.new("RGB", (left + cols * cell, top + rows * cell), "white")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    row_texts = [f"{y_name}{t}" for t in row_labels or []]
+    widest = max((measure.textlength(t, font=label_font) for t in row_texts), default=0)
+    left = min(int(widest) + 2 * LABEL_PAD, cell * 2) if row_labels else 0
+    width = left + cols * cell
+    line_h = _line_height(label_font)
+    col_lines = [wrap_text(measure, f"{x_name}{t}", label_font, cell - 2 * LABEL_PAD)
+                 for t in col_labels or []]
+    col_h = max((len(ls) for ls in col_lines), default=0) * line_h + 8 if col_labels else 0
+    title_lines = wrap_text(measure, title, title_font, width - 2 * LABEL_PAD) if title else []
+    title_h = len(title_lines) * _line_height(title_font) + 8 if title else 0
+    top = title_h + col_h
+    sheet = Image.new("RGB", (width, top + rows * cell), "white")
     draw = ImageDraw.Draw(sheet)
-    if title:
-        draw.text((8, 4), title, fill="black", font=title_font)
-    col_y = top - cell // 7 - 4
-    for c, text in enumerate(col_labels or []):
-        draw.text((left + c * cell + 6, col_y), f"{x_name}{text}", fill="black", font=label_font)
-    for r, text in enumerate(row_labels or []):
-        draw.text((6, top + r * cell + cell // 2 - 8), f"{y_name}{text}", fill="black",
-                  font=label_font)
+    for i, line in enumerate(title_lines):
+        draw.text((LABEL_PAD, 4 + i * _line_height(title_font)), line, fill="black",
+                  font=title_font)
+    for c, lines in enumerate(col_lines):
+        for i, line in enumerate(lines):
+            draw.text((left + c * cell + LABEL_PAD, title_h + 2 + i * line_h), line,
+                      fill="black", font=label_font)
+    for r, text in enumerate(row_texts):
+        lines = wrap_text(measure, text, label_font, left - 2 * LABEL_PAD)
+        y = top + r * cell + cell // 2 - len(lines) * line_h // 2
+        for i, line in enumerate(lines):
+            draw.text((LABEL_PAD, y + i * line_h), line, fill="black", font=label_font)
     for i, image in enumerate(images):
         r, c = divmod(i, cols)
         sheet.paste(_fit(image, cell), (left + c * cell, top + r * cell))
     return sheet
+
+
+# Space between a label and its cell's edge, and the most lines a grid label or title wraps to.
+LABEL_PAD = 6
+GRID_TEXT_LINES = 3
+
+
+def _line_height(face: ImageFont.ImageFont) -> int:
+    box = face.getbbox("Ag")
+    return int(box[3] - box[1]) + 4
+
+
+def wrap_text(draw: ImageDraw.ImageDraw, text: str, face: ImageFont.ImageFont, width: float,
+              max_lines: int = GRID_TEXT_LINES) -> list[str]:
+    """`text` in lines no wider than `width` px, broken at spaces (a word too long for a line is
+    cut), at most `max_lines`, the last ending in "..." when text is left over."""
+    def fits(s: str) -> bool:
+        return draw.textlength(s, font=face) <= width
+
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if fits(candidate):
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        while not fits(word) and len(word) > 1:  # a word wider than the line: cut it
+            cut = max(i for i in range(1, len(word) + 1) if fits(word[:i]) or i == 1)
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and not fits(last + "..."):
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last.rstrip() + "..."]
+    return lines
 
 
 @dataclass

@@ -237,8 +237,10 @@ def lora_weights(lora_dir: str | Path) -> Path:
     """The weights file of a trained LoRA folder; a clear error if it is not one."""
     path = Path(lora_dir) / LORA_WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"{lora_dir}: no {LORA_WEIGHTS} there. Point lora_dir at the "
-                                "folder the train stage wrote (or pass None for the base model).")
+        raise FileNotFoundError(f"{lora_dir}: no {LORA_WEIGHTS} there, so it is not a trained "
+                                "LoRA. Give the folder the train stage wrote (e.g. "
+                                "<workdir>/lora), or leave the LoRA out to render with the base "
+                                "model.")
     return path
 
 

@@ -9,8 +9,11 @@ gives another LoRA and other images, so a difference of two images in forty is o
 then the images within each drawn run. Resampling images alone would ignore that a whole run
 can be lucky; resampling runs alone would ignore that a run's forty images are still a sample.
 
-A metric's verdict names the best group only when its interval lies wholly above every other
-group's; otherwise it says "no clear difference". Every metric here is better when higher.
+A group of one run (one training seed) gets its estimate and no interval (`low`, `high` left
+empty): one seed cannot show what another would have done, and an interval over its images alone
+would look like one that can. A metric's verdict names the best group only when its interval
+lies wholly above every other group's; otherwise it says "no clear difference" (always, with
+one seed per group). Every metric here is better when higher.
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ def seed_intervals(table: str | Path | pd.DataFrame, by: Sequence[str],
             values = [scores[d][column].astype(float).to_numpy() if column in scores[d]
                       else np.array([]) for d in runs["out_dir"]]
             estimate, low, high = bootstrap_interval(values, statistic, level, n_boot, seed)
+            if len(runs) < 2:  # no second seed: no interval over seeds to give
+                low = high = np.nan
             block.append({**dict(zip(by, key)), "metric": metric, "estimate": estimate,
                           "low": low, "high": high, "n_runs": len(runs),
                           "n_images": int(sum(np.isfinite(v).sum() for v in values))})

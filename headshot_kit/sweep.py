@@ -62,13 +62,15 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def _stage_of(name: str, preset: Preset) -> str:
+def _stages_of(name: str, preset: Preset) -> list[str]:
+    """The stages a grid name sets: every one that has it, so a setting two stages share
+    (resolution, model, family) trains and renders with the same value."""
     stages = [s for s in ("train", "generate") if name in
               {f.name for f in dataclasses.fields(getattr(preset, s))}]
     if not stages:
         raise ConfigError(f"--grid {name}: not a train or generate setting. Sweepable settings "
                           "include rank, lr, steps, snr_gamma, lora_scale, guidance.")
-    return stages[0]
+    return stages
 
 
 def plan_runs(preset_name: str, grid: dict[str, list[Any]], seeds: list[int] | None = None,
@@ -82,14 +84,14 @@ def plan_runs(preset_name: str, grid: dict[str, list[Any]], seeds: list[int] | N
         preset = get_preset(preset_name)
         settings = dict(zip(names, values))
         for name, value in settings.items():
-            stage = _stage_of(name, preset)
-            try:
-                cfg = update_config(getattr(preset, stage), {name: value}, source="--grid")
-            except ConfigError as exc:  # before anything runs: the good values wait for a fix
-                raise ConfigError(f"--grid {name}={value}: {exc} Fix or drop that value; no run "
-                                  "has started.") from None
-            setattr(preset, stage, cfg)
-            settings[name] = getattr(cfg, name)  # parsed to the setting's type
+            for stage in _stages_of(name, preset):
+                try:
+                    cfg = update_config(getattr(preset, stage), {name: value}, source="--grid")
+                except ConfigError as exc:  # before anything runs: the good values wait for a fix
+                    raise ConfigError(f"--grid {name}={value}: {exc} Fix or drop that value; no "
+                                      "run has started.") from None
+                setattr(preset, stage, cfg)
+                settings[name] = getattr(cfg, name)  # parsed to the setting's type
         if train_seed is not None:
             preset.train = update_config(preset.train, {"seed": train_seed},
                                          source="--train-seeds")

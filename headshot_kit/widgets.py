@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import ipywidgets as w
-from IPython.display import clear_output, display
 from PIL import Image
 
 from .config import ConfigError, GenerateConfig
 from .generate import (AXES, SAMPLERS, ComparePlan, Shot, check_lora, default_axis_values,
                        describe_shot, export_starred, load_generate_pipeline, load_manifest,
                        load_styles, make_shot, parse_axis_values, plan_compare, render,
-                       set_starred, with_lora_subject)
+                       save_png, set_starred, with_lora_subject)
 from .images import image_grid
 
 
@@ -72,11 +71,17 @@ def _seeds_label(shots: Sequence[Shot]) -> str:
 
 
 class PromptStudio(_Panel):
-    """Try a style or your own prompt with the LoRA; the last few runs stay on screen."""
+    """Try a style or your own prompt with the LoRA; the last few runs stay on screen, and
+    *Keep* saves the newest run's images (with their settings in each PNG) into `out_dir`."""
 
     def __init__(self, lora_dir: str | Path | None, cfg: GenerateConfig | None = None,
-                 pipe=None, keep: int = 4):
+                 pipe=None, keep: int = 4, out_dir: str | Path | None = None):
         cfg = cfg or GenerateConfig()
+        # Beside the LoRA in its work folder (<workdir>/studio), never inside the LoRA's folder.
+        self.out_dir = Path(out_dir) if out_dir else (
+            Path(lora_dir).parent / "studio" if lora_dir else Path("studio"))
+        self.runs = 0  # numbers the history's rows, so two runs of one style differ
+        self.last: list[tuple[Shot, Image.Image]] = []  # the newest run: what Keep saves
         # The LoRA's weights cfg.lora_checkpoint names (its best checkpoint by default).
         self.lora_dir = check_lora(lora_dir, cfg)
         self.cfg = with_lora_subject(cfg, self.lora_dir)
@@ -112,7 +117,10 @@ class PromptStudio(_Panel):
                                       tooltip="Redraw each face at the model's resolution")
         self.face_detail_strength = w.FloatSlider(
             value=self.cfg.face_detail_strength, min=0.0, max=1.0, step=0.05,
-            description="Face strength", disabled=not self.cfg.face_detail)
+            description="Face strength", disabled=not self.cfg.face_detail,
+            style={"description_width": "initial"})  # the default width cuts the name
+        self.keep_button = w.Button(description="Keep", icon="save", disabled=True,
+                                    tooltip="Save the newest run's images, settings included")
         self.generate_button = w.Button(description="Generate", icon="play",
                                         button_style="primary")
         self.progress = w.IntProgress(value=0, min=0, max=1)
@@ -123,13 +131,15 @@ class PromptStudio(_Panel):
             w.HBox([self.seed, self.dice, self.count]),
             w.HBox([self.steps, self.guidance]), w.HBox([self.lora_scale, self.scheduler]),
             w.HBox([self.face_detail, self.face_detail_strength]),
-            w.HBox([self.generate_button, self.progress, self.status]), self.output])
+            w.HBox([self.generate_button, self.keep_button, self.progress, self.status]),
+            self.output])
         self.style.observe(lambda change: self.apply_style(change["new"]), names="value")
         self.dice.on_click(lambda _: self.roll_dice())
         self.face_detail.observe(
             lambda change: setattr(self.face_detail_strength, "disabled", not change["new"]),
             names="value")
         self.generate_button.on_click(self._on_generate)
+        self.keep_button.on_click(lambda _: self.keep_last())
         self.apply_style(first)
 
     def apply_style(self, name: str) -> None:
@@ -167,8 +177,13 @@ class PromptStudio(_Panel):
             self.status.value = f"{len(images)}/{len(shots)}"
             images.append(render(shot, self.pipe))
             self.progress.value = len(images)
-        label = f"{shots[0].style}, {_seeds_label(shots)}"
+        self.runs += 1
+        # A prompt of your own is not the style's: say so, and number every run.
+        own = self.prompt.value.strip() != self.styles[self.style.value].prompt.strip()
+        label = f"{self.runs}. {'own prompt' if own else shots[0].style}, {_seeds_label(shots)}"
         self.history = [(label, images), *self.history][: self.keep]
+        self.last = list(zip(shots, images))
+        self.keep_button.disabled = False
         self.status.value = "" if "{subject}" in self.prompt.value else (
             "The prompt has no {subject}: the trained face may not appear.")
         cols = max(len(imgs) for _, imgs in self.history)
@@ -176,10 +191,22 @@ class PromptStudio(_Panel):
         self.grid = image_grid(cells, len(self.history), cols,
                                row_labels=[label for label, _ in self.history],
                                title="Newest first: " + describe_shot(shots[0], ("style", "seed")))
-        with self.output:
-            clear_output(wait=True)
-            display(self.grid)
+        _show_in(self.output, self.grid)
         return images
+
+    def keep_last(self) -> list[Path]:
+        """Save the newest run's images into out_dir, each PNG with its settings (as the pack's
+        are, so `regenerate` can make it again); a name already taken gets a number."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        kept = []
+        for shot, image in self.last:
+            target, n = self.out_dir / f"{shot.style}_seed{shot.seed}.png", 1
+            while target.exists():
+                target, n = self.out_dir / f"{shot.style}_seed{shot.seed}-{n}.png", n + 1
+            kept.append(save_png(image, target, shot))
+        if kept:
+            self.status.value = f"Kept {len(kept)} image{'s' * (len(kept) > 1)} in {self.out_dir}."
+        return kept
 
     def _on_generate(self, _button: w.Button) -> None:
         self.generate_button.disabled = True
@@ -252,9 +279,7 @@ class ComparePanel(_Panel):
             self.images.append(render(shot, self.pipe))
             self.progress.value = len(self.images)
         self.grid = self.plan.grid(self.images)
-        with self.output:
-            clear_output(wait=True)
-            display(self.grid)
+        _show_in(self.output, self.grid)
         return self.grid
 
     def _on_render(self, _button: w.Button) -> None:
@@ -273,8 +298,22 @@ def _one_line_errors(output: w.Output):
     try:
         yield
     except (ConfigError, FileNotFoundError) as exc:
-        output.clear_output()
-        output.append_stderr(f"{exc}\n")
+        output.outputs = ({"output_type": "stream", "name": "stderr", "text": f"{exc}\n"},)
+
+
+def _show_in(output: w.Output, image: Image.Image) -> None:
+    """Make `image` the panel output's one picture.
+
+    Set through the widget's `outputs`, as the error line is, and not printed inside `with
+    output:`: that way goes through the front end, which sends its own copy of the outputs
+    back later and could overwrite a message set here meanwhile (a typo after a drawn grid
+    showed a blank panel)."""
+    import base64
+
+    png = base64.b64encode(_png_bytes(image)).decode("ascii")
+    output.outputs = ({"output_type": "display_data", "metadata": {},
+                       "data": {"image/png": png,
+                                "text/plain": f"<image {image.width}x{image.height}>"}},)
 
 
 def _thumbnail_png(path: Path, side: int = 192) -> bytes:
@@ -312,8 +351,10 @@ class Gallery(_Panel):
             self.cards[row.file] = w.VBox([image, w.Label(f"{row.style}, seed {row.seed}"),
                                            star])
             _mark_starred(self.cards[row.file], star, bool(row.starred))
+        # A card is the 192 px picture, the widgets' 2 px margins and the 3 px frame on each
+        # side: 202 px in a 200 px column scrolled sideways. Columns of CARD_PX leave room.
         self.grid = w.GridBox(layout=w.Layout(
-            grid_template_columns=f"repeat({columns}, 200px)"))
+            grid_template_columns=f"repeat({columns}, {CARD_PX}px)"))
         self.widget = w.VBox([w.HBox([self.style_filter, self.starred_only, self.export_button]),
                               self.status, self.grid])
         self.style_filter.observe(lambda _: self.refresh(), names="value")
@@ -350,6 +391,9 @@ class Gallery(_Panel):
         return folder
 
 
+CARD_PX = 212
+
+
 def _mark_starred(card: w.VBox, star: w.ToggleButton, starred: bool) -> None:
     """A starred card stands out at a glance: a gold frame, and the button says so."""
     star.description = "Starred" if starred else "Star"
@@ -363,10 +407,23 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def same_photo(folder: Path, content: bytes) -> Path | None:
+    """The file in `folder` with exactly these bytes, if one is there (a photo picked twice)."""
+    if not folder.is_dir():
+        return None
+    content = bytes(content)
+    return next((p for p in sorted(folder.iterdir()) if p.is_file()
+                 and p.stat().st_size == len(content) and p.read_bytes() == content), None)
+
+
 def save_photo(folder: Path, name: str, content: bytes) -> Path:
     """Write one uploaded file into `folder`; a name already taken gets a number, so nothing
-    is ever overwritten."""
+    is ever overwritten. A file with the same bytes already there is not written again (a
+    second copy would only be flagged as a duplicate by prepare): its path is returned."""
     folder.mkdir(parents=True, exist_ok=True)
+    already = same_photo(folder, content)
+    if already is not None:
+        return already
     name = Path(name).name or "photo"
     target, n = folder / name, 1
     while target.exists():
@@ -396,12 +453,35 @@ class PhotoUpload(_Panel):
         self.picker.observe(lambda _: self.save(), names="value")
 
     def save(self) -> list[Path]:
-        """Write the picked files; returns their paths."""
-        saved = [save_photo(self.folder, name, content)
-                 for name, content in uploaded_files(self.picker.value)]
-        if saved:
-            self.status.value = f"Saved {len(saved)} photo(s) to {self.folder}."
+        """Write the picked files; returns the paths of those written (a photo already in the
+        folder, byte for byte, is skipped and named in the status line)."""
+        saved, skipped = _save_all(self.folder, uploaded_files(self.picker.value))
+        if saved or skipped:
+            self.status.value = _saved_line(self.folder, saved, skipped)
         return saved
+
+
+def _save_all(folder: Path, files) -> tuple[list[Path], list[str]]:
+    """Save (name, bytes) pairs: the paths written, and the names of those already there."""
+    saved, skipped = [], []
+    for name, content in files:
+        if same_photo(folder, content) is not None:
+            skipped.append(Path(name).name)
+        else:
+            saved.append(save_photo(folder, name, content))
+    return saved, skipped
+
+
+def _saved_line(folder: Path, saved: list[Path], skipped: list[str]) -> str:
+    line = f"Saved {_photos(len(saved))} to {folder}."
+    if skipped:
+        line += (f" {_photos(len(skipped))} already there with the same content, not saved "
+                 f"again: {', '.join(skipped)}.")
+    return line
+
+
+def _photos(n: int) -> str:
+    return f"{n} photo{'' if n == 1 else 's'}"
 
 
 def uploaded_files(value) -> list[tuple[str, bytes]]:
@@ -425,8 +505,7 @@ def upload_photos(folder: str | Path):
             pass
         else:
             picked = files.upload()
-            saved = [save_photo(folder, name, content) for name, content in picked.items()]
-            print(f"Saved {len(saved)} photo(s) to {folder}.")
+            print(_saved_line(folder, *_save_all(folder, picked.items())))
             return None
     return PhotoUpload(folder)
 

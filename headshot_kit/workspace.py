@@ -6,9 +6,10 @@
     <workdir>/headshots/  the generated pack          (03_generate)
     <workdir>/scores/     likeness and quality scores (04_evaluate)
 
-Locally the work folder is `results/demo` (git-ignored, so photos of a face are never
-committed). On Colab it is a folder on Google Drive: each Colab notebook gets its own runtime,
-and a disconnect loses the runtime's disk, so only Drive carries one stage's output to the next.
+Locally the work folder is `results/work` (git-ignored, so photos of a face are never
+committed; `make demo` keeps its own, `results/demo`, apart from it). On Colab it is a folder
+on Google Drive: each Colab notebook gets its own runtime, and a disconnect loses the
+runtime's disk, so only Drive carries one stage's output to the next.
 `HEADSHOT_KIT_DRIVE` names a folder that stands in for the mounted Drive (tests, or a Drive
 synced some other way); setting it also makes the workbench behave as it does on Colab.
 
@@ -40,6 +41,9 @@ DRIVE_ENV = "HEADSHOT_KIT_DRIVE"
 # A folder of its own on Drive, so purging it never touches the user's other files.
 DRIVE_FOLDER = "headshot-kit"
 KAGGLE_WORKING = Path("/kaggle/working")
+# The local work folder under results/: not the demo's results/demo, so a first real run does
+# not mix its files with the demo's.
+LOCAL_FOLDER = "work"
 CHECKOUT = Path(__file__).resolve().parents[1]
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".mpo", ".heic",
                   ".heif", ".zip"}
@@ -122,8 +126,8 @@ def default_workdir() -> Path:
     if is_kaggle():
         return KAGGLE_WORKING / DRIVE_FOLDER
     if (CHECKOUT / "pyproject.toml").is_file():  # a checkout: its git-ignored results/
-        return CHECKOUT / "results" / "demo"
-    return Path.cwd() / "results" / "demo"
+        return CHECKOUT / "results" / LOCAL_FOLDER
+    return Path.cwd() / "results" / LOCAL_FOLDER
 
 
 def _check_on_drive(workdir: Path) -> None:
@@ -194,7 +198,7 @@ def list_photos(folder: Path) -> list[Path]:
 
 
 def workspace(workdir: str | Path | None = None, photos: str | Path | None = None) -> Workspace:
-    """The work folder (None: on Drive on Colab, results/demo locally) and the photo folder
+    """The work folder (None: on Drive on Colab, results/work locally) and the photo folder
     (None: <workdir>/photos, where the upload cell saves)."""
     root = Path(workdir).expanduser() if workdir else default_workdir()
     _check_on_drive(root.absolute())

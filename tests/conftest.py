@@ -22,12 +22,12 @@ import pytest
 pytest_plugins = ("pytester",)
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "data" / "samples"
+SAMPLES = ROOT / "data" / "samples" / "photos"
 
 
 @pytest.fixture(scope="session")
 def samples() -> Path:
-    """The public-domain sample photos (see data/samples/PROVENANCE.md)."""
+    """The public-domain sample photos (see data/samples/PROVENANCE.md, beside them)."""
     return SAMPLES
 
 
@@ -178,6 +178,38 @@ def grid_of_single_renders(plan, pipe):
     return image_grid([gen.render(shot, pipe) for shot in plan.shots], len(plan.row_labels),
                       len(plan.col_labels), row_labels=plan.row_labels,
                       col_labels=plan.col_labels, title=plan.title)
+
+
+def text_overflows(sheet, cols: int) -> list[str]:
+    """Where a labelled grid's text leaves its place, measured in its pixels: text in the last
+    4 px of the sheet's width above the cells (a title or label running off the edge), or
+    column-label text within 3 px of a boundary between two cells (a label running into its
+    neighbour's). The cells (pictures, not white) start where the bottom row first turns
+    non-white and at the first row that is nearly all non-white (no row of text is)."""
+    import numpy as np
+
+    grey = np.asarray(sheet.convert("L"))
+    height, width = grey.shape
+    left = int(np.argmax(grey[height - 2] < 250))
+    top = int(np.argmax((grey[:, left:] < 250).mean(axis=1) > 0.9))
+    cell = (width - left) // cols
+    inked = (grey[:top, left:] < 200).any(axis=1)
+    # The column labels: the lowest block of inked rows above the cells (gaps under 6 rows;
+    # a title sits further up).
+    lowest = int(np.nonzero(inked)[0].max()) if inked.any() else 0
+    y, gap = lowest, 0
+    while y > 0 and gap < 6:
+        y -= 1
+        gap = 0 if inked[y] else gap + 1
+    band = grey[y:top]
+    problems = []
+    if (grey[:top, width - 4:] < 200).any():
+        problems.append("text runs off the sheet's right edge")
+    for c in range(1, cols):
+        x = left + c * cell
+        if (band[:, x - 3:x + 3] < 200).any():
+            problems.append(f"column label {c} runs into column {c + 1}")
+    return problems
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,11 @@ The headless notebook tests prove the cells run; this one proves what a learner 
 widgets render, the Prompt Studio's Generate button works when clicked, and its images show up.
 Notebooks 01 and 02 run headless first (papermill) to make the LoRA that 03 reads; 03 is served
 with its `workdir` parameter pointing at that folder, run with Run > Run All Cells, and its
-Prompt Studio is clicked. The quickstart is served with a fresh `workdir` holding the user's
-photos and run whole. Screenshots land in results/browser/.
+Prompt Studio is clicked, and a typo is made in the compare panel after it drew a grid. The
+quickstart is served as `make lab` serves it (`headshot-kit lab`: working copies in a
+git-ignored folder), with a fresh `workdir` holding the user's photos, run whole and saved:
+`git status` stays as it was. The gallery's cards and the studio's labels are measured in the
+page (no scrollbar, no text cut). Screenshots land in results/browser/.
 
 Needs Debian's chromium (`apt-get install chromium`) and the `playwright` package (dev extras);
 Playwright's own browser download is not used. Without them the test skips, except under CI=true,
@@ -100,8 +103,7 @@ def _lab_settings(folder: Path) -> None:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, request):
-    """JupyterLab serving a copy of notebook 03 whose workdir holds 01's and 02's output, and
-    the quickstart with a fresh workdir holding nothing but the user's photos."""
+    """JupyterLab serving a copy of notebook 03 whose workdir holds 01's and 02's output."""
     _require_browser_tools()
     from headshot_kit.demo import run_notebooks
 
@@ -112,29 +114,36 @@ def lab(tmp_path_factory, request):
     assert (workdir / "lora" / "pytorch_lora_weights.safetensors").is_file()
     served.mkdir()
     _point_at_workdir(ROOT / "notebooks" / NOTEBOOK, served / NOTEBOOK, workdir)
-    fresh = tmp / "quick"
-    (fresh / "photos").mkdir(parents=True)  # where the upload cell saves
-    for name in ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg"):
-        (fresh / "photos" / name).write_bytes((SAMPLES / name).read_bytes())
-    _point_at_workdir(ROOT / "notebooks" / QUICKSTART, served / QUICKSTART, fresh)
     _lab_settings(home / "settings")
 
     port, token = _free_port(), secrets.token_hex(16)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "HEADSHOT_KIT_CACHE": os.environ.get("HEADSHOT_KIT_CACHE", str(tmp / "models")),
-           # Keep the user's Jupyter config, state and settings out of the test, and theirs clean.
-           "JUPYTER_CONFIG_DIR": str(home / "config"),
-           "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
-           "JUPYTER_DATA_DIR": str(home / "data"),
-           "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
-           "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces")}
-    log = (tmp / "jupyter.log").open("w")
-    proc = subprocess.Popen(
+    url = f"http://127.0.0.1:{port}"
+    _start_server(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
          f"--port={port}", "--ServerApp.ip=127.0.0.1", f"--ServerApp.token={token}",
          "--ServerApp.port_retries=0", f"--ServerApp.root_dir={served}",
-         "--LabApp.news_url=None"],
-        cwd=served, env=env, stdout=log, stderr=subprocess.STDOUT)
+         "--LabApp.news_url=None"], served, _server_env(tmp, home), tmp / "jupyter.log", url,
+        token, request)
+    return {"url": url, "token": token, "log": tmp / "jupyter.log"}
+
+
+def _server_env(tmp: Path, home: Path) -> dict:
+    """Offline, with the user's Jupyter config, state and settings kept out of the test (and
+    theirs clean)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1",
+            "HEADSHOT_KIT_CACHE": os.environ.get("HEADSHOT_KIT_CACHE", str(tmp / "models")),
+            "JUPYTER_CONFIG_DIR": str(home / "config"),
+            "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+            "JUPYTER_DATA_DIR": str(home / "data"),
+            "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
+            "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces")}
+
+
+def _start_server(cmd: list, cwd: Path, env: dict, log_path: Path, url: str, token: str,
+                  request) -> None:
+    """Start a JupyterLab server and wait until it answers; stopped when the module ends."""
+    log = log_path.open("w")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def stop():
         proc.terminate()
@@ -146,27 +155,74 @@ def lab(tmp_path_factory, request):
         log.close()
 
     request.addfinalizer(stop)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + WAIT_MS / 1000
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"jupyter lab exited with {proc.returncode}; see {tmp / 'jupyter.log'}:\n"
-                        + (tmp / "jupyter.log").read_text()[-3000:], pytrace=False)
+            pytest.fail(f"jupyter lab exited with {proc.returncode}; see {log_path}:\n"
+                        + log_path.read_text()[-3000:], pytrace=False)
         try:
             with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=5):
-                break
+                return
         except OSError:
             if time.monotonic() > deadline:
                 pytest.fail(f"jupyter lab did not answer on {url} within {WAIT_MS // 1000} s",
                             pytrace=False)
             time.sleep(0.5)
-    return {"url": url, "token": token, "log": tmp / "jupyter.log"}
+
+
+# The working copies `headshot-kit lab` serves here: inside the checkout (so git status would
+# show a tracked file changing), in the test's own git-ignored results/browser/.
+LAB_COPIES = SCREENSHOTS / "lab"
 
 
 @pytest.fixture(scope="module")
-def page(lab, request):
+def make_lab(tmp_path_factory, request):
+    """JupyterLab started as `make lab` starts it (`python -m headshot_kit lab`), on working
+    copies in LAB_COPIES; the quickstart's copy points at a fresh workdir with the photos."""
+    import shutil
+
+    from headshot_kit.demo import working_notebooks
+
+    _require_browser_tools()
+    tmp = tmp_path_factory.mktemp("make-lab")
+    shutil.rmtree(LAB_COPIES, ignore_errors=True)
+    copies = working_notebooks(LAB_COPIES)  # as the command makes them; it keeps them as they are
+    fresh = tmp / "quick"
+    (fresh / "photos").mkdir(parents=True)  # where the upload cell saves
+    for name in ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg"):
+        (fresh / "photos" / name).write_bytes((SAMPLES / name).read_bytes())
+    _point_at_workdir(copies / QUICKSTART, copies / QUICKSTART, fresh)
+    home = tmp / "jupyter"
+    _lab_settings(home / "settings")
+    port, token = _free_port(), secrets.token_hex(16)
+    url = f"http://127.0.0.1:{port}"
+    _start_server([sys.executable, "-m", "headshot_kit", "lab", "--dir", str(LAB_COPIES), "--",
+                   "--no-browser", "--allow-root", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+                   f"--ServerApp.token={token}", "--ServerApp.port_retries=0",
+                   "--LabApp.news_url=None"], ROOT, _server_env(tmp, home), tmp / "jupyter.log",
+                  url, token, request)
+    return {"url": url, "token": token, "log": tmp / "jupyter.log", "copies": copies}
+
+
+def _git_status() -> str:
+    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                          text=True, capture_output=True, check=True).stdout
+
+
+def _overflowing(locator) -> list[str]:
+    """The elements of `locator` whose content is wider than their box: a horizontal
+    scrollbar, or text cut with "..." (their scrollWidth beyond their clientWidth)."""
+    return locator.evaluate_all(
+        "els => els.filter(e => e.scrollWidth > e.clientWidth + 1)"
+        ".map(e => `${e.className}: ${e.textContent.trim().slice(0, 40)} `"
+        "+ `(${e.scrollWidth} > ${e.clientWidth} px)`)")
+
+
+@pytest.fixture(scope="module")
+def page(request):
     from playwright.sync_api import sync_playwright
 
+    _require_browser_tools()
     pw = sync_playwright().start()
     request.addfinalizer(pw.stop)
     browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -268,8 +324,29 @@ def test_notebook_03_runs_in_the_browser_and_the_prompt_studio_generates(lab, pa
         # Two 64 px images side by side, with row labels: wider than one image.
         assert shown.evaluate("im => im.naturalWidth") > 128
 
+        # Every description in the studio reads whole ("Face strength", not "Face stren...").
+        labels = studio.locator(".widget-label-basic, .widget-label")
+        assert labels.count() > 5 and _overflowing(labels) == []
         studio.scroll_into_view_if_needed()
         page.screenshot(path=str(SCREENSHOTS / "03_generate.png"))
+
+        # The compare panel: a grid drawn, then a typo; the typo's line replaces the grid.
+        panel = _cell(page, "ComparePanel(")
+        render = panel.locator("button.jupyter-button", has_text="Render grid")
+        render.click()
+        out = panel.locator(".widget-output")
+        expect(out.locator("img")).to_have_count(1, timeout=WAIT_MS)
+        assert _shows_image(out.locator("img"))
+        x_values = panel.locator("textarea").first
+        x_values.fill("0, 1x")
+        x_values.press("Tab")  # the widget sends its value when the field loses focus
+        render.click()
+        expect(out).to_contain_text("is not a number", timeout=WAIT_MS)
+        expect(out.locator("img")).to_have_count(0)
+        page.wait_for_timeout(2000)  # the front end's own copy of the outputs comes back later
+        expect(out).to_contain_text("is not a number")
+        panel.scroll_into_view_if_needed()
+        page.screenshot(path=str(SCREENSHOTS / "03_generate-compare-typo.png"))
     except Exception:
         page.screenshot(path=str(SCREENSHOTS / "03_generate-failed.png"))
         print(f"Screenshot: {SCREENSHOTS / '03_generate-failed.png'}; the end of {lab['log']}:")
@@ -277,19 +354,40 @@ def test_notebook_03_runs_in_the_browser_and_the_prompt_studio_generates(lab, pa
         raise
 
 
-def test_the_quickstart_runs_whole_in_the_browser(lab, page):
+def test_the_quickstart_runs_whole_and_saves_without_changing_git(make_lab, page):
+    """As `make lab` serves it: run whole, saved, and `git status` is as it was (the saved
+    copy, outputs and all, is in a git-ignored folder); the gallery's cards need no
+    scrollbar."""
     from playwright.sync_api import expect
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    lab = make_lab
+    before = _git_status()
     try:
         # Prepare, fit check, train, generate and evaluate in one go: give it longer.
         _run_all(page, lab, QUICKSTART, timeout=4 * WAIT_MS)
         grid = _cell(page, "pack.grid").locator(".jp-OutputArea-output img")
         expect(grid).to_have_count(1)
         assert _shows_image(grid)
-        gallery = _cell(page, "Gallery(").locator(".widget-image")
-        expect(gallery.first).to_be_visible()
+        gallery = _cell(page, "Gallery(")
+        expect(gallery.locator(".widget-image").first).to_be_visible()
+        cards = gallery.locator(".widget-gridbox > .widget-vbox")
+        assert cards.count() == 6 and _overflowing(cards) == []
+        assert _overflowing(gallery.locator(".widget-gridbox")) == []
         page.screenshot(path=str(SCREENSHOTS / "00_quickstart.png"), full_page=True)
+
+        # Save, as a user (or JupyterLab's autosave) does, and wait for the file to hold it.
+        saved = lab["copies"] / QUICKSTART
+        page.locator(PANEL).locator(".jp-Notebook").click()
+        page.keyboard.press("Control+s")
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while not any(c.get("execution_count") for c in json.loads(saved.read_text())["cells"]
+                      if c["cell_type"] == "code"):
+            assert time.monotonic() < deadline, f"{saved} was not saved"
+            time.sleep(0.5)
+        assert _git_status() == before
+        assert not subprocess.run(["git", "diff", "--quiet", "--", "notebooks"],
+                                  cwd=ROOT).returncode
     except Exception:
         page.screenshot(path=str(SCREENSHOTS / "00_quickstart-failed.png"))
         print(f"Screenshot: {SCREENSHOTS / '00_quickstart-failed.png'}; the end of "

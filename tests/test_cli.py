@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -47,16 +48,59 @@ def test_bad_value_fails_before_any_work(tmp_path, capsys):
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
-    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--preset", "tiny"]) == 2
     assert "Run the prepare stage first" in capsys.readouterr().err
 
 
 def test_hub_presets_say_they_need_the_network(prepared_dataset, tmp_path, capsys):
+    # On a CPU on purpose (device=cpu): the download is what stops it.
     code = main(["train", "--data", str(prepared_dataset), "--out", str(tmp_path / "o"),
-                 "--preset", "sd15-t4"])
+                 "--preset", "sd15-t4", "--set", "device=cpu"])
     assert code == 2
     err = capsys.readouterr().err
     assert "stable-diffusion-v1-5" in err and "network" in err and "tiny" in err
+
+
+def test_the_readmes_prepare_line_prepares_for_the_real_model(photos, tmp_path, capsys):
+    """`headshot-kit prepare --photos DIR --out DIR`, as the README writes it: crops for the
+    SD 1.5 preset (512 px), and the first line says so."""
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--photos", str(photos), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert rows and all(Image.open(out / r["file_name"]).size == (512, 512) for r in rows)
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "headshot-kit prepare: preset sd15-t4 (stable-diffusion-v1-5/stable-diffusion-v1-5, "
+        "512 px)")
+
+
+def test_a_gpu_preset_on_a_machine_without_one_is_refused_with_the_way_out(
+        prepared_dataset, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "--data", str(prepared_dataset), "--out", str(tmp_path / "o")]) == 2
+    first, refusal = capsys.readouterr().err.strip().splitlines()
+    assert first == ("headshot-kit train: preset sd15-t4 (stable-diffusion-v1-5/"
+                     "stable-diffusion-v1-5, 512 px, 800 steps)")
+    assert "this machine has none" in refusal and "--preset tiny" in refusal
+    assert not (tmp_path / "o").exists()
+    # The tiny preset names its model too.
+    assert main(["train", "--data", str(prepared_dataset), "--out", str(tmp_path / "t"),
+                 "--preset", "tiny", "--steps", "2"]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "headshot-kit train: preset tiny (tiny-sd15, 64 px, 2 steps)")
+
+
+def test_help_shows_the_values_of_the_preset_that_runs(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "as preset sd15-t4 sets them" in text and "  steps = 800 (int)" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "tiny", "--help"])
+    text = capsys.readouterr().out
+    assert "  steps = 30 (int)" in text and "  model = 'tiny-sd15' (str)" in text
 
 
 def test_module_entry_point_prints_help():
@@ -82,9 +126,11 @@ def test_fitcheck_command_prints_a_plan_and_exits_by_verdict(capsys):
 def test_training_on_a_dataset_with_every_photo_rejected_is_one_line(tmp_path, capsys):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "metadata.jsonl").write_text("")
-    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "lora")]) == 2
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "lora"),
+                 "--preset", "tiny"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "every photo was rejected" in err
+    # The line naming the preset, then the one error line.
+    assert len(err.splitlines()) == 2 and "every photo was rejected" in err
     assert "report.csv" in err
 
 
@@ -140,7 +186,7 @@ def test_help_documents_every_setting_with_its_config_comment(stage, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# Each stage's command on the tiny preset (the default) and the sample photos
+# Each stage's command on the tiny preset and the sample photos
 
 
 @pytest.fixture(scope="module")
@@ -157,20 +203,48 @@ def headshots(lora_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "headshots"
     # Three seeds and two steps: not the preset's two seeds and four steps.
     code = main(["generate", "--lora", str(lora_dir), "--out", str(out), "--styles",
-                 "corporate", "executive", "-n", "3", "--set", "steps=2"])
+                 "corporate", "executive", "-n", "3", "--set", "steps=2", "--preset", "tiny"])
     assert code == 0
     return out
 
 
 def test_prepare_command_writes_a_captioned_dataset(photos, tmp_path, capsys):
     out = tmp_path / "prepared"
-    assert main(["prepare", "--photos", str(photos), "--out", str(out)]) == 0
+    assert main(["prepare", "--photos", str(photos), "--out", str(out), "--preset", "tiny"]) == 0
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == ["a photo of ohwx person"] * 3
     assert all(Image.open(out / r["file_name"]).size == (256, 256) for r in rows)
     assert sorted(pd.read_csv(out / "report.csv")["file"]) == sorted(p.name for p in
                                                                      photos.iterdir())
     assert f"3 photos prepared in {out}" in capsys.readouterr().out
+
+
+def test_an_empty_photo_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    code = main(["prepare", "--photos", str(tmp_path / "photos"), "--out",
+                 str(tmp_path / "out"), "--preset", "tiny"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"headshot-kit prepare: {tmp_path / 'photos'}: no photos there. Put 5-20 photos of the "
+        "person in it (JPEG, PNG, HEIC, ... or a .zip), then run this again.")
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_photo_prepared_is_said_in_the_singular(samples, tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    shutil.copy(samples / "obama.jpg", tmp_path / "photos")
+    assert main(["prepare", "--photos", str(tmp_path / "photos"), "--out",
+                 str(tmp_path / "out"), "--preset", "tiny"]) == 0
+    assert f"1 photo prepared in {tmp_path / 'out'}" in capsys.readouterr().out
+
+
+def test_a_missing_lora_is_said_in_the_users_words(tmp_path, capsys):
+    code = main(["generate", "--lora", str(tmp_path), "--out", str(tmp_path / "out"),
+                 "--preset", "tiny"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "not a trained LoRA" in err and "leave the LoRA out" in err
+    assert "None" not in err
 
 
 def test_generate_command_renders_the_chosen_styles_and_seeds(headshots):
@@ -186,13 +260,30 @@ def test_generate_command_renders_the_chosen_styles_and_seeds(headshots):
 def test_evaluate_command_scores_every_headshot(headshots, photos, tmp_path, capsys):
     out = tmp_path / "scores"
     assert main(["evaluate", "--references", str(photos), "--images", str(headshots),
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--preset", "tiny"]) == 0
     scores = pd.read_csv(out / "scores.csv")
     assert list(scores["image"]) == list(pd.read_csv(headshots / "manifest.csv")["file"])
     assert (out / "summary.csv").is_file()
     # The tiny model draws noise: no face, and the headline says so.
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
         "0 of 6 look like you")
+
+
+def test_evaluate_with_no_face_in_the_references_is_one_line(headshots, tmp_path, capsys):
+    """References without a face stop evaluate with its one sentence and exit 2, not a
+    traceback."""
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(refs / "noise.png")
+    code = main(["evaluate", "--references", str(refs), "--images", str(headshots),
+                 "--out", str(tmp_path / "scores"), "--preset", "tiny"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]  # after the progress bar
+    assert line.startswith("headshot-kit evaluate: No face was found in any of the 1 reference")
+    assert str(refs) in line
 
 
 def test_purge_lists_with_dry_run_and_deletes_without(photos, tmp_path, capsys):

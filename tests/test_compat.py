@@ -151,3 +151,12 @@ def test_an_old_torchao_is_left_out_so_the_lora_attaches(old_torchao, capsys):
     said = capsys.readouterr().out
     assert "torchao 0.10.0 is installed but peft" in said and said.count("\n") == 1
     assert import_utils.is_torchao_available() is False
+
+
+def test_a_ceiling_reads_as_written():
+    """`<=` stays one operator in the sentence (it once came out as `< =`)."""
+    installed = {"peft": "0.22.0"}
+    [sentence] = check_versions(installed, [Need("transformers", "5.23.0", "peft",
+                                                 "<=0.21.2,>=0.17")])
+    assert "needs peft <= 0.21.2, >= 0.17; installed 0.22.0" in sentence
+    assert "< =" not in sentence

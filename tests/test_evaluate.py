@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -120,7 +121,8 @@ def test_scores_name_their_embedder_and_files_are_written(result):
                  "consistency.png", "contact_sheet.png"):
         assert (result.out_dir / name).stat().st_size > 0, name
     config = json.loads((result.out_dir / "config.json").read_text())
-    assert config["embedder_name"] == "dlib-resnet-128" and config["run_id"] == "run-a"
+    assert config["embedder_name"] == "dlib-resnet-128"
+    assert re.fullmatch(r"run-a-\d{8}-\d{6}-\d{3}", config["run_id"])  # folder and time
     html = result._repr_html_()
     assert result.headline.split(";")[0] in html and html.count("<img") == 4
 
@@ -290,8 +292,9 @@ def test_a_pack_without_faces_reads_plainly(references, tmp_path):
         _noise(pack / "images" / f"corporate_seed{seed}.png")
     _manifest(pack, [(f"images/corporate_seed{s}.png", "corporate", s) for s in (0, 1)])
     result = evaluate_images(references, pack, tmp_path / "work" / "scores", NO_CLIP)
-    # Named after the work folder: every work folder's scores/ would otherwise be "scores".
-    assert result.run_id == "work"
+    # Named after the work folder (every work folder's scores/ would otherwise be "scores"),
+    # and when it was evaluated.
+    assert re.fullmatch(r"work-\d{8}-\d{6}-\d{3}", result.run_id)
     # One sentence instead of a row of empty panels.
     assert len(plot_likeness_vs_quality(result.scores, quality_metrics()[0]).axes) == 1
     assert "notes" not in result._repr_html_().split("<table")[1]
@@ -301,3 +304,28 @@ def test_compare_ticks_only_the_values_that_ran():
     table = pd.DataFrame({"rank": [4, 4, 8, 8], "same_person_rate": [0.2, 0.3, 0.5, 0.6]})
     fig = compare(table, "rank", "same_person_rate")
     assert list(fig.axes[0].get_xticks()) == [4, 8]
+
+
+def test_each_evaluation_of_a_work_folder_is_a_row_of_its_own(references, tmp_path,
+                                                              monkeypatch):
+    """Evaluating the same work folder again (after training again) appends a row to the
+    experiments table instead of replacing the last one, and the contact sheet's title is the
+    verdict, not the folder's name."""
+    from headshot_kit.evaluate import plots
+
+    titles = []
+    real = plots.contact_sheet
+    monkeypatch.setattr(plots, "contact_sheet",
+                        lambda cards, **kw: titles.append(kw["title"]) or real(cards, **kw))
+    pack = tmp_path / "demo" / "headshots"
+    (pack / "images").mkdir(parents=True)
+    _noise(pack / "images" / "corporate_seed0.png")
+    _manifest(pack, [("images/corporate_seed0.png", "corporate", 0)])
+    table = tmp_path / "demo" / "experiments.csv"
+    for _ in range(2):
+        result = evaluate_images(references, pack, tmp_path / "demo" / "scores", NO_CLIP,
+                                 progress=False)
+        record_experiment(result, table=table)
+    assert len(pd.read_csv(table)) == 2
+    assert pd.read_csv(table)["run_id"].nunique() == 2
+    assert titles == ["0 of 1 look like you, best first"] * 2

@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import grid_of_single_renders, make_lora
+from PIL import Image
+from conftest import grid_of_single_renders, make_lora, text_overflows
 from test_facedetail import photo_as_first_render, sample_render
 
 from headshot_kit import generate as gen
@@ -62,10 +63,25 @@ def test_pack_writes_images_manifest_grid_and_config(pack, cfg, lora_dir):
     grid = gen.Image.open(out / "grid.png")
     assert grid.size == pack.grid.size
     assert 2 * 192 < grid.width < 3 * 192 and 2 * 192 < grid.height < 3 * 192
+    # The title wraps to the sheet's width instead of running off it; labels stay apart.
+    assert text_overflows(grid, 2) == []
     saved = json.loads((out / "config.json").read_text())
     assert saved["config_type"] == "GenerateConfig" and saved["steps"] == 3
     assert saved["lora_dir"] == str(lora_dir.resolve())
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temp folder left"
+
+
+def test_a_narrow_grids_title_wraps_instead_of_running_off(pipe, lora_dir, cfg, tmp_path):
+    """One seed makes grid.png one cell wide; its title (the settings held fixed) is longer
+    than that and wraps onto more lines instead of being cut at the sheet's edge."""
+    narrow = dataclasses.replace(cfg, styles=["corporate"], seeds=[0])
+    pack = gen.generate_pack(lora_dir, tmp_path / "pack", narrow, pipe=pipe, progress=False)
+    title = gen.describe_shot(gen.make_shot(narrow, gen.load_styles()["corporate"], 0, lora_dir),
+                              skip=("style", "seed"))
+    from headshot_kit.images import font
+
+    assert font(192 // 11).getlength(title) > pack.grid.width  # too long for one line
+    assert text_overflows(gen.Image.open(pack.out_dir / "grid.png"), 1) == []
 
 
 def test_png_parameters_round_trip(pack):
@@ -272,6 +288,37 @@ def test_base_vs_lora_grid_over_checkpoints(pipe, lora_dir, cfg, pack, tmp_path)
     assert plan.row_labels == ["base model", f"{lora_dir.parent.name}/lora", "run2/lora"]
 
 
+def test_base_vs_lora_grid_renders_the_packs_checkpoint_and_checks_the_model(
+        pipe, lora_dir, cfg, tmp_path, monkeypatch):
+    """The LoRA row of base_vs_lora_grid is the checkpoint the pack renders (best/, where
+    training chose one), and a LoRA trained on another base model is refused there too."""
+    import shutil
+
+    from headshot_kit.lora import BEST_DIR
+
+    run = tmp_path / "lora"
+    shutil.copytree(lora_dir, run)
+    make_lora(pipe, run / BEST_DIR, seed=5)
+    (run / BEST_DIR / "config.json").write_text(json.dumps(
+        {"family": "sd15", "model": "tiny-sd15", "checkpoint": "best", "step": 4,
+         "likeness": 0.7, "chosen_by": "dlib-resnet-128"}))
+    drawn = []
+    monkeypatch.setattr(gen.compare, "render",
+                        lambda shot, pipe: drawn.append(shot) or Image.new("RGB", (8, 8)))
+    gen.base_vs_lora_grid(run, cfg, seeds=[0], pipe=pipe, progress=False)
+    pack_uses = gen.check_lora(run, cfg)
+    assert pack_uses == run / BEST_DIR
+    assert [s.lora_dir for s in drawn] == [None, str(pack_uses)]
+    # On the axis, a folder typed by hand renders its own weights: last and best side by side.
+    plan = gen.plan_compare(run, "seed", [0], "checkpoint", None, cfg)
+    assert [s.lora_dir for s in plan.shots] == [None, str(run), str(run / BEST_DIR)]
+    other = dataclasses.replace(cfg, model="other/sd15-model")
+    with pytest.raises(ConfigError, match="trained on 'tiny-sd15' but GenerateConfig.model"):
+        gen.base_vs_lora_grid(run, other, seeds=[0], pipe=pipe, progress=False)
+    with pytest.raises(ConfigError, match="trained on 'tiny-sd15' but GenerateConfig.model"):
+        gen.plan_compare(None, "seed", [0], "checkpoint", ["base", str(run)], other)
+
+
 def test_best_of_takes_top_scores_with_a_face(pack, tmp_path):
     scores = pd.DataFrame({
         "image": list(pack.manifest["file"]), "face_found": [True, False, True, True],
@@ -295,7 +342,7 @@ def test_batched_pack_matches_one_image_at_a_time(pack, pipe, lora_dir, cfg, tmp
 
 
 def test_regenerating_keeps_stars_picks_and_unchanged_images(pipe, lora_dir, cfg, tmp_path,
-                                                             monkeypatch):
+                                                             monkeypatch, capsys):
     out = tmp_path / "pack"
     first = gen.generate_pack(lora_dir, out, cfg, pipe=pipe, progress=False)
     gen.set_starred(out, "images/corporate_seed1.png")
@@ -313,11 +360,33 @@ def test_regenerating_keeps_stars_picks_and_unchanged_images(pipe, lora_dir, cfg
     assert starred["images/corporate_seed1.png"] and starred.sum() == 1
     assert (out / "favourites" / "01_corporate_seed1.png").is_file()
     assert (out / "best" / "best.csv").is_file()
+    capsys.readouterr()
+    # Other seeds: the starred picture is left out; its star goes, and one line says so.
+    gen.set_starred(out, "images/executive_seed0.png")
+    fewer = dataclasses.replace(cfg, seeds=[0])
+    again = gen.generate_pack(lora_dir, out, fewer, pipe=pipe, progress=False)
+    assert again.manifest.set_index("file")["starred"].to_dict() == {
+        "images/corporate_seed0.png": False, "images/executive_seed0.png": True}
+    said = capsys.readouterr().out
+    assert ("1 starred image released (corporate_seed1.png): their settings changed or they "
+            "are no longer in the pack" in said)
+    # Nothing to render is said as such, not as "0 to render, on a T4 GPU under a minute".
+    assert said.startswith("2 images (2 styles x 1 seed) with ") and "0 to render" not in said
+    assert "kept, with their stars; nothing to render." in said
+    changed = dataclasses.replace(cfg, guidance=cfg.guidance + 1)
+    gen.generate_pack(lora_dir, out, changed, pipe=pipe, progress=False)
+    assert "1 starred image released (executive_seed0.png)" in capsys.readouterr().out
+    gen.set_starred(out, "images/corporate_seed1.png")
     # New LoRA weights: every image is rendered again, and no star survives on a new picture.
     rendered.clear()
     other = make_lora(pipe, tmp_path / "other" / "lora", seed=3)
-    again = gen.generate_pack(other, out, cfg, pipe=pipe, progress=False)
+    again = gen.generate_pack(other, out, changed, pipe=pipe, progress=False)
     assert len(rendered) == 4 and not again.manifest["starred"].any()
+    said = capsys.readouterr().out
+    assert ("1 starred image released (corporate_seed1.png): the LoRA's weights changed, so "
+            "the new pictures start unstarred. favourites/ keeps the copies exported before."
+            in said)
+    assert (out / "favourites" / "01_corporate_seed1.png").is_file()
 
 
 def test_a_token_set_at_prepare_reaches_every_prompt(tmp_path, obama_photos, pipe):

@@ -24,8 +24,9 @@ def test_the_wheel_holds_the_whole_package(built_wheel):
     assert {"headshot_kit/data/styles.yaml", "headshot_kit/data/arch/sdxl.json"} <= data <= names
     notebooks = {f"headshot_kit/notebooks/{p}" for p in _tree("notebooks", "[0-9]*.ipynb")}
     assert len(notebooks) >= 4 and notebooks <= names
-    samples = {f"headshot_kit/data/samples/{p}" for p in _tree("data/samples", "*")}
-    assert "headshot_kit/data/samples/PROVENANCE.md" in samples and samples <= names
+    samples = {f"headshot_kit/data/samples/{p}" for p in _tree("data/samples", "**/*.*")}
+    assert {"headshot_kit/data/samples/PROVENANCE.md",
+            "headshot_kit/data/samples/photos/obama.jpg"} <= samples <= names
     # Nothing from outside the package lands in site-packages.
     assert {n.split("/")[0] for n in names} == {"headshot_kit", built_wheel.name.split("-")[0]
                                                 + "-" + built_wheel.name.split("-")[1]

@@ -46,3 +46,30 @@ def test_the_report_flags_the_problem_samples(executed):
     used = set(report.loc[report["status"] == "used", "file"])
     assert {"obama.jpg", "obama2.jpg", "obama3.jpg"} <= used
     assert "biden.jpg" not in used
+
+
+def test_the_evaluate_notebook_evaluates_and_leaves_the_sweep_to_the_user(executed):
+    """Run whole, 04_evaluate does its own stage: the sweep (training runs) only prints what it
+    would cost, and starts when the user sets run_sweep = True."""
+    workdir, notebooks = executed
+    nb = json.loads(next(p for p in notebooks if p.name == "04_evaluate.ipynb").read_text())
+    sweep_cell = next(c for c in nb["cells"] if c["cell_type"] == "code"
+                      and "sweep(" in "".join(c["source"]))
+    said = "".join("".join(o.get("text", "")) for o in sweep_cell["outputs"])
+    assert "GPU hours of training on a t4" in said and "Not started: set run_sweep = True" in said
+    assert not (workdir / "sweep").exists()
+
+
+def test_the_notebooks_show_tables_and_sentences_not_walls_of_text(executed):
+    """A stage config shows as a short line over a table of its settings, not as one long
+    `PrepareConfig(...)` string; no empty "0 rows x N columns" table is shown."""
+    _, notebooks = executed
+    for path in notebooks:
+        cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        for o in (o for c in cells for o in c.get("outputs", [])):
+            data = o.get("data", {})
+            text = "".join(data.get("text/plain", ""))
+            if text.startswith(("PrepareConfig(", "TrainConfig(", "GenerateConfig(",
+                                "EvaluateConfig(")):
+                assert "text/html" in data, f"{path.name}: {text[:60]}"
+            assert "0 rows ×" not in "".join(data.get("text/html", "")), path.name

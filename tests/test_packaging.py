@@ -67,13 +67,14 @@ def test_photos_results_and_caches_are_ignored_and_the_samples_tracked():
         assert _ignored(path), f"{path} is not ignored by git"
     # ...while the folder READMEs and the public-domain samples the tests use are kept.
     for path in ("results/README.md", "models/README.md", "data/README.md",
-                 "data/samples/obama.jpg", "data/samples/new-sample.jpg"):
+                 "data/samples/photos/obama.jpg", "data/samples/photos/new-sample.jpg"):
         assert not _ignored(path), f"{path} is ignored by git"
     tracked = subprocess.run(["git", "ls-files", "data", "results", "models"], cwd=ROOT,
                              text=True, capture_output=True, check=True).stdout.split()
     assert {"results/README.md", "models/README.md", "data/README.md"} <= set(tracked)
-    assert {f"data/samples/{n}" for n in ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg",
-                                          "PROVENANCE.md")} <= set(tracked)
+    assert {f"data/samples/photos/{n}" for n in ("obama.jpg", "obama2.jpg", "obama3.jpg",
+                                                 "biden.jpg")} <= set(tracked)
+    assert {"data/samples/PROVENANCE.md", "data/samples/SHA256SUMS"} <= set(tracked)
 
 
 def _pyproject() -> dict:

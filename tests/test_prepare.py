@@ -604,8 +604,31 @@ def test_purge_refuses_folders_holding_home_or_the_current_folder(tmp_path, monk
     assert purge(tmp_path / "never-made") == []
 
 
+def test_the_demo_samples_are_photos_and_pass_the_demos_own_advice():
+    """The folder the demo reads holds photos only (its provenance lies one folder up), and
+    the tiny preset the demo runs asks for no more usable photos than it has."""
+    import tempfile
+
+    from headshot_kit.demo import samples_dir
+    from headshot_kit.workspace import list_photos
+
+    assert sorted(p.name for p in samples_dir().iterdir()) == sorted(
+        p.name for p in list_photos(samples_dir()))
+    assert (samples_dir().parent / "PROVENANCE.md").is_file()
+    with tempfile.TemporaryDirectory() as out:
+        result = prepare_photos(samples_dir(), Path(out) / "prepared", get_preset("tiny").prepare)
+    assert result.advice[0].startswith("3 of 6 photos are ready")
+    assert not [line for line in result.advice if line.startswith(("Only", "Left out"))]
+    # A real preset keeps the usual minimum, and says so for the same three photos.
+    assert get_preset("sd15-t4").prepare.min_photos == 5
+
+
 def test_notes_beside_the_photos_are_not_photos_to_replace(samples, tmp_path):
-    result = prepare_photos(samples, tmp_path / "out", get_preset("tiny").prepare)
+    folder = tmp_path / "photos"
+    shutil.copytree(samples, folder)
+    for note in ("PROVENANCE.md", "SHA256SUMS"):
+        shutil.copy(samples.parent / note, folder / note)
+    result = prepare_photos(folder, tmp_path / "out", get_preset("tiny").prepare)
     replace = next(line for line in result.advice if line.startswith("Replace"))
     assert "PROVENANCE.md" not in replace and "SHA256SUMS" not in replace
     assert "Left out 2 files that are not a photo: PROVENANCE.md, SHA256SUMS." in result.advice

@@ -93,3 +93,14 @@ def test_separated_settings_name_the_winner_and_compare_draws_the_intervals(tmp_
     segments = bars.lines[2][0].get_segments()
     spans = np.array([(seg[0][1], seg[1][1]) for seg in segments])
     np.testing.assert_allclose(spans, found[["low", "high"]].to_numpy())
+
+
+def test_one_training_seed_gives_an_estimate_and_no_interval(tmp_path):
+    """With one run per setting there is no spread over seeds to show: no interval (it once
+    printed a "95% interval" with n_runs 1 and low = high), and no winner."""
+    table = _fixture_table(tmp_path, {4: [[0.2, 0.4, 0.6]], 8: [[0.7, 0.8, 0.9]]})
+    intervals = seed_intervals(table, ["rank"], ["likeness_median"])
+    assert list(intervals["n_runs"]) == [1, 1]
+    assert list(intervals["estimate"]) == [0.4, 0.8]
+    assert intervals["low"].isna().all() and intervals["high"].isna().all()
+    assert set(intervals["verdict"]) == {NO_CLEAR_DIFFERENCE}

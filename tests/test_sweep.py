@@ -106,3 +106,15 @@ def test_ray_is_optional_and_its_absence_is_one_line(monkeypatch, tmp_path, caps
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'pip install "headshot-kit[cluster]"' in err
+
+
+def test_a_setting_two_stages_share_reaches_both():
+    """resolution and model are train and generate settings alike: a run trains and renders
+    with the swept value (it once reached training only, and generate refused the LoRA)."""
+    [run] = plan_runs("tiny", parse_grid(["resolution=128", "model=tiny-sdxl",
+                                          "family=sdxl"]))
+    train, generate = run[2].train, run[2].generate
+    assert (train.resolution, generate.resolution) == (128, 128)
+    assert (train.model, generate.model) == ("tiny-sdxl", "tiny-sdxl")
+    assert (train.family, generate.family) == ("sdxl", "sdxl")
+    assert run[1] == {"resolution": 128, "model": "tiny-sdxl", "family": "sdxl"}

@@ -13,6 +13,7 @@ import sys
 import time
 
 import numpy as np
+from PIL import Image
 import pandas as pd
 import pytest
 import torch
@@ -46,6 +47,15 @@ def trained(prepared_dataset, tmp_path_factory):
     before = trainer.fixed_loss()
     result = trainer.run()
     return trainer, result, before, trainer.fixed_loss()
+
+
+def test_validation_column_labels_stay_in_their_columns(trained):
+    from conftest import text_overflows
+
+    trainer, result = trained[:2]
+    sheet = Image.open(result.out_dir / "validation.png")
+    cols = len(trainer.cfg.validation_prompts) * len(trainer.cfg.validation_seeds)
+    assert cols >= 2 and text_overflows(sheet, cols) == []
 
 
 def test_loss_on_a_fixed_batch_falls(trained):
@@ -131,6 +141,27 @@ def test_resumed_run_matches_uninterrupted(prepared_dataset, tmp_path):
     a, b = peft_state(whole.pipe.unet), peft_state(resumed.pipe.unet)
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_a_resumed_run_keeps_the_validation_rows_before_the_restart(prepared_dataset, tmp_path):
+    """validation.png grows a row per validation step; after a resume, the rows drawn before
+    the restart are still there, pixel for pixel."""
+    cfg = tiny(steps=4, validate_every=2, checkpoint_every=2, validation_steps=2)
+    cut = Trainer(prepared_dataset, tmp_path / "run", cfg, progress=False)
+    for _ in range(2):
+        cut.train_step()
+    cut.validate()
+    cut.save_checkpoint()
+    before = np.asarray(Image.open(tmp_path / "run" / "validation.png").convert("RGB"))
+    del cut
+
+    resumed = Trainer(prepared_dataset, tmp_path / "run", cfg, progress=False)
+    assert resumed.step == 2
+    resumed.run()
+    after = np.asarray(Image.open(tmp_path / "run" / "validation.png").convert("RGB"))
+    # One more row of cells (VALIDATION_CELL px), the same width, and the first row unchanged.
+    assert after.shape[0] == before.shape[0] + 160 and after.shape[1] == before.shape[1]
+    assert np.array_equal(after[: before.shape[0]], before)
 
 
 def test_resume_refuses_other_settings(prepared_dataset, tmp_path):

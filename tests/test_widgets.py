@@ -40,7 +40,7 @@ def test_prompt_studio_generates_from_its_controls(pipe, lora_dir, cfg):
     style = gen.load_styles()["creative"]
     shot = gen.make_shot(cfg, style, 6, lora_dir, steps=2, lora_scale=0.5, scheduler="ddim")
     assert (np.asarray(gen.render(shot, pipe)) == np.asarray(images[1])).all()
-    assert studio.history[0][0] == "creative, seeds 5-6"
+    assert studio.history[0][0] == "1. creative, seeds 5-6"
 
     old_seed = studio.seed.value
     studio.dice.click()
@@ -48,11 +48,45 @@ def test_prompt_studio_generates_from_its_controls(pipe, lora_dir, cfg):
     studio.generate_button.click()
     studio.generate_button.click()
     assert studio.seed.value != old_seed
-    # keep=2: the oldest run has scrolled away; the grid shows 2 rows x 1 column.
-    assert [label for label, _ in studio.history] == [f"creative, seed {studio.seed.value}"] * 2
-    assert studio.grid.size == image_grid(images[:2], 2, 1, title="newest first",
+    # keep=2: the oldest run has scrolled away; the grid shows 2 rows x 1 column, each row
+    # numbered so two runs of one style and seed are told apart.
+    assert [label for label, _ in studio.history] == [f"{n}. creative, seed {studio.seed.value}"
+                                                      for n in (3, 2)]
+    title = "Newest first: " + gen.describe_shot(studio.shots()[0], ("style", "seed"))
+    assert studio.grid.size == image_grid(images[:2], 2, 1, title=title,
                                           row_labels=[label for label, _ in studio.history]).size
     assert not studio.generate_button.disabled
+
+
+def test_prompt_studio_shows_its_grid_labels_own_prompts_and_keeps_a_render(
+        pipe, lora_dir, cfg, tmp_path):
+    """The history grid is the panel's output (its widget state, what the page shows); a prompt
+    of your own is labelled as such, not with the style's name; Keep saves the newest run with
+    its settings in each PNG."""
+    import base64
+    import io
+
+    studio = PromptStudio(lora_dir, cfg, pipe=pipe, out_dir=tmp_path / "studio")
+    assert studio.keep_button.disabled  # nothing to keep yet
+    studio.count.value = 1
+    studio.generate()
+    [shown] = studio.output.outputs
+    picture = Image.open(io.BytesIO(base64.b64decode(shown["data"]["image/png"])))
+    assert (np.asarray(picture.convert("RGB")) == np.asarray(studio.grid)).all()
+    studio.prompt.value = "a photo of {subject} on a beach"
+    studio.generate()
+    assert [label for label, _ in studio.history] == ["2. own prompt, seed 0",
+                                                      "1. corporate, seed 0"]
+    studio.keep_button.click()
+    [kept] = (tmp_path / "studio").iterdir()
+    assert kept.name == "corporate_seed0.png"
+    settings = gen.read_parameters(kept)
+    assert "on a beach" in settings["prompt"]
+    assert (np.asarray(gen.regenerate(settings, lora_dir, pipe=pipe))
+            == np.asarray(studio.history[0][1][0])).all()
+    studio.keep_last()  # again: a new name, nothing overwritten
+    assert len(list((tmp_path / "studio").iterdir())) == 2
+    assert studio.status.value == f"Kept 1 image in {tmp_path / 'studio'}."
 
 
 def test_prompt_studio_without_subject_warns(pipe, cfg):
@@ -119,6 +153,10 @@ def test_compare_panel_over_the_face_detail_axis(pipe, lora_dir, cfg, samples, m
 def test_a_typo_in_the_compare_values_is_one_line_in_the_panel(pipe, lora_dir, cfg):
     panel = ComparePanel(lora_dir, cfg, pipe=pipe)
     panel.y_axis.value = "seed"
+    # A grid drawn first: the panel's output holds it, and the typo replaces it with its line.
+    panel.x_axis.value, panel.x_values.value = "lora_scale", "0, 1"
+    panel.render_button.click()
+    assert [o["output_type"] for o in panel.output.outputs] == ["display_data"]
     panel.x_axis.value, panel.x_values.value = "lora_scale", "0, 1x"
     panel.render_button.click()
     assert [o["text"] for o in panel.output.outputs] == [
@@ -166,11 +204,29 @@ def test_photo_upload_saves_without_overwriting(tmp_path, samples):
                  "last_modified": datetime.now(timezone.utc), "content": memoryview(photo)},)
 
     panel.picker.set_trait("value", upload("../obama.jpg"))
+    assert "Saved 1 photo to" in panel.status.value
+    other = photo
+    photo = (samples / "obama2.jpg").read_bytes()  # another photo under a name already taken
     panel.picker.set_trait("value", upload("obama.jpg"))
     names = sorted(p.name for p in (tmp_path / "me").iterdir())
     assert names == ["obama-1.jpg", "obama.jpg"]  # kept inside the folder, never overwritten
-    assert (tmp_path / "me" / "obama.jpg").read_bytes() == photo
+    assert (tmp_path / "me" / "obama.jpg").read_bytes() == other
     assert "Saved 1 photo" in panel.status.value
+
+
+def test_the_same_photo_uploaded_again_is_not_saved_twice(tmp_path, samples):
+    """A second copy (obama-1.jpg) would be rejected by prepare as a duplicate of the first."""
+    from headshot_kit.widgets import PhotoUpload
+
+    panel = PhotoUpload(tmp_path / "me")
+    photo = (samples / "obama.jpg").read_bytes()
+    item = {"name": "obama.jpg", "type": "image/jpeg", "size": len(photo),
+            "last_modified": datetime.now(timezone.utc), "content": memoryview(photo)}
+    panel.picker.set_trait("value", (item,))
+    panel.picker.set_trait("value", ({**item, "name": "IMG_0001.jpg"},))
+    assert sorted(p.name for p in (tmp_path / "me").iterdir()) == ["obama.jpg"]
+    assert panel.status.value == (f"Saved 0 photos to {tmp_path / 'me'}. 1 photo already there "
+                                  "with the same content, not saved again: IMG_0001.jpg.")
 
 
 def test_an_upload_with_the_default_settings_leaves_git_status_clean(samples, monkeypatch):

@@ -18,12 +18,23 @@ def local(monkeypatch):
 
 def test_locally_everything_lands_in_a_git_ignored_folder(local):
     ws = workspace()
-    assert ws.root == ROOT / "results" / "demo" and ws.photos == ws.root / "photos"
+    assert ws.root == ROOT / "results" / "work" and ws.photos == ws.root / "photos"
     assert not wsm.is_colab()
     if (ROOT / ".git").exists():
         check = subprocess.run(["git", "check-ignore", "-q", str(ws.photos / "me.jpg")],
                                cwd=ROOT)
         assert check.returncode == 0, "uploads would show up in git status"
+
+
+def test_the_local_work_folder_is_not_the_demos(local):
+    """A first real run must not mix its photos, LoRA and scores with `make demo`'s."""
+    import inspect
+
+    from headshot_kit.demo import run_demo
+
+    demo = ROOT / inspect.signature(run_demo).parameters["out"].default
+    assert workspace().root.resolve() != demo.resolve()
+    assert not workspace().root.resolve().is_relative_to(demo.resolve())
 
 
 def test_on_colab_the_defaults_are_on_drive(tmp_path, monkeypatch):
@@ -108,3 +119,25 @@ def test_a_kaggle_upload_uses_the_panel_not_colabs_picker(kaggle):
     from headshot_kit.widgets import PhotoUpload, upload_photos
 
     assert isinstance(upload_photos(kaggle / "headshot-kit" / "photos"), PhotoUpload)
+
+
+def test_lab_runs_working_copies_and_keeps_the_users(tmp_path, capsys):
+    """`make lab` serves copies of the notebooks in a git-ignored folder; a copy the user has
+    run or edited is never overwritten, and one that differs from the shipped notebook is
+    named."""
+    from headshot_kit.demo import lab_dir, notebook_dir, working_notebooks
+
+    if (ROOT / ".git").exists():
+        check = subprocess.run(["git", "check-ignore", "-q", str(lab_dir() / "x.ipynb")],
+                               cwd=ROOT)
+        assert check.returncode == 0, "saved notebooks would show up in git status"
+    folder = working_notebooks(tmp_path / "lab")
+    shipped = sorted(p.name for p in notebook_dir().glob("[0-9]*.ipynb"))
+    assert sorted(p.name for p in folder.iterdir()) == shipped
+    mine = folder / "00_quickstart.ipynb"
+    mine.write_text(mine.read_text().replace('preset = \\"tiny\\"', 'preset = \\"sd15-t4\\"'))
+    edited = mine.read_text()
+    assert 'preset = \\"sd15-t4\\"' in edited
+    working_notebooks(folder)
+    assert mine.read_text() == edited
+    assert f"Kept your copy {mine}" in capsys.readouterr().out

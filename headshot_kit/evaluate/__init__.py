@@ -40,6 +40,7 @@ import html
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -177,8 +178,11 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
     headline = _headline(scores, embedder, cfg.best_n)
 
     # A work folder's scores/ is named after the work folder: every run's is called "scores".
-    run_id = run_id or (out_dir.absolute().parent.name if out_dir.name == SCORES
-                        else out_dir.name)
+    # Stamped with the time, so each evaluation of that folder is a row of its own in the
+    # experiments table (a run id already there replaces its row).
+    run_id = run_id or "{}-{}".format(
+        out_dir.absolute().parent.name if out_dir.name == SCORES else out_dir.name,
+        datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3])
     settings = {**_constant_settings(manifest), **(settings or {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     mark_folder(out_dir, "evaluate")
@@ -192,8 +196,7 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
                                             out_dir / "likeness_vs_quality.png"),
         "consistency": save_figure(plot_consistency(pairs, embedder),
                                     out_dir / "consistency.png"),
-        "contact_sheet": save_contact_sheet(scores, thumbs, run_id,
-                                             out_dir / "contact_sheet.png"),
+        "contact_sheet": save_contact_sheet(scores, thumbs, out_dir / "contact_sheet.png"),
     }
     save_config(cfg, out_dir / "config.json", run_id=run_id, settings=settings,
                 checkpoint_chosen_by=chosen.get("chosen_by"),

@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from .. import faces
-from ..config import ConfigError, EvaluateConfig
+from ..config import ConfigError, DataError, EvaluateConfig
 from ..images import load_image
 from ..models import pick_device
 
@@ -28,8 +28,9 @@ class EmbedderUnavailable(RuntimeError):
     """A face embedder's package or weights are missing; the message says what to do."""
 
 
-class NoFaceError(ValueError):
-    """A photo that must show a face (a reference, a validation photo) shows none."""
+class NoFaceError(DataError):
+    """A photo that must show a face (a reference, a validation photo) shows none (a
+    DataError: the command line and the notebooks show its one line)."""
 
 
 class FaceEmbedder:

@@ -102,8 +102,7 @@ def plot_consistency(pairs: np.ndarray, embedder: FaceEmbedder):
     return fig
 
 
-def save_contact_sheet(scores: pd.DataFrame, thumbs: list[Image.Image], run_id: str,
-                       path: Path) -> Path:
+def save_contact_sheet(scores: pd.DataFrame, thumbs: list[Image.Image], path: Path) -> Path:
     # Best first: the top of the sheet is what a user would keep (FaceChain and EasyPhoto rank
     # their outputs the same way).
     order = scores.sort_values("likeness", ascending=False, na_position="last").index
@@ -121,8 +120,8 @@ def save_contact_sheet(scores: pd.DataFrame, thumbs: list[Image.Image], run_id: 
             technical += f"  brisque {row['brisque_technical']:.0f}"
         cards.append(Card(thumbs[i], lines=[Path(str(row["image"])).name, line, technical],
                           line_color=color))
-    sheet = contact_sheet(cards, cols=5, title=f"{run_id}: {int(scores['same_person'].sum())} "
-                                               f"of {len(scores)} look like you, best first")
+    sheet = contact_sheet(cards, cols=5, title=f"{int(scores['same_person'].sum())} of "
+                                               f"{len(scores)} look like you, best first")
     with atomic_path(path) as tmp:
         # Fast compression: the default level takes seconds on a 40-image sheet.
         sheet.save(tmp, format="PNG", compress_level=1)

@@ -107,10 +107,14 @@ def _write_pack(lora_dir, out_dir: Path, cfg: GenerateConfig, names: list[str],
     digest = weights_digest(lora_dir)
     kept = _unchanged(out_dir, digest, shots)
     todo = [s for s in shots if _file(s) not in kept]
-    print(f"{len(shots)} images ({len(names)} styles x {len(cfg.seeds)} seeds)"
+    released = _released_stars(out_dir, digest, kept)
+    print(f"{len(shots)} images ({_count(len(names), 'style')} x {_count(len(cfg.seeds), 'seed')})"
           + _weights_used(lora_dir, cfg)
           + (f"; {len(kept)} unchanged since the last run are kept, with their stars"
-             if kept else "") + f"; {len(todo)} to render, {t4_estimate(cfg, len(todo))}.")
+             if kept else "") + (f"; {len(todo)} to render, {t4_estimate(cfg, len(todo))}."
+                                 if todo else "; nothing to render."))
+    if released:
+        print(released)
     if todo and pipe is None:
         pipe = load_generate_pipeline(cfg)
     # Each image with its face-detail note and its star.
@@ -292,6 +296,31 @@ def _unchanged(out_dir: Path, digest: str,
                 str(row.get(k)) == str(v) for k, v in shot.row().items()):
             kept[_file(shot)] = row
     return kept
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _released_stars(out_dir: Path, digest: str, kept: Mapping[str, Any]) -> str:
+    """One line when starred images of the previous pack are not kept (they are rendered again,
+    or left out): how many lose their star and why; "" when every star stays."""
+    try:
+        old = load_manifest(out_dir)
+        config = json.loads((out_dir / "config.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return ""
+    lost = [f for f in old.loc[old["starred"], "file"] if f not in kept]
+    if not lost:
+        return ""
+    why = ("the LoRA's weights changed" if config.get("lora_sha256") != digest
+           else "their settings changed or they are no longer in the pack")
+    line = (f"{len(lost)} starred image{'s' if len(lost) > 1 else ''} released "
+            f"({', '.join(Path(f).name for f in lost)}): {why}, so the new pictures start "
+            "unstarred.")
+    if (out_dir / "favourites").is_dir():
+        line += " favourites/ keeps the copies exported before."
+    return line
 
 
 def _carry_over(out_dir: Path, tmp: Path, kept: Mapping[str, Any]) -> None:

@@ -4,6 +4,7 @@ what the face-detail pass does, its values strengths with 0 or "off" for no pass
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from PIL import Image
 
 from ..config import ConfigError, GenerateConfig
 from ..images import image_grid
-from ..lora import lora_weights, pick_checkpoint
+from ..lora import pick_checkpoint
 from .shots import (SAMPLERS, Shot, check_face_detail_strength, check_generate, check_lora,
                     describe_shot, face_detail_label, load_generate_pipeline, make_shot, render,
                     with_lora_subject)
@@ -104,8 +105,9 @@ def _axis_value(axis: str, value: Any, styles: Mapping[str, Style],
     if axis == "checkpoint":
         if value is None or str(value).lower() in ("", "base", "none"):
             return None
-        lora_weights(value)
-        return str(value)
+        # A folder on the axis renders its own weights (the defaults put a LoRA's last weights
+        # beside its best/), refused like the pack's if trained for another base model.
+        return str(check_lora(value, dataclasses.replace(cfg, lora_checkpoint="last")))
     return value
 
 
@@ -204,7 +206,8 @@ def compare_grid(lora_dir_or_dirs: str | Path | Sequence[str | Path | None] | No
 def base_vs_lora_grid(lora_dir: str | Path, cfg: GenerateConfig | None = None,
                       seeds: Sequence[int] | None = None, pipe=None,
                       progress: bool = True) -> Image.Image:
-    """The base model (top row) and the LoRA (bottom row) on the same seeds."""
+    """The base model (top row) and the LoRA (bottom row) on the same seeds; the LoRA row
+    renders the weights the pack does (cfg.lora_checkpoint: its best/ checkpoint by default)."""
     cfg = cfg or GenerateConfig()
     return compare_grid(lora_dir, "seed", list(seeds or cfg.seeds), "checkpoint",
-                        [None, lora_dir], cfg, pipe=pipe, progress=progress)
+                        [None, check_lora(lora_dir, cfg)], cfg, pipe=pipe, progress=progress)

@@ -34,12 +34,12 @@ from typing import Iterable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, PrepareConfig, save_config
+from ..config import ConfigError, DataError, PrepareConfig, save_config
 from ..storage import atomic_dir
 from .checks import check_duplicates, check_identity, examine_safely
 from .intake import gather
-from .report import (CHECKS, REPORT_COLUMNS, VERDICT_CSS, advise, contact_sheet, make_report,
-                     name_outputs)
+from .report import (CHECKS, REPORT_COLUMNS, VERDICT_CSS, _other_file, advise, contact_sheet,
+                     make_report, name_outputs)
 
 __all__ = ["CHECKS", "REPORT_COLUMNS", "PrepareResult", "prepare_photos"]
 
@@ -89,6 +89,10 @@ def prepare_photos(photos: str | Path | Iterable[str | Path], out_dir: str | Pat
     _check_out_dir(out_dir, sources)
     with tempfile.TemporaryDirectory(prefix="headshot-prepare-") as scratch:
         inputs = gather(photos, sources, Path(scratch), cfg, skip=out_dir)
+        if not inputs:  # nothing to report on: an empty dataset would only fail in training
+            raise DataError(f"{', '.join(map(str, sources))}: no photos there. Put 5-20 photos "
+                            "of the person in it (JPEG, PNG, HEIC, ... or a .zip), then run "
+                            "this again.")
         found = []
         bar = tqdm(inputs, desc="prepare", unit="photo")
         for order, item in enumerate(bar):
@@ -114,7 +118,8 @@ def prepare_photos(photos: str | Path | Iterable[str | Path], out_dir: str | Pat
         (tmp / "metadata.jsonl").write_text("".join(f"{line}\n" for line in lines),
                                             encoding="utf-8")
         report.to_csv(tmp / "report.csv", index=False)
-        contact_sheet(found, f"prepare: {n_used} of {len(found)} photos used").save(
+        n_photos = sum(not _other_file(p) for p in found)  # notes beside them are no photos
+        contact_sheet(found, f"prepare: {n_used} of {n_photos} photos used").save(
             tmp / "contact_sheet.png", compress_level=PNG_LEVEL)
         save_config(cfg, tmp / "config.json", n_inputs=len(found), n_used=n_used)
     return PrepareResult(out_dir=out_dir, report=report, advice=advice, n_used=n_used)

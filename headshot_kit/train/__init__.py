@@ -67,6 +67,9 @@ __all__ = ["Trainer", "TrainExample", "TrainResult", "TrainingDiverged", "datase
 
 # metrics.csv: one row per step; likeness (of the validation images) on validation steps only.
 METRICS_COLUMNS = ("step", "loss", "lr", "skipped", "likeness")
+# validation.png's cell: each row is kept in the checkpoint at this size (PNG), so a resumed run
+# draws the rows before the restart exactly as they were.
+VALIDATION_CELL = 160
 
 
 class TrainingDiverged(RunFailed):
@@ -417,13 +420,14 @@ class Trainer:
         self._judge(images)
         self.validation_rows.append((self.step, images))
         # Label by what follows the subject words: every prompt starts the same way.
-        columns = [f"{p.split(cfg.subject)[-1].strip(' ,')[:28]} s{s}" for p in prompts
+        # (image_grid wraps each to its cell's width.)
+        columns = [f"{p.split(cfg.subject)[-1].strip(' ,')} s{s}" for p in prompts
                    for s in cfg.validation_seeds]
         grid = image_grid([im for _, row in self.validation_rows for im in row],
                           rows=len(self.validation_rows), cols=len(images),
                           row_labels=[f"step {s}" for s, _ in self.validation_rows],
                           col_labels=columns, title="Validation: each row a training step",
-                          cell=160)
+                          cell=VALIDATION_CELL)
         with atomic_path(self.out_dir / "validation.png") as tmp:
             grid.save(tmp, format="PNG")
         if self.on_validation:
@@ -476,6 +480,8 @@ class Trainer:
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
             "lora": {name: peft_state(getattr(self.pipe, name)) for name in self._lora_modules()},
+            "validation_rows": [(step, [_png(im) for im in row])
+                                for step, row in self.validation_rows],
         }
         with self.writing():
             with atomic_dir(target) as tmp:
@@ -524,6 +530,8 @@ class Trainer:
         random.setstate(state["python_rng"])
         self.step, self.bad_in_row = state["step"], state["bad_in_row"]
         self.history = state["history"]
+        self.validation_rows = [(step, [_from_png(b) for b in row])
+                                for step, row in state.get("validation_rows", [])]
         self.resumed_from = folder
 
     # -- the loop ------------------------------------------------------------------------------
@@ -603,6 +611,25 @@ class Trainer:
             plt.close(fig)
         write_model_card(out, self.cfg, result, len(self.examples))
         return result
+
+
+def _png(image: Image.Image) -> bytes:
+    """A validation image as validation.png shows it (scaled to its cell), as PNG bytes."""
+    import io
+
+    from PIL import ImageOps
+
+    buffer = io.BytesIO()
+    ImageOps.contain(image.convert("RGB"), (VALIDATION_CELL, VALIDATION_CELL),
+                     Image.Resampling.LANCZOS).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _from_png(data: bytes) -> Image.Image:
+    import io
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
 
 
 def train_lora(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig | None = None,
