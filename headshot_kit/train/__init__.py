@@ -49,7 +49,7 @@ from ..images import image_grid
 from ..lora import BEST_DIR, add_lora, chosen_checkpoint, export_kohya, peft_state, save_lora
 from ..placement import training_placement
 from ..storage import atomic_dir, atomic_path
-from .card import usage_snippet, write_model_card
+from .card import lora_file_metadata, lora_file_name, usage_snippet, write_model_card
 from .checkpoints import RESUME_KEYS, check_resume, latest_checkpoint, list_checkpoints
 from .data import (TrainExample, dataset_subject, ensure_class_images, image_tensor,
                    load_dataset, mask_tensor, with_dataset_subject)
@@ -183,6 +183,7 @@ class Trainer:
             unet, optimizer, scheduler)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step, self.bad_in_row = 0, 0
+        self.started_at = time.time()  # for the LoRA file's metadata
         self.history: list[dict] = []
         self.validation_rows: list[tuple[int, list[Image.Image]]] = []
         self.resumed_from: Path | None = None
@@ -519,13 +520,19 @@ class Trainer:
         """The LoRA as it stands (diffusers and kohya files) and its config.json, in `folder`."""
         lora_path = save_lora(folder, self.cfg.family,
                               {name: getattr(self.pipe, name) for name in self._lora_modules()})
-        export_kohya(lora_path, self.cfg.rank, self.cfg.lora_alpha,
-                     single_text_encoder=len(self.family.text_encoders) == 1)
         token, class_name = dataset_subject(self.data_dir)
+        name = lora_file_name(self.cfg, token, self.data_dir,
+                              step=record["step"] if record["checkpoint"] == BEST_DIR else None)
+        ui = export_kohya(lora_path, self.cfg.family, output_name=name, rank=self.cfg.rank,
+                          alpha=self.cfg.lora_alpha, metadata=lora_file_metadata(
+                              self.cfg, output_name=name, subject=f"{token} {class_name}",
+                              n_images=len(self.examples), steps=record["step"],
+                              optimizer=self.optimizer_name, started_at=self.started_at,
+                              finished_at=time.time()))
         save_config(self.cfg, folder / "config.json", data_dir=str(self.data_dir),
                     token=token, class_name=class_name, optimizer_used=self.optimizer_name,
                     trainable_parameters=self.n_trainable, n_images=len(self.examples),
-                    **record)
+                    ui_weights=ui.name, **record)
         return lora_path
 
     def save(self, seconds: float = 0.0) -> TrainResult:
