@@ -197,14 +197,15 @@ def sai_unet_module(module: str, layers_per_block: int = LAYERS_PER_BLOCK) -> st
     return f"output_blocks.{block * (layers_per_block + 1) + index}.1.{rest}"
 
 
-def kohya_key(key: str, family: str = "sd15") -> str:
+def kohya_key(key: str, family: str = "sd15", layers_per_block: int = LAYERS_PER_BLOCK) -> str:
     """diffusers' (or peft's) LoRA key -> the kohya name of the same weight, as kohya's
     networks/lora.py names it for `family`.
 
     'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora.down.weight'
     -> 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight'
     (SD 1.5); for SDXL the UNet part takes the Stability AI block names and the text encoders
-    are 'lora_te1_' and 'lora_te2_'.
+    are 'lora_te1_' and 'lora_te2_'. `layers_per_block`: the UNet config's (2 for SD and
+    SDXL; the tiny models have 1).
     """
     match = _LORA_KEY.match(key)
     if not match:
@@ -214,7 +215,7 @@ def kohya_key(key: str, family: str = "sd15") -> str:
     prefix = KOHYA_PREFIX[owner]
     if owner == "unet":
         if family == "sdxl":
-            module = sai_unet_module(module)
+            module = sai_unet_module(module, layers_per_block)
     else:
         if not module.startswith("text_model."):
             module = "text_model." + module  # kohya follows transformers' CLIPTextModel paths
@@ -223,14 +224,15 @@ def kohya_key(key: str, family: str = "sd15") -> str:
     return f"{prefix}{module.replace('.', '_')}.lora_{kind}.weight"
 
 
-def kohya_state(state: Mapping[str, Any], family: str, alpha: float, dtype=None) -> dict:
+def kohya_state(state: Mapping[str, Any], family: str, alpha: float, dtype=None,
+                layers_per_block: int = LAYERS_PER_BLOCK) -> dict:
     """The kohya file's tensors for a LoRA in diffusers' (or peft's) names: every module's
     `lora_down`, `lora_up` and its `alpha`. Works on `meta` tensors (names and shapes only)."""
     import torch
 
     out = {}
     for key, value in state.items():
-        name = kohya_key(key, family)
+        name = kohya_key(key, family, layers_per_block)
         out[name] = value if dtype is None else value.to(dtype)
         out[name.split(".lora_")[0] + ".alpha"] = torch.tensor(float(alpha))
     return out

@@ -57,11 +57,13 @@ def add_lora(module, rank: int, alpha: int | None = None, dropout: float = 0.0,
 
 
 def peft_state(module) -> dict:
-    """The LoRA weights of `module` under peft's names, as fp32 CPU tensors."""
+    """The LoRA weights of `module` under peft's names, as fp32 CPU tensors (`meta` ones for a
+    module on `meta`)."""
     import torch
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", torch.float32).contiguous()
+    # On `meta` (the fit check, the format tests) names and shapes are all there is.
+    return {k: v.detach().to("meta" if v.is_meta else "cpu", torch.float32).contiguous()
             for k, v in get_peft_model_state_dict(module).items()}
 
 
@@ -120,12 +122,13 @@ def save_lora(folder: str | Path, family: str, modules: Mapping[str, object],
 
 
 def export_kohya(lora_path: Path, family: str, *, output_name: str, rank: int, alpha: float,
-                 metadata: Mapping[str, str]) -> Path:
+                 metadata: Mapping[str, str], layers_per_block: int = 2) -> Path:
     """The file a user drops into a UI's LoRA folder: the LoRA of `lora_path` under kohya's
     names (formats.kohya_key) with an `.alpha` per module, in fp16, as
     `<output_name>.safetensors` beside it, carrying kohya's and ModelSpec's metadata
     (formats.kohya_metadata) and its hashes. A1111/Forge, ComfyUI, InvokeAI, kohya's scripts
-    and diffusers' `load_lora_weights` load it.
+    and diffusers' `load_lora_weights` load it. `layers_per_block`: the UNet config's, which
+    places SDXL's blocks in the Stability AI layout.
 
     A file of ours there under another name (an earlier run's, or the old fixed name) is
     removed, so the folder holds one such file; nobody else's file is touched. The same
@@ -138,7 +141,8 @@ def export_kohya(lora_path: Path, family: str, *, output_name: str, rank: int, a
 
     folder = Path(lora_path).parent
     target = folder / f"{safe_name(output_name)}.safetensors"
-    tensors = kohya_state(load_file(str(lora_path)), family, alpha, dtype=torch.float16)
+    tensors = kohya_state(load_file(str(lora_path)), family, alpha, dtype=torch.float16,
+                          layers_per_block=layers_per_block)
     meta = with_hashes(tensors, {**metadata, "ss_network_dim": str(int(rank)),
                                  "ss_network_alpha": str(float(alpha))})
     with atomic_path(target, same=_same_export) as tmp:

@@ -170,7 +170,7 @@ def make_lora(pipe, folder: Path, seed: int = 0) -> Path:
     ui = export_kohya(weights, family, output_name=name, rank=4, alpha=4, metadata=kohya_metadata(
         family=family, output_name=name, title=name, trigger="ohwx person", rank=4, alpha=4,
         resolution=64, model=f"tiny-{family}", started_at=0.0, finished_at=0.0, settings={},
-        train_text_encoder=False))
+        train_text_encoder=False), layers_per_block=unet.config.layers_per_block)
     (folder / "config.json").write_text(json.dumps({"family": family, "model": f"tiny-{family}",
                                                     "ui_weights": ui.name}))
     return folder

@@ -528,7 +528,8 @@ class Trainer:
                               self.cfg, output_name=name, subject=f"{token} {class_name}",
                               n_images=len(self.examples), steps=record["step"],
                               optimizer=self.optimizer_name, started_at=self.started_at,
-                              finished_at=time.time()))
+                              finished_at=time.time()),
+                          layers_per_block=self.pipe.unet.config.layers_per_block)
         save_config(self.cfg, folder / "config.json", data_dir=str(self.data_dir),
                     token=token, class_name=class_name, optimizer_used=self.optimizer_name,
                     trainable_parameters=self.n_trainable, n_images=len(self.examples),
