@@ -10,6 +10,7 @@ the tiny models and on the full-size key sets.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -18,6 +19,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from PIL import PngImagePlugin
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -532,3 +534,182 @@ def test_sdxl_block_names_follow_the_original_layout():
         "sdxl") == "lora_unet_input_blocks_8_1_transformer_blocks_3_attn1_to_out_0.lora_down.weight"
     with pytest.raises(ValueError, match="attention blocks"):
         formats.sai_unet_module("down_blocks.0.resnets.0.conv1")
+
+
+# ---------------------------------------------------------------------------------------------
+# The PNG "parameters" text: A1111's paste, ADetailer's keys, Civitai's hashes
+
+# A1111's infotext grammar (modules/infotext_utils.py, parse_generation_parameters): the last
+# line holds "key: value" pairs, a value quoted (JSON) when it holds ',', ':' or '"'.
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+A1111_SIZE = re.compile(r"^(\d+)x(\d+)$")
+# Its extra-networks syntax in the prompt (modules/extra_networks.py).
+A1111_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+def a1111_parse(text: str) -> dict[str, str]:
+    """parse_generation_parameters, from its documented behaviour."""
+    *lines, last = text.strip().split("\n")
+    if len(A1111_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    found = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in A1111_PARAM.findall(last):
+        if value[:1] == '"' and value[-1:] == '"':
+            value = json.loads(value)
+        size = A1111_SIZE.match(value)
+        if size:
+            found[f"{key}-1"], found[f"{key}-2"] = size.groups()
+        else:
+            found[key] = value
+    return found
+
+
+# The infotext keys ADetailer 25 writes and reads back (adetailer/args.py, ALL_ARGS), and the
+# detectors it ships.
+ADETAILER_25_KEYS = {
+    "ADetailer model", "ADetailer model classes", "ADetailer prompt",
+    "ADetailer negative prompt", "ADetailer confidence", "ADetailer method to decide top k masks",
+    "ADetailer mask only top k", "ADetailer mask min ratio", "ADetailer mask max ratio",
+    "ADetailer x offset", "ADetailer y offset", "ADetailer dilate erode",
+    "ADetailer mask merge invert", "ADetailer mask blur", "ADetailer denoising strength",
+    "ADetailer inpaint only masked", "ADetailer inpaint padding",
+    "ADetailer use inpaint width height", "ADetailer inpaint width", "ADetailer inpaint height",
+    "ADetailer use separate steps", "ADetailer steps", "ADetailer use separate CFG scale",
+    "ADetailer CFG scale", "ADetailer use separate checkpoint", "ADetailer checkpoint",
+    "ADetailer use separate VAE", "ADetailer VAE", "ADetailer use separate sampler",
+    "ADetailer sampler", "ADetailer scheduler", "ADetailer use separate noise multiplier",
+    "ADetailer noise multiplier", "ADetailer restore face", "ADetailer ControlNet model",
+    "ADetailer ControlNet module", "ADetailer ControlNet weight",
+    "ADetailer ControlNet guidance start/end", "ADetailer version"}
+ADETAILER_FACE_MODELS = {"face_yolov8n.pt", "face_yolov8s.pt", "mediapipe_face_full",
+                         "mediapipe_face_short", "mediapipe_face_mesh"}
+
+
+def check_a1111_reads(text: str, lora_dir=None) -> dict[str, str]:
+    """What A1111, ADetailer and Civitai take from `text`; fails where they would not."""
+    found = a1111_parse(text)
+    assert re.fullmatch(r"[0-9a-f]{10}", found["Model hash"])
+    tags = [m.group(2).split(":") for m in A1111_EXTRA_NETWORK.finditer(found["Prompt"])
+            if m.group(1) == "lora"]
+    if lora_dir is not None:
+        from headshot_kit.lora import ui_weights
+
+        ui = ui_weights(lora_dir)
+        [(name, weight)] = tags
+        float(weight)
+        # A1111 finds the LoRA by name or by its alias (ss_output_name); on paste, by hash.
+        with safe_open(str(ui), "pt") as f:
+            assert f.metadata()["ss_output_name"] == name == ui.stem
+        pairs = [item.split(":") for item in found["Lora hashes"].split(",")]
+        assert [(a.strip(), h.strip()) for a, h in pairs] == [
+            (name, by_hand_data_sha256(ui)[:12])]
+    else:
+        assert not tags and "Lora hashes" not in found
+    adetailer = {k for k in found if k.startswith("ADetailer")}
+    if adetailer:
+        assert adetailer <= ADETAILER_25_KEYS, adetailer - ADETAILER_25_KEYS
+        assert found["ADetailer model"] in ADETAILER_FACE_MODELS
+        assert 0 <= float(found["ADetailer confidence"]) <= 1
+        assert 0 < float(found["ADetailer denoising strength"]) <= 1
+        assert found["ADetailer method to decide top k masks"] in ("Area", "Confidence")
+        for key in ("ADetailer mask only top k", "ADetailer dilate erode",
+                    "ADetailer mask blur", "ADetailer inpaint padding"):
+            int(found[key])
+        assert found["ADetailer inpaint only masked"] == "True"
+        assert found["ADetailer version"].startswith("25.")
+    return found
+
+
+@pytest.fixture(scope="module")
+def sd15_pipe():
+    from headshot_kit.models import load_pipeline
+
+    return load_pipeline("tiny-sd15")
+
+
+@pytest.fixture(scope="module")
+def sd15_lora(sd15_pipe, tmp_path_factory):
+    from conftest import make_lora
+
+    return make_lora(sd15_pipe, tmp_path_factory.mktemp("run") / "lora")
+
+
+def test_a1111_pastes_the_model_the_lora_and_the_face_pass(sd15_lora, tmp_path):
+    from headshot_kit import generate as gen
+    from headshot_kit.config import get_preset
+
+    cfg = dataclasses.replace(get_preset("tiny").generate, face_detail=True)
+    style = gen.Style("mine", "a photo of {subject}, with: commas")
+    for lora in (sd15_lora, None):
+        shot = gen.make_shot(cfg, style, 3, lora, lora_scale=0.75) if lora else gen.make_shot(
+            cfg, style, 3, None)
+        text = shot.parameters("1 face redrawn")
+        found = check_a1111_reads(text, lora)
+        assert found["Prompt"].startswith(shot.prompt) and found["Seed"] == "3"
+        assert (found["Size-1"], found["Size-2"]) == ("64", "64")
+        if lora:
+            assert found["Prompt"].endswith("<lora:ohwx-test0000:0.75>")
+        # The workbench's own detector and settings, under keys of its own.
+        assert found["Face detail detector"] == "dlib-hog"
+        assert float(found["Face detail padding"]) == cfg.face_detail_padding
+        gen.save_png(gen.Image.new("RGB", (8, 8)), tmp_path / "x.png", shot, "1 face redrawn")
+        params = gen.read_parameters(tmp_path / "x.png")
+        assert shot == gen.shot_from_row({**params, "style": "mine",
+                                          "family": "sd15"}, lora)
+
+
+OLD_PARAMETERS = (
+    "{prompt}\nNegative prompt: {negative}\nSteps: 3, Sampler: DPM++ 2M Karras, CFG scale: 7.0, "
+    "Seed: 1, Size: 64x64, Model: tiny-sd15, Lora: lora, Lora scale: 0.8, "
+    "ADetailer model: dlib-hog, ADetailer denoising strength: 0.4, "
+    "ADetailer mask only top k largest: 4, Face detail padding: 0.2, "
+    "Face detail feather: 0.12, Face detail: 1 face redrawn")
+
+
+def test_regenerate_still_reads_a_png_written_before(sd15_pipe, sd15_lora, tmp_path):
+    """A PNG whose chunk names the LoRA in "Lora"/"Lora scale" and the face pass under the
+    old ADetailer key (as generate wrote them before) renders its image again."""
+    from headshot_kit import generate as gen
+    from headshot_kit.config import get_preset
+
+    cfg = dataclasses.replace(get_preset("tiny").generate, steps=3, face_detail=True,
+                              face_detail_padding=0.2, lora_scale=0.8)
+    shot = gen.make_shot(cfg, gen.load_styles()["corporate"], 1, sd15_lora)
+    image = gen.render(shot, sd15_pipe)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", OLD_PARAMETERS.format(prompt=shot.prompt,
+                                                      negative=shot.negative_prompt))
+    image.save(tmp_path / "old.png", pnginfo=info)
+    params = gen.read_parameters(tmp_path / "old.png")
+    assert (params["lora"], params["lora_scale"]) == ("lora", 0.8)
+    assert (params["face_detail_strength"], params["face_detail_padding"]) == (0.4, 0.2)
+    again = gen.regenerate(params, sd15_lora, pipe=sd15_pipe)
+    assert np.array_equal(np.asarray(again), np.asarray(image))
+
+
+def test_a_trained_loras_headshots_carry_what_a1111_civitai_and_adetailer_read(
+        prepared_dataset, sd15_pipe, tmp_path):
+    """The demo's path in short (train the tiny LoRA, render with the face pass): every PNG
+    carries the model's hash, the LoRA's tag and hash (its UI file's), ADetailer 25's keys."""
+    from headshot_kit import generate as gen
+    from headshot_kit.config import get_preset
+    from headshot_kit.train import train_lora
+
+    preset = get_preset("tiny")
+    train_lora(prepared_dataset, tmp_path / "lora", dataclasses.replace(
+        preset.train, steps=2, validate_every=0, checkpoint_every=0), progress=False)
+    cfg = dataclasses.replace(preset.generate, face_detail=True, styles=["corporate"],
+                              seeds=[0])
+    pack = gen.generate_pack(tmp_path / "lora", tmp_path / "pack", cfg, pipe=sd15_pipe,
+                             progress=False)
+    text = gen.Image.open(pack.out_dir / pack.manifest.loc[0, "file"]).info["parameters"]
+    found = check_a1111_reads(text, tmp_path / "lora")
+    assert found["Model hash"] == formats.model_short_hash("tiny-sd15")
+    assert "ADetailer denoising strength" in found and "<lora:ohwx-" in found["Prompt"]
