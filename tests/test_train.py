@@ -68,6 +68,9 @@ def test_run_writes_lora_records_and_model_card(trained):
     assert result.metrics["loss"].notna().all()
     card = (result.out_dir / "README.md").read_text()
     assert "tiny-sd15" in card and "rank 4" in card
+    # The card says which file goes where.
+    assert f"copy `{ui.name}` into the UI's" in card and f"<lora:{ui.stem}:1>" in card
+    assert f"**For diffusers** `{LORA_WEIGHTS}`" in card
     assert json.loads((result.out_dir / "config.json").read_text())["optimizer_used"]
 
 

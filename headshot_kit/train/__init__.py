@@ -2,8 +2,9 @@
 
 Reads the prepare stage's folder (`metadata.jsonl` + images), trains a peft LoRA on the UNet's
 attention projections (and optionally the text encoders), and writes a diffusers-format
-`pytorch_lora_weights.safetensors`, a kohya/A1111/ComfyUI copy, `config.json`, `metrics.csv`,
-the loss curve, validation grids and a model card. accelerate handles device and precision;
+`pytorch_lora_weights.safetensors`, the file UIs load (`<token>-<run>.safetensors`, kohya's
+names and metadata), `config.json`, `metrics.csv`, the loss curve, validation grids and a
+model card. accelerate handles device and precision;
 bitsandbytes' 8-bit AdamW keeps the optimizer state at one byte per value.
 
 Each failure Colab users keep reporting has its fix built in:

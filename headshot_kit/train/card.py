@@ -133,7 +133,7 @@ def _which_file(out: Path, result: TrainResult) -> str:
     return (f"**For A1111/Forge, ComfyUI, InvokeAI or Civitai** copy `{where}` into the UI's "
             f"LoRA folder (`models/Lora/`, `models/loras/`) and write `<lora:{ui.stem}:1>` in "
             f"the prompt (A1111/Forge) or pick it in a LoRA loader node (ComfyUI). It holds "
-            f"the weights under kohya's names with kohya's and ModelSpec's metadata.\n"
+            f"the weights under kohya's names with kohya's and ModelSpec's metadata.\n\n"
             f"**For diffusers** `{LORA_WEIGHTS}` (what `load_lora_weights` reads, as above) "
             "stays beside it.")
 
