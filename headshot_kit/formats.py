@@ -286,7 +286,9 @@ def kohya_metadata(*, family: str, output_name: str, title: str, trigger: str, r
         "ss_clip_skip": "None" if sdxl else "1",
         "ss_max_token_length": "None",
         "ss_v_parameterization": "False",
-        "ss_tag_frequency": json.dumps({"img": {trigger: 1}}),
+        # Every caption holds the trigger words (kohya counts tags per image folder).
+        "ss_tag_frequency": json.dumps(
+            {"img": {trigger: int(settings.get("num_train_images", 1))}}),
     }
     meta.update({f"ss_{k}": str(v) for k, v in settings.items()})
     meta.update({

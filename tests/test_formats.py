@@ -713,3 +713,45 @@ def test_a_trained_loras_headshots_carry_what_a1111_civitai_and_adetailer_read(
     found = check_a1111_reads(text, tmp_path / "lora")
     assert found["Model hash"] == formats.model_short_hash("tiny-sd15")
     assert "ADetailer denoising strength" in found and "<lora:ohwx-" in found["Prompt"]
+
+
+def test_a_new_run_replaces_only_its_own_ui_file(sd15_pipe, tmp_path):
+    """Saving under a new name (another run in the same folder) removes the workbench's
+    earlier UI file, and the one it wrote under its old fixed name, never anyone else's."""
+    from conftest import make_lora
+
+    from headshot_kit.lora import LEGACY_KOHYA_WEIGHTS, LORA_WEIGHTS, export_kohya, ui_weights
+
+    folder = make_lora(sd15_pipe, tmp_path / "lora")
+    first = ui_weights(folder)
+    (folder / LEGACY_KOHYA_WEIGHTS).write_bytes(first.read_bytes())
+    theirs = folder / "someone-else.safetensors"
+    save_file({"x.lora_down.weight": torch.ones(1, 1)}, str(theirs),
+              metadata={"ss_output_name": "someone-else"})
+    second = export_kohya(folder / LORA_WEIGHTS, "sd15", output_name="ohwx-other", rank=4,
+                          alpha=4, metadata=formats.kohya_metadata(
+                              family="sd15", output_name="ohwx-other", title="t", trigger="ohwx",
+                              rank=4, alpha=4, resolution=64, model="tiny-sd15",
+                              started_at=0.0, finished_at=0.0, settings={},
+                              train_text_encoder=False), layers_per_block=1)
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == sorted(
+        [LORA_WEIGHTS, second.name, theirs.name])
+
+
+def test_two_datasets_never_share_a_lora_name_and_a_resumed_run_keeps_it(tmp_path):
+    from headshot_kit.config import TrainConfig
+    from headshot_kit.train.card import lora_file_name
+
+    names = []
+    for person in ("alice", "bob"):
+        data = tmp_path / person
+        data.mkdir()
+        (data / "metadata.jsonl").write_text(json.dumps({"file_name": f"{person}.png",
+                                                         "text": "a photo of ohwx person"}))
+        names.append(lora_file_name(TrainConfig(), "ohwx", data))
+    assert names[0] != names[1] and all(re.fullmatch(r"ohwx-[0-9a-f]{8}", n) for n in names)
+    # More steps (a resumed run) keep the name; another rank is another run.
+    assert lora_file_name(TrainConfig(steps=1600), "ohwx", tmp_path / "alice") == names[0]
+    assert lora_file_name(TrainConfig(rank=8), "ohwx", tmp_path / "alice") != names[0]
+    assert lora_file_name(TrainConfig(), "ohwx", tmp_path / "alice", step=300) == (
+        f"{names[0]}-step300")
