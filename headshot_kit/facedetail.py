@@ -34,11 +34,24 @@ MAX_FACES = 4
 # Upsampling passes of the detector: generated faces are smaller than selfie faces.
 DETECT_UPSAMPLE = 1
 
-# The PNG "parameters" keys: A1111 ADetailer's infotext names where ours mean the same
-# (adetailer/args.py in Bing-su/adetailer); our own where its value is in other units (its
-# inpaint padding and mask blur are pixels, ours fractions of the face and of the crop).
+# The PNG "parameters" keys. ADetailer's, as ADetailer 25 writes and reads them
+# (adetailer/args.py in Bing-su/adetailer; "mask only top k" and "method to decide top k masks"
+# since 24.11), with the values that reproduce the pass in A1111/Forge: its face detector, its
+# defaults where our pass has no setting in its units (its inpaint padding and mask blur are
+# pixels, ours fractions of the face and of the crop), our strength and face count. Ours, under
+# keys of their own, hold what renders the image again exactly here: the detector that found
+# the faces, the padding and feather, and what the pass did.
 STRENGTH_KEY = "ADetailer denoising strength"
+# The ADetailer detector a user would pick for a face pass (ADetailer's default model).
+ADETAILER_MODEL = "face_yolov8n.pt"
+# The ADetailer release whose infotext keys these are.
+ADETAILER_VERSION = "25.3.0"
+ADETAILER_DEFAULTS = {"ADetailer confidence": "0.3", "ADetailer dilate erode": "4",
+                      "ADetailer mask blur": "4", "ADetailer inpaint only masked": "True",
+                      "ADetailer inpaint padding": "32"}
+DETECTOR_KEY = "Face detail detector"
 PADDING_KEY = "Face detail padding"
+FEATHER_KEY = "Face detail feather"
 NOTE_KEY = "Face detail"
 
 
@@ -127,12 +140,14 @@ def detail_faces(image: Image.Image, img2img, prompt: str, *, seed: int, resolut
 
 def detail_parameters(strength: float, padding: float, note: str) -> dict[str, str]:
     """The pass's settings and note for the PNG "parameters" chunk; none when it is off (as
-    A1111 writes no ADetailer keys then)."""
+    ADetailer writes no keys then)."""
     if not strength:
         return {}
-    return {"ADetailer model": DETECTOR_NAME, STRENGTH_KEY: f"{strength:g}",
-            "ADetailer mask only top k largest": str(MAX_FACES),
-            PADDING_KEY: f"{padding:g}", "Face detail feather": f"{FEATHER:g}", NOTE_KEY: note}
+    return {"ADetailer model": ADETAILER_MODEL, **ADETAILER_DEFAULTS,
+            "ADetailer method to decide top k masks": "Area",
+            "ADetailer mask only top k": str(MAX_FACES), STRENGTH_KEY: f"{strength:g}",
+            "ADetailer version": ADETAILER_VERSION, DETECTOR_KEY: DETECTOR_NAME,
+            PADDING_KEY: f"{padding:g}", FEATHER_KEY: f"{FEATHER:g}", NOTE_KEY: note}
 
 
 def read_detail_parameters(params: Mapping[str, str],

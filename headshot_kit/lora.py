@@ -3,8 +3,9 @@
 One way to attach a LoRA (`add_lora`), used by the train stage, the fit check (on `meta`
 tensors) and the tests; one file name (`LORA_WEIGHTS`) that the train stage writes and the
 generate stage and the work folder look for. The weights are saved in diffusers' format, which
-`load_lora_weights` reads, and copied under kohya's names for A1111, ComfyUI and kohya's
-scripts.
+`load_lora_weights` reads, and copied into one file named after the subject and run, under
+kohya's names and with kohya's metadata (formats.py), for A1111/Forge, ComfyUI, InvokeAI and
+kohya's scripts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from .config import ConfigError, DataError
 from .storage import atomic_path, same_safetensors
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
+# The name the UI file had before it was named after the subject and run.
+LEGACY_KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
 # The sub-folder where training keeps the LoRA of the checkpoint chosen by likeness.
 BEST_DIR = "best"
 # The UNet attention projections: what diffusers' DreamBooth LoRA script adapts.
@@ -59,11 +61,13 @@ def add_lora(module, rank: int, alpha: int | None = None, dropout: float = 0.0,
 
 
 def peft_state(module) -> dict:
-    """The LoRA weights of `module` under peft's names, as fp32 CPU tensors."""
+    """The LoRA weights of `module` under peft's names, as fp32 CPU tensors (`meta` ones for a
+    module on `meta`)."""
     import torch
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", torch.float32).contiguous()
+    # On `meta` (the fit check, the format tests) names and shapes are all there is.
+    return {k: v.detach().to("meta" if v.is_meta else "cpu", torch.float32).contiguous()
             for k, v in get_peft_model_state_dict(module).items()}
 
 
@@ -121,50 +125,35 @@ def save_lora(folder: str | Path, family: str, modules: Mapping[str, object],
     return folder / name
 
 
-_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-# diffusers writes 'module.lora.down.weight' (UNet) and 'module.lora_linear_layer.down.weight'
-# (text encoders); peft writes 'module.lora_A.weight'.
-_LORA_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+?)\."
-                       r"(?:(?:lora|lora_linear_layer)\.(down|up)|lora_(A|B))\.weight$")
+def export_kohya(lora_path: Path, family: str, *, output_name: str, rank: int, alpha: float,
+                 metadata: Mapping[str, str], layers_per_block: int = 2) -> Path:
+    """The file a user drops into a UI's LoRA folder: the LoRA of `lora_path` under kohya's
+    names (formats.kohya_key) with an `.alpha` per module, in fp16, as
+    `<output_name>.safetensors` beside it, carrying kohya's and ModelSpec's metadata
+    (formats.kohya_metadata) and its hashes. A1111/Forge, ComfyUI, InvokeAI, kohya's scripts
+    and diffusers' `load_lora_weights` load it. `layers_per_block`: the UNet config's, which
+    places SDXL's blocks in the Stability AI layout.
 
-
-def kohya_key(key: str) -> str:
-    """diffusers' LoRA key -> the kohya/A1111/ComfyUI name of the same weight.
-
-    'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora.down.weight'
-    -> 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight'
+    A file of ours there under another name (an earlier run's, or the old fixed name) is
+    removed, so the folder holds one such file; nobody else's file is touched. The same
+    weights saved again leave the file as it was, whatever the moment of saving.
     """
-    match = _LORA_KEY.match(key)
-    if not match:
-        raise ValueError(f"Unexpected LoRA key {key!r}: not a diffusers or peft LoRA weight.")
-    owner, module, updown, peft_ab = match.groups()
-    kind = updown or {"A": "down", "B": "up"}[peft_ab]
-    if owner != "unet" and not module.startswith("text_model."):
-        module = "text_model." + module  # kohya names follow transformers' CLIPTextModel paths
-    return f"{_KOHYA_PREFIX[owner]}{module.replace('.', '_')}.lora_{kind}.weight"
-
-
-def export_kohya(lora_path: Path, rank: int, alpha: float,
-                 single_text_encoder: bool = True) -> Path:
-    """A copy of the LoRA with kohya key names and an `.alpha` per module, which A1111,
-    ComfyUI and kohya's scripts load; its metadata names the rank (ss_network_dim) and alpha
-    (ss_network_alpha) as kohya's own files do. `single_text_encoder`: the family has one
-    text encoder, which kohya calls plain "lora_te_" (SD 1.5)."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    state = load_file(str(lora_path))
-    out = {}
-    for key, value in state.items():
-        name = kohya_key(key)
-        if single_text_encoder:
-            name = name.replace("lora_te1_", "lora_te_")
-        out[name] = value.to(torch.float16)
-        out[name.split(".lora_")[0] + ".alpha"] = torch.tensor(float(alpha))
-    target = lora_path.with_name(KOHYA_WEIGHTS)
-    with atomic_path(target, same=same_safetensors) as tmp:
-        save_file(out, str(tmp), metadata={"ss_network_dim": str(int(rank)),
-                                           "ss_network_alpha": str(alpha)})
+    from .formats import kohya_state, safe_name, with_hashes
+
+    folder = Path(lora_path).parent
+    target = folder / f"{safe_name(output_name)}.safetensors"
+    tensors = kohya_state(load_file(str(lora_path)), family, alpha, dtype=torch.float16,
+                          layers_per_block=layers_per_block)
+    meta = with_hashes(tensors, {**metadata, "ss_network_dim": str(int(rank)),
+                                 "ss_network_alpha": str(float(alpha))})
+    with atomic_path(target, same=_same_export) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    for old in our_exports(folder):
+        if old != target:
+            old.unlink()
     return target
 
 
@@ -233,6 +222,63 @@ def check_lora_loaded(pipe, adapter: str, path: Path) -> None:
                             "this base model.")
 
 
+def _same_export(new: Path, old: Path) -> bool:
+    """Same tensors and same metadata but for the moment of saving."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .formats import VOLATILE_METADATA
+
+    def settled(path):
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return {k: v for k, v in meta.items() if k not in VOLATILE_METADATA}
+
+    if settled(new) != settled(old):
+        return False
+    a, b = load_file(str(new)), load_file(str(old))
+    return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def our_exports(folder: str | Path) -> list[Path]:
+    """The UI files this workbench wrote in `folder` (their metadata says so), and a file under
+    the name it used before; never the diffusers file."""
+    from safetensors import safe_open
+
+    from .formats import TRAINING_COMMENT
+
+    found = []
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        if path.name == LORA_WEIGHTS:
+            continue
+        if path.name == LEGACY_KOHYA_WEIGHTS:
+            found.append(path)
+            continue
+        try:
+            with safe_open(str(path), "pt") as f:
+                comment = (f.metadata() or {}).get("ss_training_comment", "")
+        except Exception:  # not a safetensors file we can read: not ours
+            continue
+        if comment.startswith(TRAINING_COMMENT):
+            found.append(path)
+    return found
+
+
+def ui_weights(lora_dir: str | Path) -> Path | None:
+    """The file of a LoRA folder that UIs load (see `export_kohya`), or None where there is
+    none (a LoRA from elsewhere, or one written before the workbench wrote it)."""
+    recorded = _recorded(lora_dir).get("ui_weights")
+    path = Path(lora_dir) / recorded if recorded else None
+    return path if path is not None and path.is_file() else None
+
+
+def _recorded(folder: str | Path) -> dict:
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def lora_weights(lora_dir: str | Path) -> Path:
     """The weights file of a trained LoRA folder; a clear error if it is not one."""
     path = Path(lora_dir) / LORA_WEIGHTS
@@ -255,8 +301,5 @@ def chosen_checkpoint(folder: str | Path) -> dict:
     """The record training wrote into `folder` when it is the checkpoint chosen by likeness
     (a LoRA's best/): its step, likeness and the network that chose it (chosen_by); {} for
     any other folder."""
-    try:
-        record = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    record = _recorded(folder)
     return record if record.get("checkpoint") == BEST_DIR and record.get("chosen_by") else {}

@@ -151,7 +151,8 @@ def make_lora(pipe, folder: Path, seed: int = 0) -> Path:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from headshot_kit.lora import add_lora, save_lora
+    from headshot_kit.formats import kohya_metadata
+    from headshot_kit.lora import add_lora, export_kohya, save_lora
 
     # A copy, so the shared pipeline's UNet stays free of adapters.
     unet = copy.deepcopy(pipe.unet)
@@ -163,9 +164,15 @@ def make_lora(pipe, folder: Path, seed: int = 0) -> Path:
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
     family = "sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd15"
-    save_lora(folder, family, {"unet": unet})
-    (folder / "config.json").write_text(json.dumps({"family": family,
-                                                    "model": f"tiny-{family}"}))
+    weights = save_lora(folder, family, {"unet": unet})
+    # The file UIs load, as the train stage writes it beside the diffusers file.
+    name = f"ohwx-test{seed:04d}"
+    ui = export_kohya(weights, family, output_name=name, rank=4, alpha=4, metadata=kohya_metadata(
+        family=family, output_name=name, title=name, trigger="ohwx person", rank=4, alpha=4,
+        resolution=64, model=f"tiny-{family}", started_at=0.0, finished_at=0.0, settings={},
+        train_text_encoder=False), layers_per_block=unet.config.layers_per_block)
+    (folder / "config.json").write_text(json.dumps({"family": family, "model": f"tiny-{family}",
+                                                    "ui_weights": ui.name}))
     return folder
 
 

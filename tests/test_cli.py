@@ -252,7 +252,7 @@ def test_generate_command_renders_the_chosen_styles_and_seeds(headshots):
     assert list(manifest["file"]) == [f"images/{style}_seed{seed}.png" for style in (
         "corporate", "executive") for seed in (0, 1, 2)]
     assert set(manifest["steps"]) == {2} and set(manifest["model"]) == {"tiny-sd15"}
-    assert set(manifest["lora"]) == {"lora"}
+    assert set(manifest["lora"]) == {"ohwx-test0000"}  # the name of its UI file
     assert all(Image.open(headshots / f).size == (64, 64) for f in manifest["file"])
     assert (headshots / "grid.png").is_file() and (headshots / "config.json").is_file()
 

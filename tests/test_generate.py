@@ -54,7 +54,7 @@ def test_pack_writes_images_manifest_grid_and_config(pack, cfg, lora_dir):
     assert list(manifest["file"]) == ["images/corporate_seed0.png", "images/corporate_seed1.png",
                                       "images/executive_seed0.png", "images/executive_seed1.png"]
     assert not manifest["starred"].any()
-    assert set(manifest["lora"]) == {"lora"} and set(manifest["steps"]) == {3}
+    assert set(manifest["lora"]) == {"ohwx-test0000"} and set(manifest["steps"]) == {3}
     assert manifest.loc[0, "prompt"].startswith("corporate headshot of ohwx person")
     for file, image in zip(manifest["file"], pack.images):
         assert (pixels(gen.Image.open(out / file)) == pixels(image)).all()
@@ -84,13 +84,40 @@ def test_a_narrow_grids_title_wraps_instead_of_running_off(pipe, lora_dir, cfg, 
     assert text_overflows(gen.Image.open(pack.out_dir / "grid.png"), 1) == []
 
 
-def test_png_parameters_round_trip(pack):
+def tiny_model_hash() -> str:
+    """The tiny model's "Model hash", by hand: it has no single checkpoint file, so the sha256
+    over its weight files (path, then the file's own sha256, in path order)."""
+    import hashlib
+
+    from headshot_kit.models import ensure_tiny_model
+
+    folder = ensure_tiny_model("tiny-sd15")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin")):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(hashlib.sha256(path.read_bytes()).hexdigest().encode())
+    return digest.hexdigest()[:10]
+
+
+def lora_file_hash(lora_dir) -> str:
+    """A1111's hash of the LoRA's UI file, by hand: sha256 of what follows the 8-byte header
+    length and the header, 12 hex digits."""
+    import hashlib
+
+    data = (lora_dir / "ohwx-test0000.safetensors").read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+
+
+def test_png_parameters_round_trip(pack, lora_dir):
     row = pack.manifest.iloc[3]
     text = gen.Image.open(pack.out_dir / row["file"]).info["parameters"]
     prompt, negative, line = text.split("\n")
-    assert prompt == row["prompt"] and negative == f"Negative prompt: {row['negative_prompt']}"
+    # The LoRA as A1111 names it in a prompt: its UI file's name and the scale.
+    assert prompt == f"{row['prompt']} <lora:ohwx-test0000:1.0>"
+    assert negative == f"Negative prompt: {row['negative_prompt']}"
     assert line == ("Steps: 3, Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 1, Size: 64x64, "
-                    "Model: tiny-sd15, Lora: lora, Lora scale: 1.0")
+                    f"Model hash: {tiny_model_hash()}, Model: tiny-sd15, "
+                    f'Lora hashes: "ohwx-test0000: {lora_file_hash(lora_dir)}"')
     params = gen.read_parameters(pack.out_dir / row["file"])
     assert params == {k: row[k] for k in params}
     assert params["seed"] == 1 and params["scheduler"] == "dpmpp-karras"
@@ -139,7 +166,7 @@ def test_lora_changes_the_image_and_scale_zero_is_the_base_model(pack, pipe, lor
     base = gen.generate_pack(None, tmp_path / "base", cfg, pipe=pipe, progress=False)
     assert set(base.manifest["lora"]) == {""}
     text = gen.Image.open(base.out_dir / "images/corporate_seed0.png").info["parameters"]
-    assert "Lora" not in text and text.endswith("Model: tiny-sd15")
+    assert "Lora" not in text and "<lora:" not in text and text.endswith("Model: tiny-sd15")
     params = gen.read_parameters(base.out_dir / "images/corporate_seed0.png")
     assert params == {k: base.manifest.loc[0, k] for k in params}
     for with_lora, without in zip(pack.images, base.images):
@@ -260,7 +287,7 @@ def test_compare_grid_lays_out_the_chosen_axes(pipe, lora_dir, cfg):
                             ["ddim", "euler-a", "dpmpp-karras"], cfg)
     assert plan.col_labels == ["LoRA scale 0", "LoRA scale 1"]
     assert plan.row_labels == ["DDIM", "Euler a", "DPM++ 2M Karras"]
-    assert plan.title == "corporate, seed 0, 3 steps, CFG 7, LoRA lora"
+    assert plan.title == "corporate, seed 0, 3 steps, CFG 7, LoRA ohwx-test0000"
     assert [(s.scheduler, s.lora_scale) for s in plan.shots[:3]] == [
         ("ddim", 0.0), ("ddim", 1.0), ("euler-a", 0.0)]
     grid = gen.render_plan(plan, pipe, progress=False)
@@ -451,9 +478,14 @@ def test_the_face_detail_pass_reaches_the_manifest_the_png_and_regenerate(
     png = pack.out_dir / row["file"]
     assert (pixels(gen.Image.open(png)) == pixels(pack.images[1])).all()
     line = gen.Image.open(png).info["parameters"].split("\n")[-1]
-    assert line.endswith("Lora: lora, Lora scale: 1.0, ADetailer model: dlib-hog, "
-                         "ADetailer denoising strength: 0.4, ADetailer mask only top k largest: "
-                         "4, Face detail padding: 0.35, Face detail feather: 0.12, "
+    # ADetailer 25's keys with the detector a user would pick to repeat the pass, and ours.
+    assert line.endswith("ADetailer model: face_yolov8n.pt, ADetailer confidence: 0.3, "
+                         "ADetailer dilate erode: 4, ADetailer mask blur: 4, "
+                         "ADetailer inpaint only masked: True, ADetailer inpaint padding: 32, "
+                         "ADetailer method to decide top k masks: Area, "
+                         "ADetailer mask only top k: 4, ADetailer denoising strength: 0.4, "
+                         "ADetailer version: 25.3.0, Face detail detector: dlib-hog, "
+                         "Face detail padding: 0.35, Face detail feather: 0.12, "
                          "Face detail: 1 face redrawn")
     params = gen.read_parameters(png)
     assert params == {k: row[k] for k in params}

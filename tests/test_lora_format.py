@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from headshot_kit import models
 from headshot_kit.config import get_preset
 from headshot_kit.families import tokenize
-from headshot_kit.lora import KOHYA_WEIGHTS
+from headshot_kit.lora import ui_weights
 from headshot_kit.train import Trainer
 
 PROMPT = "a photo of ohwx person"
@@ -44,7 +44,7 @@ def test_text_encoder_keys_carry_the_text_model_level(trained):
     assert keys
     # transformers 4's CLIPTextModel path; diffusers strips it where transformers 5 has none.
     assert all(k.startswith("text_encoder.text_model.encoder.layers.") for k in keys), keys[:3]
-    kohya = load_file(str(result.out_dir / KOHYA_WEIGHTS))
+    kohya = load_file(str(ui_weights(result.out_dir)))
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in kohya
     assert not [k for k in kohya if "text_model_text_model" in k]
 

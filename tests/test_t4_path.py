@@ -21,7 +21,7 @@ from safetensors import safe_open
 from headshot_kit import fitcheck, models
 from headshot_kit.config import (PRODIGY_LR, PRODIGY_WEIGHT_DECAY, ConfigError, TrainConfig,
                                  get_preset, validate_train, with_optimizer_defaults)
-from headshot_kit.lora import KOHYA_WEIGHTS, peft_state
+from headshot_kit.lora import peft_state, ui_weights
 from headshot_kit.train import Trainer, train_lora, usage_snippet
 
 
@@ -263,7 +263,7 @@ def test_model_card_loads_the_fp16_files_onto_the_gpu(preset):
 def test_kohya_metadata_names_rank_and_alpha(prepared_dataset, tmp_path):
     result = Trainer(prepared_dataset, tmp_path, tiny(steps=1, rank=2, alpha=8),
                      progress=False).run()
-    with safe_open(str(result.out_dir / KOHYA_WEIGHTS), "pt") as f:
+    with safe_open(str(ui_weights(result.out_dir)), "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_dim"] == "2" and float(meta["ss_network_alpha"]) == 8
 

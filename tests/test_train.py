@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from headshot_kit import models
 from headshot_kit.config import ConfigError, get_preset
-from headshot_kit.lora import KOHYA_WEIGHTS, LORA_WEIGHTS, peft_state
+from headshot_kit.lora import LORA_WEIGHTS, peft_state, ui_weights
 from headshot_kit.train import (Trainer, TrainingDiverged, latest_checkpoint, load_dataset,
                                 optimizer_state_dtypes, train_lora)
 from headshot_kit.train.checkpoints import load_state
@@ -69,12 +69,19 @@ def test_loss_on_a_fixed_batch_falls(trained):
 
 def test_run_writes_lora_records_and_model_card(trained):
     _, result, _, _ = trained
-    for name in (LORA_WEIGHTS, KOHYA_WEIGHTS, "config.json", "metrics.csv", "loss.png",
-                 "README.md"):
+    for name in (LORA_WEIGHTS, "config.json", "metrics.csv", "loss.png", "README.md"):
         assert (result.out_dir / name).is_file(), name
+    # One file for the UIs, named after the subject's token and the run.
+    ui = ui_weights(result.out_dir)
+    assert ui is not None and ui.name.startswith("ohwx-") and ui.suffix == ".safetensors"
+    assert sorted(p.name for p in result.out_dir.glob("*.safetensors")) == sorted(
+        [LORA_WEIGHTS, ui.name])
     assert result.metrics["loss"].notna().all()
     card = (result.out_dir / "README.md").read_text()
     assert "tiny-sd15" in card and "rank 4" in card
+    # The card says which file goes where.
+    assert f"copy `{ui.name}` into the UI's" in card and f"<lora:{ui.stem}:1>" in card
+    assert f"**For diffusers** `{LORA_WEIGHTS}`" in card
     assert json.loads((result.out_dir / "config.json").read_text())["optimizer_used"]
 
 
@@ -110,7 +117,7 @@ def test_saved_lora_loads_in_diffusers_and_matches_memory(trained):
 
 def test_kohya_export_has_kohya_names(trained):
     result = trained[1]
-    kohya = load_file(str(result.out_dir / KOHYA_WEIGHTS))
+    kohya = load_file(str(ui_weights(result.out_dir)))
     diffusers_keys = load_file(str(result.lora_path))
     assert ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
             ".lora_down.weight") in kohya
@@ -344,7 +351,7 @@ def test_tiny_sdxl_trains_and_its_saved_lora_matches_memory(prepared_dataset, tm
     assert any(k.startswith("text_encoder.") for k in keys)
     assert any(k.startswith("text_encoder_2.") for k in keys)
     assert_reloads_as_in_memory(trainer, result)
-    kohya = load_file(str(result.out_dir / KOHYA_WEIGHTS))
+    kohya = load_file(str(ui_weights(result.out_dir)))
     assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in kohya)
 
 
@@ -502,7 +509,7 @@ def test_rerunning_a_finished_run_leaves_its_weight_files_byte_for_byte(prepared
 
     cfg = tiny(steps=3, validate_every=0)
     first = train_lora(prepared_dataset, tmp_path, cfg, progress=False)
-    files = [first.lora_path, first.out_dir / KOHYA_WEIGHTS]
+    files = [first.lora_path, ui_weights(first.out_dir)]
     before = [f.read_bytes() for f in files]
     digest = weights_digest(tmp_path)
     for _ in range(2):  # two tries: a header order can repeat by chance

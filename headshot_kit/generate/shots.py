@@ -2,7 +2,9 @@
 
 The noise of every image comes from a CPU `torch.Generator` seeded for that image alone, so
 the same Shot gives the same picture on the same device, batched or not; each PNG carries its
-Shot in the AUTOMATIC1111 "parameters" text chunk, which `read_parameters` reads back. A Shot
+Shot in the AUTOMATIC1111 "parameters" text chunk (with the hashes and keys A1111/Forge,
+ADetailer and Civitai read: formats.py), which `read_parameters` reads back, also from PNGs
+written before those were added. A Shot
 with a face-detail strength is rendered in two steps: the first render, then the face pass
 (facedetail.py) with the same prompt, seed, guidance, sampler and LoRA.
 """
@@ -27,8 +29,9 @@ from ..config import (DEFAULT_CLASS, DEFAULT_TOKEN, MAX_SIDE, MAX_STEPS, ConfigE
 from ..facedetail import (FaceDetailResult, detail_faces, detail_parameters, image_to_image,
                           read_detail_parameters)
 from ..families import get_family
+from ..formats import lora_short_hash, lora_tag, model_short_hash, split_lora_tags
 from ..lora import (LORA_WEIGHTS, LoraFileError, check_lora_file, check_lora_loaded,
-                    lora_weights, pick_checkpoint)
+                    lora_weights, pick_checkpoint, ui_weights)
 from ..storage import atomic_path, read_record
 from .styles import Style
 
@@ -86,20 +89,35 @@ class Shot:
 
     @property
     def lora(self) -> str:
-        return Path(self.lora_dir).name if self.lora_dir else ""
+        """The LoRA's name: its UI file's (what `<lora:NAME:1>` names in A1111), else its
+        folder's."""
+        if not self.lora_dir:
+            return ""
+        ui = ui_weights(self.lora_dir)
+        return ui.stem if ui is not None else Path(self.lora_dir).name
 
     def parameters(self, face_detail_note: str = "") -> str:
-        """The settings as AUTOMATIC1111 writes them, so other tools can read them too, with
-        what the face-detail pass did."""
+        """The settings as AUTOMATIC1111 writes them, so that A1111/Forge accept them on paste
+        and Civitai links the model and LoRA: the checkpoint's hash, the LoRA as a
+        `<lora:NAME:WEIGHT>` tag in the prompt with its hash, the face pass under ADetailer's
+        keys; with what the face-detail pass did."""
         fields = {"Steps": self.steps, "Sampler": SAMPLERS[self.scheduler].a1111,
                   "CFG scale": self.guidance, "Seed": self.seed,
-                  "Size": f"{self.width}x{self.height}", "Model": self.model}
+                  "Size": f"{self.width}x{self.height}"}
+        model_hash = model_short_hash(self.model)
+        if model_hash:
+            fields["Model hash"] = model_hash
+        fields["Model"] = self.model
+        prompt = self.prompt
         if self.lora_dir:
-            fields.update({"Lora": self.lora, "Lora scale": self.lora_scale})
+            prompt = f"{prompt} {lora_tag(self.lora, self.lora_scale)}"
+            ui = ui_weights(self.lora_dir)
+            if ui is not None:
+                fields["Lora hashes"] = f"{self.lora}: {lora_short_hash(ui)}"
         fields.update(detail_parameters(self.face_detail_strength, self.face_detail_padding,
                                         face_detail_note))
         line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items())
-        return f"{self.prompt}\nNegative prompt: {self.negative_prompt}\n{line}"
+        return f"{prompt}\nNegative prompt: {self.negative_prompt}\n{line}"
 
     def row(self) -> dict[str, Any]:
         row = asdict(self)
@@ -409,13 +427,16 @@ def read_parameters(png_path: str | Path) -> dict[str, Any]:
     width, height = (int(v) for v in params["Size"].split("x"))
     by_sampler = {v.a1111: k for k, v in SAMPLERS.items()}
     strength, padding, note = read_detail_parameters(params, GenerateConfig.face_detail_padding)
+    prompt, tags = split_lora_tags("\n".join(head[:negative_at]))
+    # The LoRA is the prompt's <lora:NAME:WEIGHT> tag; PNGs written before it named it in
+    # "Lora" and "Lora scale".
+    lora, scale = tags[0] if tags else (params.get("Lora", ""), params.get("Lora scale", 0.0))
     return {
-        "prompt": "\n".join(head[:negative_at]), "negative_prompt": negative,
+        "prompt": prompt, "negative_prompt": negative,
         "steps": int(params["Steps"]), "guidance": float(params["CFG scale"]),
         "scheduler": by_sampler.get(params["Sampler"], params["Sampler"]),
         "seed": int(params["Seed"]), "width": width, "height": height,
-        "model": params.get("Model", ""), "lora": params.get("Lora", ""),
-        "lora_scale": float(params.get("Lora scale", 0.0)),
+        "model": params.get("Model", ""), "lora": lora, "lora_scale": float(scale),
         "face_detail_strength": strength, "face_detail_padding": padding,
         "face_detail_note": note,
     }

@@ -2,8 +2,9 @@
 
 Reads the prepare stage's folder (`metadata.jsonl` + images), trains a peft LoRA on the UNet's
 attention projections (and optionally the text encoders), and writes a diffusers-format
-`pytorch_lora_weights.safetensors`, a kohya/A1111/ComfyUI copy, `config.json`, `metrics.csv`,
-the loss curve, validation grids and a model card. accelerate handles device and precision;
+`pytorch_lora_weights.safetensors`, the file UIs load (`<token>-<run>.safetensors`, kohya's
+names and metadata), `config.json`, `metrics.csv`, the loss curve, validation grids and a
+model card. accelerate handles device and precision;
 bitsandbytes' 8-bit AdamW keeps the optimizer state at one byte per value.
 
 Each failure Colab users keep reporting has its fix built in:
@@ -51,7 +52,7 @@ from ..lora import (BEST_DIR, LORA_WEIGHTS, add_lora, chosen_checkpoint, export_
                     peft_state, save_lora)
 from ..placement import training_placement
 from ..storage import FolderLock, atomic_dir, atomic_path, check_own_folder, mark_folder
-from .card import usage_snippet, write_model_card
+from .card import lora_file_metadata, lora_file_name, usage_snippet, write_model_card
 from .checkpoints import (RESUME_KEYS, CheckpointUnreadable, check_resume, latest_checkpoint,
                           list_checkpoints, load_state, read_meta, save_state)
 from .data import (TrainExample, dataset_fingerprint, dataset_subject, ensure_class_images,
@@ -209,6 +210,7 @@ class Trainer:
             unet, optimizer, scheduler)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step, self.bad_in_row = 0, 0
+        self.started_at = time.time()  # for the LoRA file's metadata
         self.history: list[dict] = []
         self.validation_rows: list[tuple[int, list[Image.Image]]] = []
         self.resumed_from: Path | None = None
@@ -576,13 +578,20 @@ class Trainer:
         """The LoRA as it stands (diffusers and kohya files) and its config.json, in `folder`."""
         lora_path = save_lora(folder, self.cfg.family,
                               {name: getattr(self.pipe, name) for name in self._lora_modules()})
-        export_kohya(lora_path, self.cfg.rank, self.cfg.lora_alpha,
-                     single_text_encoder=len(self.family.text_encoders) == 1)
         token, class_name = dataset_subject(self.data_dir)
+        name = lora_file_name(self.cfg, token, self.data_dir,
+                              step=record["step"] if record["checkpoint"] == BEST_DIR else None)
+        ui = export_kohya(lora_path, self.cfg.family, output_name=name, rank=self.cfg.rank,
+                          alpha=self.cfg.lora_alpha, metadata=lora_file_metadata(
+                              self.cfg, output_name=name, subject=f"{token} {class_name}",
+                              n_images=len(self.examples), steps=record["step"],
+                              optimizer=self.optimizer_name, started_at=self.started_at,
+                              finished_at=time.time()),
+                          layers_per_block=self.pipe.unet.config.layers_per_block)
         save_config(self.cfg, folder / "config.json", data_dir=str(self.data_dir),
                     token=token, class_name=class_name, optimizer_used=self.optimizer_name,
                     trainable_parameters=self.n_trainable, n_images=len(self.examples),
-                    data_fingerprint=self.data_fingerprint, **record)
+                    data_fingerprint=self.data_fingerprint, ui_weights=ui.name, **record)
         return lora_path
 
     def save(self, seconds: float = 0.0) -> TrainResult:

@@ -1,5 +1,6 @@
 """The model card: README.md beside the weights, saying what the LoRA is, how it was made and
-how to use it."""
+how to use it; and its machine-readable twin, the name and metadata of the file UIs load
+(kohya's `ss_*` and ModelSpec's `modelspec.*`, see formats.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,59 @@ from typing import TYPE_CHECKING
 from .. import models
 from ..config import TrainConfig, to_dict
 from ..families import get_family
-from ..lora import BEST_DIR, KOHYA_WEIGHTS, LORA_WEIGHTS
+from ..formats import kohya_metadata, model_name, safe_name
+from ..lora import BEST_DIR, LORA_WEIGHTS, ui_weights
 from ..storage import atomic_write_text
 
 if TYPE_CHECKING:
     from . import TrainResult
+
+
+def lora_file_name(cfg: TrainConfig, token: str, data_dir: str | Path,
+                   step: int | None = None) -> str:
+    """The UI file's name (without .safetensors), which is also the name in `<lora:NAME:1>`:
+    the subject's token and the run, e.g. "ohwx-3f9a2c1d", with "-step<N>" for a checkpoint
+    other than the last. The run is a fingerprint of the photos (the dataset's captions and
+    files) and of the settings that shape the weights, so two people's LoRAs (or one
+    person's from two datasets or settings) never share a name, while resuming a run keeps it.
+    """
+    import hashlib
+
+    from ..config import config_hash
+    from .checkpoints import RESUME_KEYS
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(data_dir).rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(data_dir).as_posix().encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    settings = {k: to_dict(cfg)[k] for k in RESUME_KEYS}
+    run = config_hash({"data": digest.hexdigest(), **settings})[:8]
+    name = f"{safe_name(token)}-{run}"
+    return name if step is None else f"{name}-step{step}"
+
+
+def lora_file_metadata(cfg: TrainConfig, *, output_name: str, subject: str, n_images: int,
+                       steps: int, optimizer: str, started_at: float,
+                       finished_at: float) -> dict[str, str]:
+    """kohya's and ModelSpec's metadata for the UI file of a LoRA trained with `cfg`."""
+    return kohya_metadata(
+        family=cfg.family, output_name=output_name,
+        title=f"{subject} ({output_name})", trigger=subject, rank=cfg.rank,
+        alpha=cfg.lora_alpha, resolution=cfg.resolution, model=cfg.model,
+        started_at=started_at, finished_at=finished_at,
+        train_text_encoder=cfg.train_text_encoder,
+        settings={"learning_rate": cfg.lr, "unet_lr": cfg.lr,
+                  "text_encoder_lr": cfg.lr if cfg.train_text_encoder else 0,
+                  "max_train_steps": cfg.steps, "steps": steps,
+                  "num_train_images": n_images, "optimizer": optimizer,
+                  "seed": cfg.seed, "mixed_precision": cfg.mixed_precision,
+                  "gradient_checkpointing": cfg.gradient_checkpointing,
+                  "cache_latents": cfg.cache_latents, "max_grad_norm": cfg.max_grad_norm,
+                  "min_snr_gamma": cfg.snr_gamma, "noise_offset": cfg.noise_offset,
+                  "lr_scheduler": cfg.lr_scheduler,
+                  "sd_model_name_or_path": cfg.model,
+                  "base_model_name": model_name(cfg.model)})
 
 
 def usage_snippet(cfg: TrainConfig, lora_folder: str) -> str:
@@ -63,7 +112,7 @@ This LoRA was trained on photos of a real person: share it only with their conse
 ```python
 {usage_snippet(cfg, f"{out.name}/{BEST_DIR}" if result.best_step is not None else out.name)}
 ```
-`{KOHYA_WEIGHTS}` holds the same weights under kohya names for A1111 and ComfyUI.
+{_which_file(out, result)}
 {samples}
 ## Settings
 | setting | value |
@@ -71,6 +120,22 @@ This LoRA was trained on photos of a real person: share it only with their conse
 {rows}
 """
     return atomic_write_text(out / "README.md", text)
+
+
+def _which_file(out: Path, result: TrainResult) -> str:
+    """Which file goes where: the UI file for A1111/Forge, ComfyUI, InvokeAI and Civitai, the
+    diffusers file for `load_lora_weights`."""
+    folder = out / BEST_DIR if result.best_step is not None else out
+    ui = ui_weights(folder)
+    if ui is None:
+        return f"`{LORA_WEIGHTS}` is the file diffusers' `load_lora_weights` reads."
+    where = f"{BEST_DIR}/{ui.name}" if folder != out else ui.name
+    return (f"**For A1111/Forge, ComfyUI, InvokeAI or Civitai** copy `{where}` into the UI's "
+            f"LoRA folder (`models/Lora/`, `models/loras/`) and write `<lora:{ui.stem}:1>` in "
+            f"the prompt (A1111/Forge) or pick it in a LoRA loader node (ComfyUI). It holds "
+            f"the weights under kohya's names with kohya's and ModelSpec's metadata.\n\n"
+            f"**For diffusers** `{LORA_WEIGHTS}` (what `load_lora_weights` reads, as above) "
+            "stays beside it.")
 
 
 def _checkpoints(cfg: TrainConfig, result: TrainResult) -> str:

@@ -10,7 +10,7 @@ face similarity the same way). The rule, stated once here and written into the m
     counting as 0; the best step has the highest score, ties going to the later step; a step
     where no validation image shows a face is never chosen.
 
-Its LoRA goes to `<out>/best/` (a LoRA folder of its own: weights, kohya copy, config.json),
+Its LoRA goes to `<out>/best/` (a LoRA folder of its own: weights, UI file, config.json),
 which generate uses by default (`GenerateConfig.lora_checkpoint`).
 """
 
