@@ -382,7 +382,7 @@ def test_the_face_detail_pass_reaches_the_manifest_the_png_and_regenerate(
     png = pack.out_dir / row["file"]
     assert (pixels(gen.Image.open(png)) == pixels(pack.images[1])).all()
     line = gen.Image.open(png).info["parameters"].split("\n")[-1]
-    assert line.endswith("Lora: lora, Lora scale: 1.0, ADetailer model: dlib-hog, "
+    assert line.endswith("Lora: lora, Lora scale: 1.0, ADetailer model: yunet-2023mar-int8, "
                          "ADetailer denoising strength: 0.4, ADetailer mask only top k largest: "
                          "4, Face detail padding: 0.35, Face detail feather: 0.12, "
                          "Face detail: 1 face redrawn")

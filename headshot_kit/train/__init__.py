@@ -414,6 +414,7 @@ class Trainer:
             return
         record = self.history[-1]
         record["likeness"] = step_score(self.judge.likeness(images))
+        record["copies"] = self.judge.copies
         best = choose_best(self.history)
         if best is record:
             with atomic_dir(self.out_dir / BEST_DIR) as tmp:  # read by chosen_checkpoint
