@@ -25,7 +25,7 @@ from .generate import (AXES, SAMPLERS, ComparePlan, Shot, check_lora, default_ax
                        describe_shot, export_starred, load_generate_pipeline, load_manifest,
                        load_styles, make_shot, parse_axis_values, plan_compare, render,
                        set_starred, with_lora_subject)
-from .images import image_grid
+from .images import image_grid, load_image
 
 
 def enable_colab_widgets() -> bool:
@@ -53,10 +53,11 @@ def _seeds_label(shots: Sequence[Shot]) -> str:
 
 
 class PromptStudio(_Panel):
-    """Try a style or your own prompt with the LoRA; the last few runs stay on screen."""
+    """Try a style or your own prompt with the LoRA; the last few runs stay on screen. With
+    `references` (the prepared photos), each new image's likeness is shown under the grid."""
 
     def __init__(self, lora_dir: str | Path | None, cfg: GenerateConfig | None = None,
-                 pipe=None, keep: int = 4):
+                 pipe=None, keep: int = 4, references: str | Path | None = None):
         cfg = cfg or GenerateConfig()
         # The LoRA's weights cfg.lora_checkpoint names (its best checkpoint by default).
         self.lora_dir = check_lora(lora_dir, cfg)
@@ -67,6 +68,9 @@ class PromptStudio(_Panel):
         # Each run: a row label and its images, newest first.
         self.history: list[tuple[str, list[Image.Image]]] = []
         self.grid: Image.Image | None = None
+        self.references, self._scorer = references, None
+        # The last run's likeness labels, one per image (empty without references).
+        self.likeness: list[str] = []
         first = (self.cfg.styles or list(self.styles))[0]
         wide = w.Layout(width="95%")
         self.style = w.Dropdown(
@@ -152,6 +156,10 @@ class PromptStudio(_Panel):
         self.history = [(label, images), *self.history][: self.keep]
         self.status.value = "" if "{subject}" in self.prompt.value else (
             "The prompt has no {subject}: the trained face may not appear.")
+        self.likeness = self._likeness(images)
+        if self.likeness:
+            self.status.value = " ".join(
+                [self.status.value, "Newest:", "; ".join(self.likeness)]).strip()
         cols = max(len(imgs) for _, imgs in self.history)
         cells = [im for _, imgs in self.history for im in imgs + [_blank()] * (cols - len(imgs))]
         self.grid = image_grid(cells, len(self.history), cols,
@@ -161,6 +169,18 @@ class PromptStudio(_Panel):
             clear_output(wait=True)
             display(self.grid)
         return images
+
+    def _likeness(self, images: list[Image.Image]) -> list[str]:
+        """Each image's likeness label, by the network that did not choose the checkpoint."""
+        if self.references is None:
+            return []
+        if self._scorer is None:
+            from .evaluate.band import LikenessScorer
+            from .lora import chosen_checkpoint
+
+            chooser = chosen_checkpoint(self.lora_dir).get("chosen_by") if self.lora_dir else None
+            self._scorer = LikenessScorer(self.references, avoid=chooser)
+        return [self._scorer.label(image) for image in images]
 
     def _on_generate(self, _button: w.Button) -> None:
         self.generate_button.disabled = True
@@ -267,11 +287,16 @@ def _thumbnail_png(path: Path, side: int = 192) -> bytes:
 
 
 class Gallery(_Panel):
-    """Browse a generated pack, star favourites (saved in manifest.csv) and export them."""
+    """Browse a generated pack, star favourites (saved in manifest.csv) and export them.
 
-    def __init__(self, out_dir: str | Path, columns: int = 4):
+    With `references` (the prepared photos), each card says how much its face looks like
+    them and where it falls against their band (evaluate.band.LikenessScorer)."""
+
+    def __init__(self, out_dir: str | Path, columns: int = 4,
+                 references: str | Path | None = None):
         self.out_dir = Path(out_dir)
         self.manifest = load_manifest(self.out_dir)
+        self.likeness = _pack_likeness(self.out_dir, self.manifest["file"], references)
         styles = sorted(set(self.manifest["style"]))
         self.style_filter = w.Dropdown(options=["all", *styles], value="all",
                                        description="Style")
@@ -290,8 +315,10 @@ class Gallery(_Panel):
             self.stars[row.file] = star
             image = w.Image(value=_thumbnail_png(self.out_dir / row.file), format="png",
                             layout=w.Layout(width="192px"))
-            self.cards[row.file] = w.VBox([image, w.Label(f"{row.style}, seed {row.seed}"),
-                                           star])
+            labels = [w.Label(f"{row.style}, seed {row.seed}")]
+            if row.file in self.likeness:
+                labels.append(w.Label(self.likeness[row.file]))
+            self.cards[row.file] = w.VBox([image, *labels, star])
             _mark_starred(self.cards[row.file], star, bool(row.starred))
         self.grid = w.GridBox(layout=w.Layout(
             grid_template_columns=f"repeat({columns}, 200px)"))
@@ -329,6 +356,18 @@ class Gallery(_Panel):
         folder = export_starred(self.out_dir)
         self.status.value = f"Exported {int(self.manifest['starred'].sum())} images to {folder}"
         return folder
+
+
+def _pack_likeness(out_dir: Path, files, references) -> dict[str, str]:
+    """Each image's likeness label, scored by the network that did not choose the pack's
+    checkpoint; {} without references."""
+    if references is None:
+        return {}
+    from .evaluate import _checkpoint_choice
+    from .evaluate.band import LikenessScorer
+
+    scorer = LikenessScorer(references, avoid=_checkpoint_choice(out_dir).get("chosen_by"))
+    return {file: scorer.label(load_image(out_dir / file)) for file in files}
 
 
 def _mark_starred(card: w.VBox, star: w.ToggleButton, starred: bool) -> None:

@@ -134,18 +134,29 @@ def test_a_step_that_copies_is_passed_over():
     assert choose_best(history[1:])["step"] == 4  # nothing else qualifies
 
 
-def test_offline_the_report_names_the_chooser_and_the_scorer(samples, tmp_path):
-    """A pack rendered with a checkpoint dlib chose is scored by SFace; a training photo in the
-    pack is flagged as a copy of that photo, in scores.csv and the headline."""
-    lora = tmp_path / "lora" / "best"
+def _pack(samples, folder: Path) -> Path:
+    """A pack rendered with a checkpoint dlib chose, holding a training photo, another photo
+    of the same man and another man."""
+    lora = folder / "lora" / "best"
     lora.mkdir(parents=True)
     (lora / "config.json").write_text(json.dumps(
         {"checkpoint": "best", "chosen_by": faces.EMBEDDER_NAME, "step": 40}))
-    pack = tmp_path / "pack"
+    pack = folder / "pack"
     (pack / "images").mkdir(parents=True)
     (pack / "config.json").write_text(json.dumps({"lora_dir": str(lora)}))
-    for name in ("obama.jpg", "obama2.jpg", "biden.jpg"):
+    names = ("obama.jpg", "obama2.jpg", "biden.jpg")
+    for name in names:
         shutil.copy(samples / name, pack / "images" / name)
+    pd.DataFrame({"file": [f"images/{n}" for n in names], "style": "corporate",
+                  "seed": [0, 1, 2], "starred": False}).to_csv(pack / "manifest.csv",
+                                                               index=False)
+    return pack
+
+
+def test_offline_the_report_names_the_chooser_and_the_scorer(samples, tmp_path):
+    """The pack is scored by SFace, not by dlib which chose its checkpoint; the training photo
+    in it is flagged as a copy of that photo, in scores.csv and the headline."""
+    pack = _pack(samples, tmp_path)
     result = evaluate_images([samples / n for n in TRAINING], pack, tmp_path / "scores",
                              NO_CLIP, progress=False)
     assert result.embedder == faces.SFACE_NAME
@@ -157,6 +168,7 @@ def test_offline_the_report_names_the_chooser_and_the_scorer(samples, tmp_path):
     assert faces.SFACE_NAME in result.headline
     assert "1 likely copy of a training photo (obama of obama.jpg)" in result.headline
     scores = pd.read_csv(tmp_path / "scores" / "scores.csv").set_index("image")
+    assert (scores["embedder"] == faces.SFACE_NAME).all()
     assert scores.loc["images/obama.jpg", "band"] == "copy"
     assert scores.loc["images/obama.jpg", "nearest_photo"] == "obama.jpg"
     assert scores.loc["images/obama2.jpg", "band"] == "inside"
@@ -174,3 +186,17 @@ def test_a_face_hog_misses_is_found_by_yunet(samples):
     # Its box is the one HOG draws on the full-size photo, scaled down.
     hog = np.array(faces.detect_faces(image)[0].box) * 128 / image.height
     assert np.abs(np.array(found[0].box) - hog).max() < 0.15 * (hog[2] - hog[0])
+
+
+def test_the_gallery_shows_each_images_likeness_from_the_second_network(samples, tmp_path):
+    from headshot_kit.widgets import Gallery
+
+    gallery = Gallery(_pack(samples, tmp_path), references=[samples / n for n in TRAINING])
+    labels = {file: [c.value for c in card.children if hasattr(c, "value")
+                     and isinstance(c.value, str)] for file, card in gallery.cards.items()}
+    assert any("copy of obama.jpg" in t for t in labels["images/obama.jpg"])
+    assert any("in your band" in t for t in labels["images/obama2.jpg"])
+    assert any("below your band" in t for t in labels["images/biden.jpg"])
+    # Without references the cards are as they were.
+    plain = Gallery(tmp_path / "pack")
+    assert len(plain.cards["images/obama.jpg"].children) == 3

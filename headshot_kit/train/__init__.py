@@ -62,8 +62,9 @@ __all__ = ["Trainer", "TrainExample", "TrainResult", "TrainingDiverged", "datase
            "optimizer_state_dtypes", "train_lora", "usage_snippet"]
 
 
-# metrics.csv: one row per step; likeness (of the validation images) on validation steps only.
-METRICS_COLUMNS = ("step", "loss", "lr", "skipped", "likeness")
+# metrics.csv: one row per step; likeness (of the validation images) and copies (of them that
+# copy a training photo, train.selection) on validation steps only.
+METRICS_COLUMNS = ("step", "loss", "lr", "skipped", "likeness", "copies")
 
 
 class TrainingDiverged(RuntimeError):
