@@ -360,9 +360,14 @@ def align_face(image: Image.Image, face: Face, side: int = 112) -> Image.Image:
                          "detect_faces_yunet.")
     matrix = np.vstack([similarity_transform(face.points5, ARCFACE_112 * side / 112),
                         [0, 0, 1]])
-    inverse = np.linalg.inv(matrix)[:2].ravel()  # PIL maps output pixels back to input
-    return image.convert("RGB").transform((side, side), Image.Transform.AFFINE, inverse,
-                                          resample=Image.Resampling.BILINEAR)
+    inverse = np.linalg.inv(matrix)[:2]  # PIL maps output pixels back to input ones
+    # PIL puts pixel centres at +0.5, OpenCV's warpAffine (alignCrop) at whole numbers: the
+    # shift makes the crop OpenCV's (SFace's feature of it then matches OpenCV 4's to a
+    # cosine of 0.9998 on the sample photos; without it, 0.95).
+    shift = inverse[:, 2] + 0.5 - inverse[:, :2] @ np.array([0.5, 0.5])
+    return image.convert("RGB").transform(
+        (side, side), Image.Transform.AFFINE, np.hstack([inverse[:, :2], shift[:, None]]).ravel(),
+        resample=Image.Resampling.BILINEAR)
 
 
 def describe_face_sface(image: Image.Image, face: Face) -> np.ndarray:

@@ -57,6 +57,20 @@ def test_yunet_finds_the_face_opencv_finds(samples):
     assert ours[0].score == pytest.approx(theirs[0][14], abs=0.03)
 
 
+def test_the_aligned_face_is_opencvs(samples):
+    """The crop SFace sees is the one OpenCV's alignCrop cuts (OpenCV 5's alignCrop works on
+    these files; only its feature() fails), pixel centres included."""
+    cv2 = pytest.importorskip("cv2")
+    image = load_image(samples / "obama2.jpg")
+    face = faces.detect_faces_yunet(image)[0]
+    row = np.concatenate([face.box[:2], [face.width, face.height], face.points5.ravel(),
+                          [face.score]]).astype(np.float32)[None]
+    recogniser = cv2.FaceRecognizerSF.create(str(faces.zoo_model("sface")), "")
+    theirs = recogniser.alignCrop(np.ascontiguousarray(np.asarray(image)[:, :, ::-1]), row)
+    ours = np.asarray(faces.align_face(image, face), dtype=float)
+    assert np.abs(ours - theirs[:, :, ::-1]).mean() < 1.5
+
+
 def test_the_similarity_transform_recovers_a_known_one():
     angle, scale, shift = math.radians(20), 1.7, np.array([5.0, -3.0])
     rotation = scale * np.array([[math.cos(angle), -math.sin(angle)],
@@ -200,3 +214,25 @@ def test_the_gallery_shows_each_images_likeness_from_the_second_network(samples,
     # Without references the cards are as they were.
     plain = Gallery(tmp_path / "pack")
     assert len(plain.cards["images/obama.jpg"].children) == 3
+
+
+def test_the_prompt_studio_shows_each_new_images_likeness(samples, monkeypatch):
+    import headshot_kit.widgets as widgets
+    from headshot_kit.config import get_preset
+
+    shown = iter([Image.open(samples / n).convert("RGB")
+                  for n in ("obama2.jpg", "biden.jpg")])
+    monkeypatch.setattr(widgets, "render", lambda shot, pipe: next(shown))
+    studio = widgets.PromptStudio(None, get_preset("tiny").generate, pipe=object(),
+                                  references=[samples / n for n in TRAINING])
+    studio.count.value = 2
+    studio.generate()
+    assert studio.likeness[0].endswith("in your band")
+    assert studio.likeness[1].endswith("below your band")
+    assert "in your band" in studio.status.value
+    # Without references nothing is scored.
+    plain = widgets.PromptStudio(None, get_preset("tiny").generate, pipe=object())
+    shown = iter([Image.open(samples / "obama2.jpg").convert("RGB")])
+    plain.count.value = 1
+    plain.generate()
+    assert plain.likeness == []

@@ -16,9 +16,9 @@ of these; a headshot's likeness to its nearest reference is then
 
 All values are the embedder's 0-1 likeness (its same-person threshold at 0.5), so the margins
 mean the same for every network: 0.1 likeness is 0.12 in dlib's Euclidean distance and 0.13 in
-SFace's cosine. On the sample photos, distinct photos of Obama sit 0.71-0.72 (dlib) and
-0.82-0.84 (SFace) from their nearest other photo, the same photo saved again 0.99-1.0, Biden
-0.30-0.46: the margins keep the first inside, the second a copy and the third below.
+SFace's cosine. On the sample photos, distinct photos of Obama sit 0.71-0.73 (dlib) and
+0.80-0.83 (SFace) from their nearest other photo, the same photo saved again 0.99-1.0, Biden
+0.28-0.43: the margins keep the first inside, the second a copy and the third below.
 """
 
 from __future__ import annotations
