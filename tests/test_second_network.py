@@ -183,6 +183,8 @@ def test_offline_the_report_names_the_chooser_and_the_scorer(samples, tmp_path):
     assert "1 likely copy of a training photo (obama of obama.jpg)" in result.headline
     scores = pd.read_csv(tmp_path / "scores" / "scores.csv").set_index("image")
     assert (scores["embedder"] == faces.SFACE_NAME).all()
+    summary = pd.read_csv(tmp_path / "scores" / "summary.csv").iloc[0]
+    assert (summary["band_below"], summary["band_inside"], summary["band_copy"]) == (1, 1, 1)
     assert scores.loc["images/obama.jpg", "band"] == "copy"
     assert scores.loc["images/obama.jpg", "nearest_photo"] == "obama.jpg"
     assert scores.loc["images/obama2.jpg", "band"] == "inside"

@@ -9,7 +9,9 @@ Reads a folder of reference photos of the person and the generate stage's output
   inside, or a likely copy of the training photo `nearest_photo`; see `band`), technical
   quality of the face, and the manifest's columns (style, seed, prompt, ...). An image without a face is a failure row, never skipped, so it counts
   against the "look like you" rate.
-- `summary.csv`: overall and per style: how many look like you, likeness, how consistent the
+- `summary.csv`: overall and per style: how many look like you, how many fall below, inside or
+  far above (copies) the person's own band (`band_below`, `band_inside`, `band_copy`), likeness,
+  how consistent the
   faces are with each other, how diverse they are, and mean quality.
 - plots (`likeness_by_style.png`, `likeness_vs_quality.png`, `consistency.png`), an annotated
   `contact_sheet.png` ranked best first, and the resolved `config.json`.
@@ -332,6 +334,8 @@ def _summarise(scores: pd.DataFrame, face_rows: list[int], similarity: np.ndarra
             "likeness_mean": part["likeness"].mean(),
             "likeness_median": part["likeness"].median(),
             "likeness_best": part["likeness"].max(),
+            # Against the person's own band (evaluate.band).
+            **{f"band_{place}": count for place, count in band_counts(part["band"]).items()},
             **group_faces([position[r] for r in index if r in position], face_names,
                            similarity, ssim, yaws),
         }
