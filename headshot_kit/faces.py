@@ -46,7 +46,7 @@ class Face:
     """One detected face, in the coordinates of the image it was found in."""
 
     box: tuple[int, int, int, int]  # left, top, right, bottom
-    score: float  # detector confidence (HOG SVM margin); higher is surer
+    score: float  # detector confidence (HOG's SVM margin, YuNet's 0-1); higher is surer
     landmarks: np.ndarray  # 5 x 2: right eye (2 points), left eye (2 points), nose base
     # YuNet's own five points (eyes, nose tip, mouth corners) where YuNet found the face: the
     # points SFace is aligned on. None for a face dlib's HOG detector found.
