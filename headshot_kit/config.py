@@ -243,8 +243,8 @@ class TrainConfig(_ShownAsTable):
     # Validation images are scored for likeness to the prepared photos with this face network,
     # and the LoRA of the most alike checkpoint is kept in <out>/best/ beside the last one, as
     # EasyPhoto judges checkpoints by face similarity. "auto": ArcFace or FaceNet where
-    # installed (then evaluate can score with another network), else dlib; or "dlib",
-    # "arcface", "facenet".
+    # installed, else dlib (then evaluate scores with another network, offline SFace); or
+    # "dlib", "sface", "arcface", "facenet".
     checkpoint_embedder: str = "auto"
     # Skip a step whose loss is NaN/inf; stop after this many in a row (the run has diverged).
     max_bad_steps: int = 5
@@ -328,8 +328,9 @@ class GenerateConfig(_ShownAsTable):
 
 @dataclass
 class EvaluateConfig(_ShownAsTable):
-    # Which face network scores likeness: "dlib" (offline), "arcface" or "facenet" (weights
-    # download on Colab), or "auto": the first of ArcFace, FaceNet and dlib that loads, other
+    # Which face network scores likeness: "dlib" or "sface" (offline), "arcface" or "facenet"
+    # (weights download on Colab), or "auto": the first of ArcFace, FaceNet, dlib and SFace
+    # that loads, other
     # than the one that chose the LoRA's checkpoint while another loads (a network that chose
     # a checkpoint flatters its likeness).
     embedder: str = "auto"

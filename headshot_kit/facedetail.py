@@ -1,8 +1,8 @@
 """A second pass over each face of a rendered headshot, at the model's full resolution.
 
 In a 512 px head-and-shoulders shot the face is about 150 px: too few pixels for the model to
-draw eyes and the features that carry identity. The pass finds each face (with the evaluate
-stage's detector), crops it with a margin, scales the crop up to the model's resolution,
+draw eyes and the features that carry identity. The pass finds each face (with YuNet, see
+DETECTOR_NAME), crops it with a margin, scales the crop up to the model's resolution,
 re-renders it image-to-image with the same prompt, seed and LoRA at a moderate strength, scales
 it back and pastes it under a feathered mask. It is what ADetailer does for A1111
 (github.com/Bing-su/adetailer) and what FaceChain and EasyPhoto do after their first render.
@@ -22,17 +22,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .faces import detect_faces
+from .faces import YUNET_NAME, detect_faces_yunet
 
-DETECTOR_NAME = "dlib-hog"
+# The faces are found by OpenCV zoo's YuNet: generated faces are often small, and on real
+# photos at 128 px (faces of 20-30 px) YuNet finds every face where dlib's HOG misses a third
+# (bench/faces.py). Its box takes in the forehead, which the pass redraws too.
+DETECTOR_NAME = YUNET_NAME
 # Width of the blend at the crop's edge as a fraction of the crop side: no visible seam.
 FEATHER = 0.12
 # Faces smaller than this (px) are left alone: too small to matter in the final picture.
 MIN_FACE = 24
 # At most this many faces per image, largest first (a headshot has one).
 MAX_FACES = 4
-# Upsampling passes of the detector: generated faces are smaller than selfie faces.
-DETECT_UPSAMPLE = 1
 
 # The PNG "parameters" keys. ADetailer's, as ADetailer 25 writes and reads them
 # (adetailer/args.py in Bing-su/adetailer; "mask only top k" and "method to decide top k masks"
@@ -116,7 +117,7 @@ def detail_faces(image: Image.Image, img2img, prompt: str, *, seed: int, resolut
     """Re-render every face of `image` (see the module docstring) at denoising `strength`,
     each crop grown by `padding` x the face's side on every side; `extra` goes to the
     pipeline as it is (e.g. SDXL's micro-conditioning)."""
-    faces = [f for f in detect_faces(image, upsample=DETECT_UPSAMPLE)
+    faces = [f for f in detect_faces_yunet(image)
              if min(f.width, f.height) >= MIN_FACE][:MAX_FACES]
     if not faces:
         return FaceDetailResult(image, note="no face found: image as rendered")

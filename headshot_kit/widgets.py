@@ -24,7 +24,7 @@ from .generate import (AXES, SAMPLERS, ComparePlan, Shot, check_lora, default_ax
                        describe_shot, export_starred, load_generate_pipeline, load_manifest,
                        load_styles, make_shot, parse_axis_values, plan_compare, render,
                        save_png, set_starred, with_lora_subject)
-from .images import image_grid
+from .images import image_grid, load_image
 
 
 def enable_colab_widgets() -> bool:
@@ -72,10 +72,12 @@ def _seeds_label(shots: Sequence[Shot]) -> str:
 
 class PromptStudio(_Panel):
     """Try a style or your own prompt with the LoRA; the last few runs stay on screen, and
-    *Keep* saves the newest run's images (with their settings in each PNG) into `out_dir`."""
+    *Keep* saves the newest run's images (with their settings in each PNG) into `out_dir`. With
+    `references` (the prepared photos), each new image's likeness is shown under the grid."""
 
     def __init__(self, lora_dir: str | Path | None, cfg: GenerateConfig | None = None,
-                 pipe=None, keep: int = 4, out_dir: str | Path | None = None):
+                 pipe=None, keep: int = 4, out_dir: str | Path | None = None,
+                 references: str | Path | None = None):
         cfg = cfg or GenerateConfig()
         # Beside the LoRA in its work folder (<workdir>/studio), never inside the LoRA's folder.
         self.out_dir = Path(out_dir) if out_dir else (
@@ -91,6 +93,9 @@ class PromptStudio(_Panel):
         # Each run: a row label and its images, newest first.
         self.history: list[tuple[str, list[Image.Image]]] = []
         self.grid: Image.Image | None = None
+        self.references, self._scorer = references, None
+        # The last run's likeness labels, one per image (empty without references).
+        self.likeness: list[str] = []
         first = (self.cfg.styles or list(self.styles))[0]
         wide = w.Layout(width="95%")
         self.style = w.Dropdown(
@@ -186,6 +191,10 @@ class PromptStudio(_Panel):
         self.keep_button.disabled = False
         self.status.value = "" if "{subject}" in self.prompt.value else (
             "The prompt has no {subject}: the trained face may not appear.")
+        self.likeness = self._likeness(images)
+        if self.likeness:
+            self.status.value = " ".join(
+                [self.status.value, "Newest:", "; ".join(self.likeness)]).strip()
         cols = max(len(imgs) for _, imgs in self.history)
         cells = [im for _, imgs in self.history for im in imgs + [_blank()] * (cols - len(imgs))]
         self.grid = image_grid(cells, len(self.history), cols,
@@ -207,6 +216,18 @@ class PromptStudio(_Panel):
         if kept:
             self.status.value = f"Kept {len(kept)} image{'s' * (len(kept) > 1)} in {self.out_dir}."
         return kept
+
+    def _likeness(self, images: list[Image.Image]) -> list[str]:
+        """Each image's likeness label, by the network that did not choose the checkpoint."""
+        if self.references is None:
+            return []
+        if self._scorer is None:
+            from .evaluate.band import LikenessScorer
+            from .lora import chosen_checkpoint
+
+            chooser = chosen_checkpoint(self.lora_dir).get("chosen_by") if self.lora_dir else None
+            self._scorer = LikenessScorer(self.references, avoid=chooser)
+        return [self._scorer.label(image) for image in images]
 
     def _on_generate(self, _button: w.Button) -> None:
         self.generate_button.disabled = True
@@ -325,11 +346,16 @@ def _thumbnail_png(path: Path, side: int = 192) -> bytes:
 
 
 class Gallery(_Panel):
-    """Browse a generated pack, star favourites (saved in manifest.csv) and export them."""
+    """Browse a generated pack, star favourites (saved in manifest.csv) and export them.
 
-    def __init__(self, out_dir: str | Path, columns: int = 4):
+    With `references` (the prepared photos), each card says how much its face looks like
+    them and where it falls against their band (evaluate.band.LikenessScorer)."""
+
+    def __init__(self, out_dir: str | Path, columns: int = 4,
+                 references: str | Path | None = None):
         self.out_dir = Path(out_dir)
         self.manifest = load_manifest(self.out_dir)
+        self.likeness = _pack_likeness(self.out_dir, self.manifest["file"], references)
         styles = sorted(set(self.manifest["style"]))
         self.style_filter = w.Dropdown(options=["all", *styles], value="all",
                                        description="Style")
@@ -348,8 +374,10 @@ class Gallery(_Panel):
             self.stars[row.file] = star
             image = w.Image(value=_thumbnail_png(self.out_dir / row.file), format="png",
                             layout=w.Layout(width="192px"))
-            self.cards[row.file] = w.VBox([image, w.Label(f"{row.style}, seed {row.seed}"),
-                                           star])
+            labels = [w.Label(f"{row.style}, seed {row.seed}")]
+            if row.file in self.likeness:
+                labels.append(w.Label(self.likeness[row.file]))
+            self.cards[row.file] = w.VBox([image, *labels, star])
             _mark_starred(self.cards[row.file], star, bool(row.starred))
         # A card is the 192 px picture, the widgets' 2 px margins and the 3 px frame on each
         # side: 202 px in a 200 px column scrolled sideways. Columns of CARD_PX leave room.
@@ -392,6 +420,18 @@ class Gallery(_Panel):
 
 
 CARD_PX = 212
+
+
+def _pack_likeness(out_dir: Path, files, references) -> dict[str, str]:
+    """Each image's likeness label, scored by the network that did not choose the pack's
+    checkpoint; {} without references."""
+    if references is None:
+        return {}
+    from .evaluate import _checkpoint_choice
+    from .evaluate.band import LikenessScorer
+
+    scorer = LikenessScorer(references, avoid=_checkpoint_choice(out_dir).get("chosen_by"))
+    return {file: scorer.label(load_image(out_dir / file)) for file in files}
 
 
 def _mark_starred(card: w.VBox, star: w.ToggleButton, starred: bool) -> None:

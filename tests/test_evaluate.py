@@ -259,7 +259,7 @@ def test_unavailable_embedders_say_what_to_install(monkeypatch):
         get_embedder(EvaluateConfig(embedder="arcface"))
     with pytest.raises(EmbedderUnavailable, match="pip install facenet-pytorch.*download"):
         get_embedder(EvaluateConfig(embedder="facenet"))
-    with pytest.raises(ConfigError, match="choose one of auto, dlib, arcface, facenet"):
+    with pytest.raises(ConfigError, match="choose one of auto, dlib, sface, arcface, facenet"):
         get_embedder(EvaluateConfig(embedder="vgg"))
 
 

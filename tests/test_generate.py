@@ -484,7 +484,7 @@ def test_the_face_detail_pass_reaches_the_manifest_the_png_and_regenerate(
                          "ADetailer inpaint only masked: True, ADetailer inpaint padding: 32, "
                          "ADetailer method to decide top k masks: Area, "
                          "ADetailer mask only top k: 4, ADetailer denoising strength: 0.4, "
-                         "ADetailer version: 25.3.0, Face detail detector: dlib-hog, "
+                         "ADetailer version: 25.3.0, Face detail detector: yunet-2023mar-int8, "
                          "Face detail padding: 0.35, Face detail feather: 0.12, "
                          "Face detail: 1 face redrawn")
     params = gen.read_parameters(png)

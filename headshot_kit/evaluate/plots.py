@@ -102,6 +102,14 @@ def plot_consistency(pairs: np.ndarray, embedder: FaceEmbedder):
     return fig
 
 
+def band_label(row) -> str:
+    """A few words on where a face falls against the person's own band (evaluate.band)."""
+    place = str(row.get("band", "") or "")
+    if place == "copy":
+        return f"copy of {row['nearest_photo']}?"
+    return {"below": "below your band", "inside": "in your band"}.get(place, "")
+
+
 def save_contact_sheet(scores: pd.DataFrame, thumbs: list[Image.Image], path: Path) -> Path:
     # Best first: the top of the sheet is what a user would keep (FaceChain and EasyPhoto rank
     # their outputs the same way).
@@ -113,6 +121,10 @@ def save_contact_sheet(scores: pd.DataFrame, thumbs: list[Image.Image], path: Pa
             verdict = "looks like you" if row["same_person"] else "someone else"
             line = f"likeness {row['likeness']:.2f} {verdict}"
             color = SAME_COLOR if row["same_person"] else OTHER_COLOR
+            place = band_label(row)
+            if place:
+                line += f", {place}"
+                color = OTHER_COLOR if row.get("band") == "copy" else color
         else:
             line, color = "no face found", NO_FACE_COLOR
         technical = f"sharpness {row['sharpness']:.3f}"

@@ -19,7 +19,7 @@ from PIL import Image
 from .. import quality
 from ..config import PrepareConfig
 from ..faces import (DLIB_SAME_PERSON_DISTANCE, Face, FaceModelsMissing, clip_box,
-                     describe_face, detect_faces, eyes_and_nose, face_distance, face_mask,
+                     describe_face, eyes_and_nose, face_distance, face_mask, find_faces,
                      face_with_margin, head_pose)
 from .crop import plan_crop, render_crop, rotate, rotate_face
 from .intake import Input, Unusable, load
@@ -137,11 +137,9 @@ def _examine(photo: Photo, path: Path, cfg: PrepareConfig) -> None:
 
 def _find_faces(image: Image.Image, cfg: PrepareConfig) -> list[Face]:
     # Selfie faces are large, so the plain pass finds them at a quarter of the cost of the
-    # upsampled one, which runs only when the plain pass finds nothing (small, distant faces).
-    found = detect_faces(image, upsample=0, max_side=cfg.detect_max_side)
-    if not found and cfg.detect_upsample > 0:
-        found = detect_faces(image, upsample=cfg.detect_upsample, max_side=cfg.detect_max_side)
-    return found
+    # upsampled one, which runs only when the plain pass finds nothing (small, distant faces);
+    # YuNet after both (faces.find_faces).
+    return find_faces(image, upsample=cfg.detect_upsample, max_side=cfg.detect_max_side)
 
 
 def _face_check(found: list[Face], width: int) -> tuple[Check, str]:

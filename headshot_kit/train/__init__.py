@@ -66,8 +66,9 @@ __all__ = ["Trainer", "TrainExample", "TrainResult", "TrainingDiverged", "datase
            "optimizer_state_dtypes", "train_lora", "usage_snippet"]
 
 
-# metrics.csv: one row per step; likeness (of the validation images) on validation steps only.
-METRICS_COLUMNS = ("step", "loss", "lr", "skipped", "likeness")
+# metrics.csv: one row per step; likeness (of the validation images) and copies (of them that
+# copy a training photo, train.selection) on validation steps only.
+METRICS_COLUMNS = ("step", "loss", "lr", "skipped", "likeness", "copies")
 # validation.png's cell: each row is kept in the checkpoint at this size (PNG), so a resumed run
 # draws the rows before the restart exactly as they were.
 VALIDATION_CELL = 160
@@ -458,6 +459,7 @@ class Trainer:
             return
         record = self.history[-1]
         record["likeness"] = step_score(self.judge.likeness(images))
+        record["copies"] = self.judge.copies
         best = choose_best(self.history)
         if best is record:
             with atomic_dir(self.out_dir / BEST_DIR) as tmp:  # read by chosen_checkpoint

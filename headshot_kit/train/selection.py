@@ -4,11 +4,14 @@ photos, and the LoRA of the most alike checkpoint is kept beside the last one.
 A face LoRA fails in two ways: too little training (weak likeness) and too much (the outputs
 copy the training photos, and the face drifts). The loss says neither, so each validation
 render is scored with the evaluate stage's face embedder (EasyPhoto chooses its checkpoint by
-face similarity the same way). The rule, stated once here and written into the model card:
+face similarity the same way) and placed against the person's own band (evaluate.band): a
+render far above it, close to one training photo, copies that photo. The rule, stated once
+here and written into the model card:
 
     a step's score is the median likeness of its validation images, an image without a face
     counting as 0; the best step has the highest score, ties going to the later step; a step
-    where no validation image shows a face is never chosen.
+    where no validation image shows a face is never chosen; a step with a validation image
+    that copies a training photo is passed over while a step without one qualifies.
 
 Its LoRA goes to `<out>/best/` (a LoRA folder of its own: weights, UI file, config.json),
 which generate uses by default (`GenerateConfig.lora_checkpoint`).
@@ -26,7 +29,8 @@ from PIL import Image
 from ..config import EvaluateConfig, TrainConfig
 
 RULE = ("the median likeness of a step's validation images (an image without a face counts "
-        "as 0), highest wins, ties to the later step; steps without a face are never chosen")
+        "as 0), highest wins, ties to the later step; steps without a face are never chosen; "
+        "steps whose images copy a training photo only when no other step qualifies")
 
 
 class LikenessJudge:
@@ -34,24 +38,34 @@ class LikenessJudge:
 
     def __init__(self, cfg: TrainConfig, references: Sequence[Path]) -> None:
         from ..evaluate import get_embedder, reference_vectors
+        from ..evaluate.band import reference_band
 
         self.embedder = get_embedder(EvaluateConfig(embedder=cfg.checkpoint_embedder,
                                                     clip_model="", device=cfg.device))
         self.references, self.skipped = reference_vectors(self.embedder, list(references))
+        self.band = reference_band(self.embedder, self.references,
+                                   [Path(p).name for p in references
+                                    if Path(p).name not in self.skipped])
+        # How many of the last judged images copy a training photo (see `judge`).
+        self.copies = 0
 
     @property
     def name(self) -> str:
         return self.embedder.name
 
     def likeness(self, images: Sequence[Image.Image]) -> list[float]:
-        """Each image's likeness (NaN when no face is found in it)."""
+        """Each image's likeness (NaN when no face is found in it); `copies` counts those
+        that copy a training photo."""
         from ..evaluate import likeness
 
-        scores = []
+        scores, self.copies = [], 0
         for image in images:
             found = self.embedder.embed(image)
-            scores.append(likeness(self.embedder, found[0][1] if found else None,
-                                   self.references)["likeness"])
+            vector = found[0][1] if found else None
+            scores.append(likeness(self.embedder, vector, self.references)["likeness"])
+            if vector is not None:
+                place = self.band.place(self.embedder.similarity(vector, self.references)[0])
+                self.copies += place["band"] == "copy"
         return scores
 
 
@@ -69,4 +83,6 @@ def choose_best(history: Sequence[dict]) -> dict | None:
     scored = [r for r in history if not math.isnan(r.get("likeness", math.nan))]
     if not scored:
         return None
+    # Over-fitting shows as copies of the training photos: any step without one first.
+    scored = [r for r in scored if not r.get("copies")] or scored
     return max(scored, key=lambda r: (r["likeness"], r["step"]))
