@@ -37,6 +37,7 @@ import json
 from typing import Any
 
 from ..config import ConfigError, TrainConfig, get_preset, validate_train
+from .eta import Eta, journey_eta, write_eta
 from .fix import join, larger_gpu, suggest_fix
 from .gpus import (CUDA_CONTEXT_GIB, FRAGMENTATION, GB, GIB, GPU, GPUS, T4_CALIBRATION,
                    Calibration, resolve_gpu)
@@ -48,13 +49,13 @@ from .plan import (COLAB_HOST_RAM_GB, MASK_COMPONENT, FitPlan, Recipe, duration,
 from .published import FORK_ROWS, PublishedRun, calibrate, published_runs
 
 __all__ = ["COLAB_HOST_RAM_GB", "CUDA_CONTEXT_GIB", "FORK_ROWS", "FRAGMENTATION", "GB", "GIB",
-           "GPU", "GPUS", "MASK_COMPONENT", "T4_CALIBRATION", "Calibration", "DoesNotFit",
+           "Eta", "GPU", "GPUS", "MASK_COMPONENT", "T4_CALIBRATION", "Calibration", "DoesNotFit",
            "FitPlan",
            "PublishedRun", "Recipe", "StepMeasurement", "build_arch", "calibrate",
-           "check_before_training", "duration", "fit_check", "fitcheck_cli", "load_arch",
+           "check_before_training", "duration", "fit_check", "fitcheck_cli", "journey_eta", "load_arch",
            "measure_sampling", "measure_step", "measure_text", "measure_vae", "optimizer_bytes",
            "parameter_counts", "published_runs", "resolve_gpu", "suggest_fix",
-           "trainable_sizes"]
+           "trainable_sizes", "write_eta"]
 
 
 def fit_check(cfg: TrainConfig, gpu: str | GPU = "t4", mode: str = "lora", *,
@@ -132,11 +133,21 @@ def check_before_training(cfg: TrainConfig, gpu: str | None = None, force: bool 
 
 
 def fitcheck_cli(cfg: TrainConfig | str, gpu: str = "t4", as_json: bool = False,
-                 mode: str = "lora") -> int:
+                 mode: str = "lora", preset: str | None = None) -> int:
     """`headshot-kit fitcheck`: print the plan (or its JSON) of a training config or of a
-    preset's. Returns 0 when it fits, 1 when it does not."""
+    preset's, with the journey's ETA (`eta` in the JSON: total_minutes and phases) of the
+    preset with this training config. Returns 0 when it fits, 1 when it does not."""
     if isinstance(cfg, str):
-        cfg = get_preset(cfg).train
+        preset, cfg = cfg, get_preset(cfg).train
     plan = fit_check(cfg, gpu, mode)
-    print(json.dumps(plan.to_dict(), indent=2, default=str) if as_json else plan.summary())
+    eta = None
+    if preset is not None and mode == "lora":
+        whole = get_preset(preset)
+        whole.train = cfg
+        eta = journey_eta(whole, plan.gpu, plan=plan)
+    if as_json:
+        data = plan.to_dict() | ({"eta": eta.to_dict()} if eta else {})
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(plan.summary() + (f"\n\n{eta.summary()}" if eta else ""))
     return 0 if plan.fits else 1

@@ -56,7 +56,8 @@ __all__ = ["AXES", "MANIFEST_COLUMNS", "SAMPLERS", "ComparePlan", "GenerateResul
 
 MANIFEST_COLUMNS = ["file", "style", "seed", "prompt", "negative_prompt", "steps", "guidance",
                     "scheduler", "lora_scale", "width", "height", "model", "family", "lora",
-                    "face_detail_strength", "face_detail_padding", "face_detail_note", "starred"]
+                    "face_detail_strength", "face_detail_padding", "face_detail_note",
+                    "fast_pack", "starred"]
 
 
 @dataclass
@@ -139,21 +140,33 @@ def _weights_used(lora_dir: Path | None, cfg: GenerateConfig) -> str:
 
 
 def t4_estimate(cfg: GenerateConfig, n_images: int) -> str:
-    """About how long `n_images` take on a free Colab T4, as a sentence (the family's stated
-    seconds per step and per decode at its native size, scaled by the pixel count). The
-    face-detail pass adds, for the one face of a headshot, its img2img steps at full size and
-    a second decode (its encode is counted as one more)."""
-    family = get_family(cfg.family)
-    per_step, decode = family.t4_seconds
-    scale = (cfg.resolution / family.native_resolution) ** 2
-    steps, decodes, detail = cfg.steps, 1, ""
+    """About how long `n_images` take on a free Colab T4, as a sentence: the journey ETA's
+    render model (headshot_kit.fitcheck.eta: each step's FLOPs at the calibrated efficiency,
+    the decode, and for the face-detail pass its img2img steps, encode and decode)."""
+    from ..fitcheck import eta
+    from ..fitcheck.gpus import GPUS
+
+    t4 = GPUS["t4"]
+    steps, guidance = cfg.steps, cfg.guidance
+    if cfg.fast_pack:
+        from .fast import get_fast_pack
+
+        pack = get_fast_pack(cfg.fast_pack)
+        steps, guidance = pack.steps, pack.guidance
+    tile = eta.decode_tile(cfg, t4)
+    per_step = eta.sampling_step_seconds(cfg.family, cfg.resolution, guidance > 1, t4)
+    seconds = n_images * eta.render_seconds(cfg.family, cfg.resolution, steps, guidance,
+                                            tiled_at=tile, gpu=t4)
+    detail = ""
     if cfg.face_detail:
-        extra = int(pass_steps(cfg.steps, cfg.face_detail_strength) * cfg.face_detail_strength)
-        steps, decodes, detail = steps + extra, 3, f" + {extra} for the face pass"
-    seconds = n_images * (steps * per_step + decodes * decode) * scale
+        extra = int(pass_steps(steps, cfg.face_detail_strength) * cfg.face_detail_strength)
+        detail = f" + {extra} for the face pass"
+        seconds += n_images * eta.face_pass_seconds(cfg, t4, steps=steps, guidance=guidance,
+                                                    tiled_at=tile)
     when = "under a minute" if seconds < 60 else f"about {seconds / 60:.0f} min"
-    return (f"on a T4 GPU {when} ({cfg.steps} steps{detail} each at {per_step * scale:.2g} s "
-            f"per step at {cfg.resolution} px: an estimate)")
+    pack = f", {cfg.fast_pack}" if cfg.fast_pack else ""
+    return (f"on a T4 GPU {when} ({steps} steps{detail} each at {per_step:.2g} s "
+            f"per step at {cfg.resolution} px{pack}: an estimate)")
 
 
 def weights_digest(lora_dir: Path | None) -> str:
