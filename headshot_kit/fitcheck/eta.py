@@ -13,6 +13,7 @@ phase's formula to its figure, and a run writes its measured phase times beside 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -114,18 +115,39 @@ def vae_seconds(family: str, resolution: int, *, decode: bool, fp32: bool = Fals
     return flops / (rate * 1e12)
 
 
+def fast_pack_image_seconds(family: str, resolution: int) -> float:
+    """What a few-step LoRA's render costs beyond its steps and decode, per pipeline call.
+
+    Hugging Face's LCM-LoRA blog measured 8.4 s for a 4-step SDXL image on a T4 (guidance 1,
+    the stock VAE decoding in fp32); the FLOP count says about 3.7 s. The rest (the unfused
+    LoRA's extra layers on every projection, LCM's scheduler, the pipeline's own work) is not
+    FLOPs the model sees: fitted on that one figure (a calibration point, not evidence),
+    and scaled to other families and sizes by a denoising step's FLOPs."""
+    from .published import SDXL_T4_LCM_IMAGE_S
+
+    (steps, published), = SDXL_T4_LCM_IMAGE_S.items()
+    t4 = resolve_gpu("t4")
+    alone = (steps * sampling_step_seconds("sdxl", 1024, False, t4)
+             + vae_seconds("sdxl", 1024, decode=True, fp32=True, gpu=t4))
+    scale = (measure_sampling(family, resolution, True).flops
+             / measure_sampling("sdxl", 1024, True).flops)
+    return (published - alone) * scale
+
+
 def render_seconds(family: str, resolution: int, steps: int, guidance: float, *,
-                   tiled_at: int = 0, gpu: GPU | str = "t4") -> float:
+                   tiled_at: int = 0, gpu: GPU | str = "t4", fast_pack: bool = False) -> float:
     """One text-to-image render: its steps and its decode (the prompt's encode is a few
-    GFLOPs, nothing beside them)."""
+    GFLOPs, nothing beside them), and with a few-step LoRA its per-call cost."""
     return (steps * sampling_step_seconds(family, resolution, guidance > 1, gpu)
-            + vae_seconds(family, resolution, decode=True, tiled_at=tiled_at, gpu=gpu))
+            + vae_seconds(family, resolution, decode=True, tiled_at=tiled_at, gpu=gpu)
+            + (fast_pack_image_seconds(family, resolution) if fast_pack else 0.0))
 
 
 def face_pass_seconds(cfg: GenerateConfig, gpu: GPU | str = "t4", *, steps: int | None = None,
                       guidance: float | None = None, tiled_at: int = 0) -> float:
     """The face-detail pass of one headshot (one face): img2img at the model's resolution,
-    int(steps x strength) denoising steps, an encode and a decode."""
+    int(steps x strength) denoising steps, an encode and a decode (and with a few-step LoRA
+    its per-call cost)."""
     from ..facedetail import pass_steps
 
     steps = cfg.steps if steps is None else steps
@@ -134,7 +156,8 @@ def face_pass_seconds(cfg: GenerateConfig, gpu: GPU | str = "t4", *, steps: int 
     res = cfg.resolution
     return (n * sampling_step_seconds(cfg.family, res, guidance > 1, gpu)
             + vae_seconds(cfg.family, res, decode=False, gpu=gpu)
-            + vae_seconds(cfg.family, res, decode=True, tiled_at=tiled_at, gpu=gpu))
+            + vae_seconds(cfg.family, res, decode=True, tiled_at=tiled_at, gpu=gpu)
+            + (fast_pack_image_seconds(cfg.family, res) if cfg.fast_pack else 0.0))
 
 
 def decode_tile(cfg: GenerateConfig, gpu: GPU) -> int:
@@ -196,12 +219,16 @@ def journey_eta(preset: Preset | str, gpu: str | GPU = "t4", *, plan=None,
         f" = {val_render:.1f} s + scoring {DLIB_S} s)")
     n_ckpt = math.ceil(t.steps / t.checkpoint_every) if t.checkpoint_every else 1
     add("checkpoints", n_ckpt * CHECKPOINT_S, f"{n_ckpt} x {CHECKPOINT_S} s (assumed)")
+    from ..generate.fast import active_pack
+
+    g = dataclasses.replace(g, fast_pack=active_pack(g.fast_pack))
     tile = decode_tile(g, gpu)
     steps, guidance = g.steps, g.guidance
     if g.fast_pack:
         pack = FAST_PACKS[g.fast_pack]
         steps, guidance = pack.steps, pack.guidance
-    image = render_seconds(g.family, g.resolution, steps, guidance, tiled_at=tile, gpu=gpu)
+    image = render_seconds(g.family, g.resolution, steps, guidance, tiled_at=tile, gpu=gpu,
+                           fast_pack=bool(g.fast_pack))
     how = f"{g.fast_pack}, " if g.fast_pack else ""
     add("images", n_images * image,
         f"{n_images} images x {image:.1f} s ({how}{steps} steps at "

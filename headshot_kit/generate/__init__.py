@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import MISSING, dataclass, fields
+import time
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -66,6 +67,9 @@ class GenerateResult:
     manifest: pd.DataFrame
     images: list[Image.Image]
     grid: Image.Image
+    # Measured seconds: loading the pipeline, and rendering (first renders and face passes),
+    # named as the journey ETA names its phases (headshot_kit.fitcheck.eta).
+    timings: dict = field(default_factory=dict)
 
 
 def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
@@ -94,8 +98,12 @@ def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
           + _weights_used(lora_dir, cfg)
           + (f"; {len(kept)} unchanged since the last run are kept, with their stars"
              if kept else "") + f"; {len(todo)} to render, {t4_estimate(cfg, len(todo))}.")
+    timings = {}
+    start = time.perf_counter()
     if todo and pipe is None:
         pipe = load_generate_pipeline(cfg)
+        timings["loads"] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
     # Each image with its face-detail note and its star.
     made: dict[str, tuple[Image.Image, str, bool]] = {}
     with atomic_dir(out_dir) as tmp, tqdm(total=len(todo), desc="generate",
@@ -112,6 +120,7 @@ def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
                     save_png(done.image, tmp / _file(shot), shot, done.note)
                     made[_file(shot)] = (done.image, done.note, False)
                 bar.update(len(batch))
+        timings["images + face pass"] = round(time.perf_counter() - start, 2)
         rows = [{"file": _file(s), **s.row(), "face_detail_note": made[_file(s)][1],
                  "starred": made[_file(s)][2]} for s in shots]
         images = [made[_file(s)][0] for s in shots]
@@ -123,7 +132,8 @@ def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
         grid.save(tmp / "grid.png")
         save_config(cfg, tmp / "config.json", lora_sha256=digest,
                     lora_dir=str(lora_dir.resolve()) if lora_dir else None)
-    return GenerateResult(out_dir=out_dir, manifest=manifest, images=images, grid=grid)
+    return GenerateResult(out_dir=out_dir, manifest=manifest, images=images, grid=grid,
+                          timings=timings)
 
 
 def _weights_used(lora_dir: Path | None, cfg: GenerateConfig) -> str:
@@ -147,16 +157,18 @@ def t4_estimate(cfg: GenerateConfig, n_images: int) -> str:
     from ..fitcheck.gpus import GPUS
 
     t4 = GPUS["t4"]
+    from .fast import active_pack, get_fast_pack
+
+    cfg = replace(cfg, fast_pack=active_pack(cfg.fast_pack))
     steps, guidance = cfg.steps, cfg.guidance
     if cfg.fast_pack:
-        from .fast import get_fast_pack
-
         pack = get_fast_pack(cfg.fast_pack)
         steps, guidance = pack.steps, pack.guidance
     tile = eta.decode_tile(cfg, t4)
     per_step = eta.sampling_step_seconds(cfg.family, cfg.resolution, guidance > 1, t4)
     seconds = n_images * eta.render_seconds(cfg.family, cfg.resolution, steps, guidance,
-                                            tiled_at=tile, gpu=t4)
+                                            tiled_at=tile, gpu=t4,
+                                            fast_pack=bool(cfg.fast_pack))
     detail = ""
     if cfg.face_detail:
         extra = int(pass_steps(steps, cfg.face_detail_strength) * cfg.face_detail_strength)

@@ -14,7 +14,7 @@ on the evidence for this use:
   published T4 time, and DMD2 covers one family.
 What it costs: guidance 1 drops the negative prompt, and stacking weakens the other LoRA
 (diffusers#6156); no public figure says how much likeness a face LoRA keeps under it. That is
-what `headshot-kit sweep --grid fast_pack=,lcm-lora` measures (likeness with and without).
+what `headshot-kit sweep --grid fast_pack=none,lcm-lora` measures (likeness with and without).
 """
 
 from __future__ import annotations
@@ -50,6 +50,16 @@ FAST_PACKS: dict[str, FastPack] = {
         {"sd15": ("latent-consistency/lcm-lora-sdv1-5", "pytorch_lora_weights.safetensors"),
          "sdxl": ("latent-consistency/lcm-lora-sdxl", "pytorch_lora_weights.safetensors")}),
 }
+
+
+# What turns the pack off: "" in a config, "none" or "off" in a sweep grid
+# (`--grid fast_pack=none,lcm-lora`: a grid value cannot be empty).
+NO_PACK = ("", "none", "off")
+
+
+def active_pack(name: str) -> str:
+    """The pack's name, or "" when `name` turns fast packs off."""
+    return "" if (name or "").strip().lower() in NO_PACK else name.strip()
 
 
 def get_fast_pack(name: str) -> FastPack:

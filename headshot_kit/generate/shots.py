@@ -130,11 +130,11 @@ def make_shot(cfg: GenerateConfig, style: Style, seed: int, lora_dir: str | Path
         lora_dir=str(lora_dir) if lora_dir else None,
         face_detail_strength=float(cfg.face_detail_strength) if cfg.face_detail else 0.0,
         face_detail_padding=float(cfg.face_detail_padding))
-    if cfg.fast_pack:
-        # The few-step LoRA's prescribed sampler, steps and guidance replace the config's.
-        from .fast import get_fast_pack
+    from .fast import active_pack, get_fast_pack
 
-        pack = get_fast_pack(cfg.fast_pack)
+    if active_pack(cfg.fast_pack):
+        # The few-step LoRA's prescribed sampler, steps and guidance replace the config's.
+        pack = get_fast_pack(active_pack(cfg.fast_pack))
         settings.update(fast_pack=pack.name, scheduler=pack.scheduler, steps=pack.steps,
                         guidance=float(pack.guidance))
     # One Shot from settings and overrides together: the padding drops to 0 only if the
@@ -265,16 +265,16 @@ def use_lora(pipe, lora_dir: str | Path | None, scale: float, fast_pack: str = "
     modification time, so switching back and forth is free and a retrained LoRA is reloaded.
     """
     loaded = {name for names in pipe.get_list_adapters().values() for name in names}
-    active, weights = [], []
+    active, strengths = [], []
     if fast_pack:
         from .fast import get_fast_pack, load_fast_pack
 
         active.append(load_fast_pack(pipe, fast_pack, family))
-        weights.append(get_fast_pack(fast_pack).weight)
+        strengths.append(get_fast_pack(fast_pack).weight)
     if lora_dir is None:
         if active:
             pipe.enable_lora()
-            pipe.set_adapters(active, adapter_weights=weights)
+            pipe.set_adapters(active, adapter_weights=strengths)
         elif loaded:
             pipe.disable_lora()
         return
@@ -286,7 +286,7 @@ def use_lora(pipe, lora_dir: str | Path | None, scale: float, fast_pack: str = "
     if name not in loaded:
         pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS, adapter_name=name)
     pipe.enable_lora()
-    pipe.set_adapters([name, *active], adapter_weights=[scale, *weights])
+    pipe.set_adapters([name, *active], adapter_weights=[scale, *strengths])
 
 
 def load_generate_pipeline(cfg: GenerateConfig):
