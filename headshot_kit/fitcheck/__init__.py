@@ -14,16 +14,20 @@ cheapest change when it does not fit.
   fragmentation) are added, each with its source beside it;
 - time per step: FLOPs counted on the same meta runs (checkpointing's recompute included) at
   the GPU's datasheet peak times an efficiency, plus a fixed per-micro-batch overhead. The
-  efficiencies and the overhead are calibrated on ONE published T4 table (full SD 1.x
-  DreamBooth, 0.93 it/s, and its neighbouring rows; `calibrate()`) and used for every GPU;
-- peak host RAM, roughly, per phase (load, train, save, reload).
+  efficiencies and the overhead are calibrated on published T4 figures (`calibrate()`): full
+  SD 1.x DreamBooth (0.93 it/s) and its neighbouring rows, and the fp32 VAE's efficiency on
+  Hugging Face's SDXL notebook (7.96 s/it); the same numbers are used for every GPU;
+- peak host RAM, roughly, per phase (load, train, save, reload);
+- the journey's ETA (`eta.journey_eta`): every phase from photos to scored headshots, the
+  renders from the same calibration.
 
 How rough: the published SD 1.x memory figures are reproduced within a few percent; the
-published SDXL T4 LoRA run is predicted to fit and its 7.96 s/step is predicted about 30% slow.
-Expect +-15% on memory (allocator fragmentation and CUDA library workspaces are a flat
-allowance, not a measurement) and +-30% or worse on time (two efficiencies and one overhead for
-every kernel and every GPU; other GPUs than the T4 are not calibrated at all). Host RAM is the
-roughest: a baseline guessed for Colab plus the weights each phase holds; `bench/` measures it.
+held-out time figures within 20%: two rows of the SD 1.x table (-15%, +13%) and a second
+published SDXL T4 run (diffusers PR #4470, 10.8 s/step: -2%). Expect +-15% on memory
+(allocator fragmentation and CUDA library workspaces are a flat allowance, not a measurement)
+and +-20% or worse on time (a few efficiencies and one overhead for every kernel and every
+GPU; other GPUs than the T4 are not calibrated at all). Host RAM is the roughest: a baseline
+guessed for Colab plus the weights each phase holds; `bench/` measures it.
 
 The parts: `gpus` (the table and the time calibration), `measure` (meta-tensor measuring),
 `published` (the published runs it is checked against), `plan` (adding it up) and `fix` (the

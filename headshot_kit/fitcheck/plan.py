@@ -164,7 +164,7 @@ def _time_line(plan: FitPlan) -> str:
         return "Time: not estimated (nothing was run: it cannot fit)."
     return (f"Time: about {plan.step_seconds:.2f} s per step ({1 / plan.step_seconds:.2f} it/s),"
             f" {plan.cfg.steps} steps in about {duration(plan.step_seconds * plan.cfg.steps)};"
-            " rough: +-30% at best, calibrated on one T4 table only"
+            " rough: +-20% at best, calibrated on published T4 runs only"
             + (", and this GPU is not the T4" if plan.gpu.key != "t4" else "") + ".")
 
 

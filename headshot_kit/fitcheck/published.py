@@ -69,7 +69,9 @@ def published_runs() -> dict[str, PublishedRun]:
     # loss was the plain MSE (background_weight 1).
     sdxl = dataclasses.replace(get_preset("sdxl-t4").train, mixed_precision="fp16",
                                cache_latents=False, prior_preservation=False,
-                               background_weight=1.0)
+                               background_weight=1.0, grad_accum=3, steps=500, lr=1e-4,
+                               resolution=1024, rank=4, optimizer="adamw8bit",
+                               gradient_checkpointing=True)
     runs.append(PublishedRun(
         "sdxl-lora-t4", "huggingface/notebooks SDXL_DreamBooth_LoRA_.ipynb (T4)", sdxl, "lora",
         {"vae_dtype": "fp32", "text_encoders_on_gpu": True, "text_encoders_every_step": True},
