@@ -29,6 +29,14 @@ fallback, torch AdamW, and plans with it. Without dlib, prepare cannot find face
 data/samples/photos' obama*.jpg), or let it fall back to centre crops of those photos with the
 preset's caption (the JSON says which it used).
 
+The journey ETA (headshot_kit.fitcheck.eta) is checked in the same call: one render at the
+preset's steps, guidance and size (decoded as the pack decodes), the face-detail pass at full
+size on a real photo (data/samples/obama.jpg, centre-cropped to the model's size: a first
+render that holds a face) and evaluate on the pack time their units; `journey` in the JSON
+scales each measured unit (a training step, a render, a face pass, a load, a scored face) to
+the preset's whole journey beside the ETA's prediction of that phase. Only the download is not
+measured (no network there).
+
 Usage:
   python bench/gpu_check.py                 # on a CUDA GPU (estimated 5 minutes on an H200)
   python bench/gpu_check.py --tiny          # the same code, tiny models, on the CPU (~1 min)
@@ -62,7 +70,9 @@ MODEL_VERSION = 1
 PLANNED = {"build_model": None, "prepare": None, "load_and_cache": "caching", "train": "training",
            "validation": "validation", "checkpoint": None, "resume": "caching",
            "resume_train": "training", "save": None, "free": None,
-           "reload_and_generate": None}
+           "reload_and_generate": None, "render": None, "face_pass": None, "evaluate": None}
+# The photo the full-size face pass redraws: a real face, as a first render would hold one.
+FACE_PHOTO = "obama.jpg"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,9 +350,145 @@ def check_preset(check: Check, name: str, args, work: Path, model: str) -> None:
     with check.phase(name, "reload_and_generate", plan) as row:
         pack = generate_pack(lora_dir, work / "generated", gen_cfg, progress=False)
         row["images"] = len(pack.images)
+        row["timings"] = pack.timings
+    eta_phases(check, name, args, work, model, lora_dir, data)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
+
+
+def eta_gen_config(name: str, tiny: bool, model: str):
+    """The preset's generate config as the pack renders it (its steps, guidance and size);
+    the tiny models render at their own size and steps."""
+    from headshot_kit.config import get_preset
+
+    cfg = dataclasses.replace(get_preset(name).generate, model=model, styles=["corporate"],
+                              seeds=[0])
+    if tiny:
+        small = get_preset("tiny").generate
+        cfg = dataclasses.replace(cfg, resolution=small.resolution, steps=small.steps)
+    return cfg
+
+
+def face_photo(resolution: int):
+    """A real photo holding a face, centre-cropped to the model's size."""
+    from headshot_kit.images import centre_square, load_image
+
+    return centre_square(load_image(ROOT / "data" / "samples" / FACE_PHOTO), resolution)
+
+
+def eta_phases(check: Check, name: str, args, work: Path, model: str, lora_dir: Path,
+               data: Path | None) -> None:
+    """The ETA's units, timed: a render, a full-size face pass on a real face, evaluate; then
+    the journey, each phase measured-and-scaled beside predicted."""
+    import torch
+
+    from headshot_kit.fitcheck import eta as E
+    from headshot_kit.fitcheck.gpus import GPUS
+    from headshot_kit.generate import (detail_shot, first_render, load_generate_pipeline,
+                                       load_styles, make_shot, use_lora)
+    from headshot_kit.generate.shots import make_scheduler, model_schedule
+
+    cfg = eta_gen_config(name, args.tiny, model)
+    t4 = GPUS["t4"]
+    tile = E.decode_tile(cfg, t4)
+    units: dict[str, float] = {}
+    pipe = None
+    with check.phase(name, "render") as row:
+        pipe = load_generate_pipeline(cfg)
+        shot = make_shot(cfg, load_styles()[cfg.styles[0]], 0, lora_dir)
+        use_lora(pipe, shot.lora_dir, shot.lora_scale)
+        pipe.scheduler = make_scheduler(shot.scheduler, model_schedule(pipe))
+        pipe.set_progress_bar_config(disable=True)
+        first_render([dataclasses.replace(shot, steps=1)], pipe)  # warm-up: kernels, autotune
+        if check.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        first_render([shot], pipe)
+        if check.cuda:
+            torch.cuda.synchronize()
+        units["render"] = time.perf_counter() - start
+        row.update(steps=shot.steps, guidance=shot.guidance, resolution=cfg.resolution,
+                   decode_tiled=bool(pipe.vae.use_tiling), image_s=round(units["render"], 3),
+                   eta_image_s=round(E.render_seconds(cfg.family, cfg.resolution, shot.steps,
+                                                      shot.guidance, tiled_at=tile), 3))
+    with check.phase(name, "face_pass") as row:
+        if pipe is None:
+            raise RuntimeError("no pipeline: the render phase failed")
+        shot = make_shot(cfg, load_styles()[cfg.styles[0]], 0, lora_dir,
+                         face_detail_strength=cfg.face_detail_strength or 0.4)
+        photo = face_photo(cfg.resolution)
+        start = time.perf_counter()
+        try:
+            result = detail_shot(shot, photo, pipe)
+            row["note"] = result.note
+        except Exception as exc:  # no dlib there: the same img2img on the whole photo
+            if type(exc).__name__ not in ("FaceModelsMissing", "ImportError",
+                                          "ModuleNotFoundError"):
+                raise
+            from headshot_kit.facedetail import image_to_image, pass_steps
+
+            row["note"] = f"no face detector ({exc}): img2img on the whole photo"
+            img2img = image_to_image(pipe)
+            img2img.scheduler = make_scheduler(shot.scheduler, model_schedule(pipe))
+            img2img(prompt=shot.prompt, image=photo, strength=shot.face_detail_strength,
+                    num_inference_steps=pass_steps(shot.steps, shot.face_detail_strength),
+                    guidance_scale=shot.guidance)
+        if check.cuda:
+            torch.cuda.synchronize()
+        units["face pass"] = time.perf_counter() - start
+        row.update(face_pass_s=round(units["face pass"], 3), eta_face_pass_s=round(
+            E.face_pass_seconds(dataclasses.replace(cfg, face_detail=True), tiled_at=tile), 3))
+    del pipe
+    gc.collect()
+    with check.phase(name, "evaluate") as row:
+        from headshot_kit.config import EvaluateConfig
+        from headshot_kit.evaluate import evaluate_images
+
+        images = work / "generated"
+        n = len(list((images / "images").glob("*.png")))
+        start = time.perf_counter()
+        evaluate_images(data / "images" if (data / "images").is_dir() else data, images,
+                        work / "scores", EvaluateConfig(clip_model="", embedder="dlib"),
+                        progress=False)
+        units["evaluate"] = (time.perf_counter() - start) / max(n, 1)
+        row.update(images=n, per_image_s=round(units["evaluate"], 3), eta_per_image_s=E.DLIB_S)
+    check.presets[name]["journey"] = journey(check, name, units)
+    check.write()
+
+
+def journey(check: Check, name: str, units: dict[str, float]) -> dict:
+    """Each phase of the preset's journey: the ETA's prediction on a T4 beside the measured
+    unit scaled to the journey's counts (None where the unit was not measured)."""
+    from headshot_kit.config import get_preset
+    from headshot_kit.fitcheck import journey_eta
+
+    preset = get_preset(name)
+    eta = journey_eta(preset, "t4")
+    rows = {r["phase"]: r for r in check.presets[name]["phases"]}
+    t, g = preset.train, preset.generate
+    n_images = len(g.styles) * len(g.seeds)
+    step = rows.get("train", {}).get("median_step_seconds")
+    renders = ((t.steps // t.validate_every) * len(t.validation_prompts)
+               * len(t.validation_seeds)) if t.validate_every else 0
+    scale = t.validation_steps / max(g.steps, 1)  # a validation render at its own steps
+    loads = rows.get("reload_and_generate", {}).get("timings", {}).get("loads")
+    measured = {
+        "loads": 2 * loads if loads is not None else None,
+        "training": step * t.steps if step else None,
+        "validation": renders * units["render"] * scale if "render" in units else None,
+        "checkpoints": (rows.get("checkpoint", {}).get("seconds") or 0) * (
+            -(-t.steps // t.checkpoint_every) if t.checkpoint_every else 1),
+        "images": n_images * units["render"] if "render" in units else None,
+        "face pass": n_images * units["face pass"] if "face pass" in units else None,
+        "evaluate": (n_images + 20) * units["evaluate"] if "evaluate" in units else None,
+    }
+    return {"predicted_total_min": round(eta.total_minutes, 2),
+            "phases": {k: {"predicted_s": round(v, 1),
+                           "measured_scaled_s": None if measured.get(k) is None
+                           else round(measured[k], 1)} for k, v in eta.phases.items()},
+            "note": "measured units (this machine, these weights) scaled to the preset's "
+                    "counts; the download is not measured"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -295,7 +295,7 @@ def run(args) -> int:
 
         # Exit status 1 when the plan does not fit, so scripts can stop there.
         return fitcheck_cli(_stage_config(args, "train", {}), args.gpu, as_json=args.json,
-                            mode="full" if args.full else "lora")
+                            mode="full" if args.full else "lora", preset=args.preset)
     elif args.command == "sweep":
         return _sweep(args)
     elif args.command == "lab":

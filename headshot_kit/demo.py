@@ -16,9 +16,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import get_preset
 from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from .fitcheck.eta import Eta
 
 PACKAGE = Path(__file__).resolve().parent
 STAGE_NOTEBOOKS = ("01_prepare.ipynb", "02_finetune.ipynb", "03_generate.ipynb",
@@ -105,15 +109,49 @@ def run_stages(out: str | Path, preset: str = "tiny", photos: str | Path | None 
     # Every likeness feature on, also where a preset leaves one off (the tiny model draws no
     # faces, so its face pass finds none and says so).
     p.generate = dataclasses.replace(p.generate, face_detail=True)
+    eta = announce_eta(p)
+    measured: dict[str, float] = {}
+    start = time.perf_counter()
     prepared = prepare_photos(ws.photos, ws.prepared, p.prepare)
+    measured["prepare"] = time.perf_counter() - start
     for line in prepared.advice:
         print(line)
-    train_lora(ws.prepared, ws.lora, p.train)
-    generate_pack(ws.lora, ws.headshots, p.generate)
+    trained = train_lora(ws.prepared, ws.lora, p.train)
+    generated = generate_pack(ws.lora, ws.headshots, p.generate)
+    start = time.perf_counter()
     result = evaluate_images(ws.prepared / "images", ws.headshots, ws.scores, p.evaluate,
                              run_id=f"demo-{preset}")
+    measured["evaluate"] = time.perf_counter() - start
     print(result.headline)
+    write_measured(ws.root, eta, measured, trained.timings, generated.timings)
     return result
+
+
+def announce_eta(preset) -> "Eta":
+    """Print the journey's ETA on a T4 (headshot_kit.fitcheck.eta) before anything heavy."""
+    from .fitcheck import journey_eta
+
+    eta = journey_eta(preset, "t4")
+    print(eta.summary())
+    return eta
+
+
+def write_measured(folder: Path, eta, measured: dict[str, float], train: dict[str, float],
+                   generate: dict[str, float]) -> Path:
+    """eta.json in the work folder: the measured phases beside the predicted ones. The
+    prepare stage's time stands with caching (the ETA's "prepare + caching"); loads add up, a
+    first load's download included."""
+    from .fitcheck import write_eta
+
+    phases = {"download + loads": train.get("loads", 0.0) + generate.get("loads", 0.0),
+              "prepare + caching": measured.get("prepare", 0.0) + train.get("caching", 0.0)}
+    phases |= {k: v for k, v in train.items() if k not in ("loads", "caching")}
+    phases |= {k: v for k, v in generate.items() if k != "loads"}
+    if "evaluate" in measured:  # a notebook run times its stages itself, or not at all
+        phases["evaluate"] = measured["evaluate"]
+    path = write_eta(folder, eta, phases)
+    print(f"Predicted and measured phase times: {path}")
+    return path
 
 
 def run_notebooks(out: str | Path, preset: str = "tiny", photos: str | Path | None = None,
@@ -152,6 +190,7 @@ def run_demo(out: str | Path = "results/demo", preset: str = "tiny",
              photos: str | Path | None = None, notebooks: bool = False):
     start = time.perf_counter()
     if notebooks:
+        announce_eta(get_preset(preset))
         run_notebooks(out, preset, photos)
     else:
         run_stages(out, preset, photos)

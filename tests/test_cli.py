@@ -312,3 +312,13 @@ def test_demo_command_runs_the_four_stages_on_the_bundled_samples(tmp_path):
     manifest = pd.read_csv(out / "headshots" / "manifest.csv")
     assert len(manifest) == 6
     assert list(pd.read_csv(out / "scores" / "scores.csv")["image"]) == list(manifest["file"])
+    # The journey's ETA was stated first, and the run wrote its measured phases beside it.
+    import json
+
+    eta = json.loads((out / "eta.json").read_text())
+    for phase in ("training", "images + face pass", "evaluate"):
+        assert eta["phases"][phase]["measured_s"] > 0, phase
+        assert eta["phases"][phase]["predicted_s"] > 0, phase
+    # A tiny LoRA's checkpoints take hundredths of a second: timed, perhaps rounded to 0.
+    assert eta["phases"]["checkpoints"]["measured_s"] is not None
+    assert eta["measured_total_s"] > eta["phases"]["training"]["measured_s"]

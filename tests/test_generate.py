@@ -444,7 +444,9 @@ def test_t4_presets_plan_at_least_40_headshots_and_say_how_long(capsys):
         assert n >= 40, name
         assert "on a T4 GPU about" in gen.t4_estimate(cfg, n)
         assert cfg.face_detail, f"{name}: a real model's faces get the face-detail pass"
-        assert "30 steps + 12 for the face pass each" in gen.t4_estimate(cfg, n)
+        # The T4 presets sample 20 steps (the promise's budget); the face pass redraws at
+        # strength 0.4: 8 more.
+        assert "20 steps + 8 for the face pass each" in gen.t4_estimate(cfg, n)
     assert not get_preset("tiny").generate.face_detail  # the tiny model draws no face
     assert not gen.GenerateConfig().face_detail
 

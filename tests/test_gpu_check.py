@@ -20,7 +20,8 @@ def test_gpu_check_tiny_runs_every_phase(tmp_path):
         phases = {row["phase"]: row for row in preset["phases"]}
         assert list(phases) == ["build_model", "prepare", "load_and_cache", "train",
                                 "validation", "checkpoint", "resume", "resume_train", "save",
-                                "free", "reload_and_generate"]
+                                "free", "reload_and_generate", "render", "face_pass",
+                                "evaluate"]
         assert not [name for name, row in phases.items() if "error" in row]
         assert phases["resume"]["resumed_at_step"] == report["steps"]
         assert phases["reload_and_generate"]["images"] == 2
@@ -29,3 +30,12 @@ def test_gpu_check_tiny_runs_every_phase(tmp_path):
         # The fit check's plan stands beside the phases it covers.
         for name in ("load_and_cache", "train", "validation", "resume_train"):
             assert phases[name]["predicted_allocated_gb"] > 0, name
+        # The journey ETA's units are timed, the face pass on a real photo, and every phase
+        # but the download stands measured beside predicted.
+        assert phases["render"]["image_s"] > 0 and phases["render"]["eta_image_s"] > 0
+        assert phases["face_pass"]["face_pass_s"] > 0 and phases["face_pass"]["note"]
+        assert phases["evaluate"]["images"] == 2
+        journey = preset["journey"]["phases"]
+        assert {k for k, v in journey.items() if v["measured_scaled_s"] is None} == {
+            "download", "prepare + caching"}
+        assert preset["journey"]["predicted_total_min"] > 0

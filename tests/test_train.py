@@ -516,3 +516,37 @@ def test_rerunning_a_finished_run_leaves_its_weight_files_byte_for_byte(prepared
         train_lora(prepared_dataset, tmp_path, cfg, progress=False)
         assert [f.read_bytes() for f in files] == before
     assert weights_digest(tmp_path) == digest
+
+
+def test_a_step_walks_no_model_for_its_dtype_or_mode(prepared_dataset, tmp_path, monkeypatch):
+    # `unet.dtype` walks every parameter and `.train()` every module; the loop reads both once
+    # (SDXL: hundreds of milliseconds a step otherwise, bench/step_overhead.py).
+    from diffusers import UNet2DConditionModel
+
+    trainer = Trainer(prepared_dataset, tmp_path, tiny(steps=5, grad_accum=2,
+                                                       checkpoint_every=0, validate_every=0),
+                      progress=False)
+    trainer.train_step()  # the first step sets train mode
+    calls = {"dtype": 0, "train": 0}
+    dtype = UNet2DConditionModel.dtype
+
+    def counted_dtype(self):
+        calls["dtype"] += 1
+        return dtype.fget(self)
+
+    train = torch.nn.Module.train
+
+    def counted_train(self, mode=True):
+        calls["train"] += 1
+        return train(self, mode)
+
+    monkeypatch.setattr(UNet2DConditionModel, "dtype", property(counted_dtype))
+    monkeypatch.setattr(torch.nn.Module, "train", counted_train)
+    for _ in range(2):
+        record = trainer.train_step()
+    assert calls == {"dtype": 0, "train": 0}
+    assert np.isfinite(record["loss"]) and trainer.unet.training
+    # Validation switches to eval mode, and the next step back to train mode once.
+    trainer.fixed_loss()
+    trainer.train_step()
+    assert trainer.unet.training and calls["train"] > 0

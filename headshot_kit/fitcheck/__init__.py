@@ -14,16 +14,20 @@ cheapest change when it does not fit.
   fragmentation) are added, each with its source beside it;
 - time per step: FLOPs counted on the same meta runs (checkpointing's recompute included) at
   the GPU's datasheet peak times an efficiency, plus a fixed per-micro-batch overhead. The
-  efficiencies and the overhead are calibrated on ONE published T4 table (full SD 1.x
-  DreamBooth, 0.93 it/s, and its neighbouring rows; `calibrate()`) and used for every GPU;
-- peak host RAM, roughly, per phase (load, train, save, reload).
+  efficiencies and the overhead are calibrated on published T4 figures (`calibrate()`): full
+  SD 1.x DreamBooth (0.93 it/s) and its neighbouring rows, and the fp32 VAE's efficiency on
+  Hugging Face's SDXL notebook (7.96 s/it); the same numbers are used for every GPU;
+- peak host RAM, roughly, per phase (load, train, save, reload);
+- the journey's ETA (`eta.journey_eta`): every phase from photos to scored headshots, the
+  renders from the same calibration.
 
 How rough: the published SD 1.x memory figures are reproduced within a few percent; the
-published SDXL T4 LoRA run is predicted to fit and its 7.96 s/step is predicted about 30% slow.
-Expect +-15% on memory (allocator fragmentation and CUDA library workspaces are a flat
-allowance, not a measurement) and +-30% or worse on time (two efficiencies and one overhead for
-every kernel and every GPU; other GPUs than the T4 are not calibrated at all). Host RAM is the
-roughest: a baseline guessed for Colab plus the weights each phase holds; `bench/` measures it.
+held-out time figures within 20%: two rows of the SD 1.x table (-15%, +13%) and a second
+published SDXL T4 run (diffusers PR #4470, 10.8 s/step: -2%). Expect +-15% on memory
+(allocator fragmentation and CUDA library workspaces are a flat allowance, not a measurement)
+and +-20% or worse on time (a few efficiencies and one overhead for every kernel and every
+GPU; other GPUs than the T4 are not calibrated at all). Host RAM is the roughest: a baseline
+guessed for Colab plus the weights each phase holds; `bench/` measures it.
 
 The parts: `gpus` (the table and the time calibration), `measure` (meta-tensor measuring),
 `published` (the published runs it is checked against), `plan` (adding it up) and `fix` (the
@@ -37,6 +41,7 @@ import json
 from typing import Any
 
 from ..config import ConfigError, TrainConfig, get_preset, validate_train
+from .eta import Eta, journey_eta, write_eta
 from .fix import join, larger_gpu, suggest_fix
 from .gpus import (CUDA_CONTEXT_GIB, FRAGMENTATION, GB, GIB, GPU, GPUS, T4_CALIBRATION,
                    Calibration, resolve_gpu)
@@ -48,13 +53,13 @@ from .plan import (COLAB_HOST_RAM_GB, MASK_COMPONENT, FitPlan, Recipe, duration,
 from .published import FORK_ROWS, PublishedRun, calibrate, published_runs
 
 __all__ = ["COLAB_HOST_RAM_GB", "CUDA_CONTEXT_GIB", "FORK_ROWS", "FRAGMENTATION", "GB", "GIB",
-           "GPU", "GPUS", "MASK_COMPONENT", "T4_CALIBRATION", "Calibration", "DoesNotFit",
+           "Eta", "GPU", "GPUS", "MASK_COMPONENT", "T4_CALIBRATION", "Calibration", "DoesNotFit",
            "FitPlan",
            "PublishedRun", "Recipe", "StepMeasurement", "build_arch", "calibrate",
-           "check_before_training", "duration", "fit_check", "fitcheck_cli", "load_arch",
+           "check_before_training", "duration", "fit_check", "fitcheck_cli", "journey_eta", "load_arch",
            "measure_sampling", "measure_step", "measure_text", "measure_vae", "optimizer_bytes",
            "parameter_counts", "published_runs", "resolve_gpu", "suggest_fix",
-           "trainable_sizes"]
+           "trainable_sizes", "write_eta"]
 
 
 def fit_check(cfg: TrainConfig, gpu: str | GPU = "t4", mode: str = "lora", *,
@@ -132,11 +137,21 @@ def check_before_training(cfg: TrainConfig, gpu: str | None = None, force: bool 
 
 
 def fitcheck_cli(cfg: TrainConfig | str, gpu: str = "t4", as_json: bool = False,
-                 mode: str = "lora") -> int:
+                 mode: str = "lora", preset: str | None = None) -> int:
     """`headshot-kit fitcheck`: print the plan (or its JSON) of a training config or of a
-    preset's. Returns 0 when it fits, 1 when it does not."""
+    preset's, with the journey's ETA (`eta` in the JSON: total_minutes and phases) of the
+    preset with this training config. Returns 0 when it fits, 1 when it does not."""
     if isinstance(cfg, str):
-        cfg = get_preset(cfg).train
+        preset, cfg = cfg, get_preset(cfg).train
     plan = fit_check(cfg, gpu, mode)
-    print(json.dumps(plan.to_dict(), indent=2, default=str) if as_json else plan.summary())
+    eta = None
+    if preset is not None and mode == "lora":
+        whole = get_preset(preset)
+        whole.train = cfg
+        eta = journey_eta(whole, plan.gpu, plan=plan)
+    if as_json:
+        data = plan.to_dict() | ({"eta": eta.to_dict()} if eta else {})
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(plan.summary() + (f"\n\n{eta.summary()}" if eta else ""))
     return 0 if plan.fits else 1

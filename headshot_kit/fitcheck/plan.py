@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from ..config import ConfigError, TrainConfig
 from ..models import training_precision
 from ..placement import training_placement
-from .gpus import CUDA_CONTEXT_GIB, FRAGMENTATION, GB, GIB, GPU, T4_CALIBRATION
+from .gpus import CUDA_CONTEXT_GIB, FRAGMENTATION, GB, GIB, GPU, T4_CALIBRATION, Calibration
 from .measure import (Transient, measure_sampling, measure_step, measure_text, measure_vae,
                       optimizer_bytes, parameter_counts, trainable_sizes)
 
@@ -80,6 +80,10 @@ class FitPlan:
     host: dict[str, float]
     notes: list[str] = field(default_factory=list)
     fix: str | None = None
+    # FLOPs of one micro-batch by kind, and the optimizer's seconds per step (what the step
+    # time is made of; headshot_kit.fitcheck.published re-derives the calibration from them).
+    micro_flops: dict[str, float] = field(default_factory=dict)
+    optimizer_seconds: float = 0.0
 
     @property
     def budget_gb(self) -> float:
@@ -160,7 +164,7 @@ def _time_line(plan: FitPlan) -> str:
         return "Time: not estimated (nothing was run: it cannot fit)."
     return (f"Time: about {plan.step_seconds:.2f} s per step ({1 / plan.step_seconds:.2f} it/s),"
             f" {plan.cfg.steps} steps in about {duration(plan.step_seconds * plan.cfg.steps)};"
-            " rough: +-30% at best, calibrated on one T4 table only"
+            " rough: +-20% at best, calibrated on published T4 runs only"
             + (", and this GPU is not the T4" if plan.gpu.key != "t4" else "") + ".")
 
 
@@ -238,7 +242,8 @@ def make_plan(cfg: TrainConfig, gpu: GPU, mode: str, recipe: Recipe, measure: bo
 
     # Each phase of the run, with what it holds on the GPU (bytes).
     parts: dict[str, dict[str, float]] = {}
-    flops = {True: 0, False: 0}  # per micro-batch, by "runs in half precision"
+    # Per micro-batch, by "runs in half precision"; "vae": an fp32 VAE's no-grad encode.
+    flops: dict = {True: 0, False: 0, "vae": 0}
     if lower_bound:
         parts["optimizer step"] = weights | {"gradients (fp32)": grads}
         notes.append("Activations not measured: the weights, gradients and optimizer states "
@@ -263,7 +268,7 @@ def make_plan(cfg: TrainConfig, gpu: GPU, mode: str, recipe: Recipe, measure: bo
         if vae_every_step:
             vae = measure_vae(family, cfg.resolution, unet_batch, vae_half)
             encoders.append(("VAE encoder activations (measured)", vae.peak))
-            flops[vae_half] += vae.flops
+            flops[True if vae_half else "vae"] += vae.flops
         if text_every_step and not cfg.train_text_encoder:
             text = measure_text(family, unet_batch, half)
             encoders.append(("text encoder activations (measured)", text.peak))
@@ -308,16 +313,25 @@ def make_plan(cfg: TrainConfig, gpu: GPU, mode: str, recipe: Recipe, measure: bo
     components["CUDA context"] = fixed / GB
     total = (allocated * FRAGMENTATION + fixed) / GB
 
-    cal = T4_CALIBRATION
-    micro = math.nan if lower_bound else (
-        cal.overhead_s + flops[True] / (gpu.fp16_tflops * 1e12 * cal.tensor_efficiency)
-        + flops[False] / (gpu.fp32_tflops * 1e12 * cal.fp32_efficiency))
+    micro = math.nan if lower_bound else micro_seconds(flops, gpu)
     optimizer_s = sum(sizes) * ADAM_TRAFFIC[cfg.optimizer] / (gpu.bandwidth_gbs * GB)
-    return FitPlan(cfg, gpu, mode, dtype, recipe, components,
+    plan = FitPlan(cfg, gpu, mode, dtype, recipe, components,
                    {k: v / GB for k, v in phases.items()}, peak_phase, total, lower_bound,
                    cfg.grad_accum * micro + optimizer_s,
-                   cfg.grad_accum * (flops[True] + flops[False]),
+                   cfg.grad_accum * sum(flops.values()),
                    _host_ram(cfg, mode, counts, wbytes, vae_bytes, text_bytes, sizes), notes)
+    plan.micro_flops = {"fp16": flops[True], "fp32": flops[False], "vae_fp32": flops["vae"]}
+    plan.optimizer_seconds = optimizer_s
+    return plan
+
+
+def micro_seconds(flops: dict, gpu: GPU, cal: Calibration | None = None) -> float:
+    """One micro-batch's time: the fixed overhead plus its FLOPs at each kind's efficiency
+    (tensor-core half precision, fp32 training work, an fp32 VAE's no-grad encode)."""
+    cal = cal or T4_CALIBRATION
+    return (cal.overhead_s + flops[True] / (gpu.fp16_tflops * 1e12 * cal.tensor_efficiency)
+            + flops[False] / (gpu.fp32_tflops * 1e12 * cal.fp32_efficiency)
+            + flops["vae"] / (gpu.fp32_tflops * 1e12 * cal.vae_fp32_efficiency))
 
 
 def _host_ram(cfg: TrainConfig, mode: str, counts: dict[str, int], wbytes: int,

@@ -69,16 +69,44 @@ def published_runs() -> dict[str, PublishedRun]:
     # loss was the plain MSE (background_weight 1).
     sdxl = dataclasses.replace(get_preset("sdxl-t4").train, mixed_precision="fp16",
                                cache_latents=False, prior_preservation=False,
-                               background_weight=1.0)
+                               background_weight=1.0, grad_accum=3, steps=500, lr=1e-4,
+                               resolution=1024, rank=4, optimizer="adamw8bit",
+                               gradient_checkpointing=True)
     runs.append(PublishedRun(
         "sdxl-lora-t4", "huggingface/notebooks SDXL_DreamBooth_LoRA_.ipynb (T4)", sdxl, "lora",
         {"vae_dtype": "fp32", "text_encoders_on_gpu": True, "text_encoders_every_step": True},
         "t4", None, 7.96))
+    # diffusers PR #4470 ("Allow SDXL LoRA to be run with less than 16GB of VRAM", Aug 2023),
+    # a user's free-Colab T4 run after tuning: "500 steps for ~1h30m" (10.8 s/step) with the
+    # settings of the README's dog example under 16 GB: 1024 px, batch 1, accumulation 4,
+    # checkpointing, 8-bit Adam, fp16, the fp16-fix VAE. That script encoded every micro-batch
+    # with the VAE in fp32 ("The VAE is always in float32 to avoid NaN losses") and, with one
+    # instance prompt and no text-encoder training, encoded the prompt once and freed the
+    # text encoders. Not used to calibrate anything: evidence only. Its ~1h30m is a rounded
+    # wall time and may include its validation renders, so it is an upper bound.
+    pr = dataclasses.replace(sdxl, grad_accum=4)
+    runs.append(PublishedRun(
+        "sdxl-lora-t4-pr4470", "diffusers PR #4470 (a user's T4 run, ~1 h 30 min / 500 steps)",
+        pr, "lora", {"vae_dtype": "fp32", "vae_every_step": True,
+                     "text_encoders_on_gpu": False, "text_encoders_every_step": False},
+        "t4", None, 90 * 60 / 500))
     return {run.name: run for run in runs}
 
 
+# Published T4 render rates (the journey ETA's renders are checked against them).
+# SD 1.x, 512 px, fp16, classifier-free guidance (batch 2 through the UNet): about 4.7 it/s
+# (diffusers#1050). Calibrates Calibration.sampling_overhead_s.
+SD15_T4_ITS = 4.7
+# SDXL, 1024 px, fp16, 25 steps with guidance: 26.5 s per image; with LCM-LoRA, 4 steps at
+# guidance 1 (no second UNet pass): 8.4 s (Hugging Face blog "SDXL in 4 steps with LCM-LoRA",
+# Colab T4, the stock VAE, which decodes upcast to fp32). Evidence only.
+SDXL_T4_IMAGE_S = {25: 26.5}
+SDXL_T4_LCM_IMAGE_S = {4: 8.4}
+
+
 def calibrate() -> Calibration:
-    """Re-derive T4_CALIBRATION from the fork's T4 table and our FLOP counts.
+    """Re-derive T4_CALIBRATION from the fork's T4 table, the SDXL notebook, SD 1.x's
+    published render rate and our FLOP counts.
 
     Three rows of one table, all full SD 1.x fine-tunes at 512 px with checkpointing and 8-bit
     Adam (the UNet sees 2 images per batch: prior preservation):
@@ -105,4 +133,33 @@ def calibrate() -> Calibration:
                 - flops(one) / (t4.fp16_tflops * 1e12 * tensor))
     fp32_eff = flops(one) / (t4.fp32_tflops * 1e12 * (fp32.seconds_per_step - optimizer_s
                                                        - overhead))
-    return Calibration(tensor, fp32_eff, overhead)
+    base = Calibration(tensor, fp32_eff, overhead)
+    return dataclasses.replace(base, vae_fp32_efficiency=_vae_fp32_efficiency(base),
+                               sampling_overhead_s=_sampling_overhead(base))
+
+
+def _vae_fp32_efficiency(cal: Calibration) -> float:
+    """- the SDXL notebook's 7.96 s/step (3 micro-batches, each one UNet forward + backward in
+    fp16 and one fp32 VAE encode): what the fp16 work and the overhead leave of each
+    micro-batch is the fp32 VAE's time, which gives its efficiency."""
+    from .plan import make_plan, split_overrides
+
+    t4 = GPUS["t4"]
+    run = published_runs()["sdxl-lora-t4"]
+    cfg, recipe = split_overrides(run.cfg, dict(run.overrides))
+    plan = make_plan(cfg, t4, run.mode, recipe)
+    f = plan.micro_flops
+    micro = (run.seconds_per_step - plan.optimizer_seconds) / cfg.grad_accum
+    rest = (micro - cal.overhead_s - f["fp16"] / (t4.fp16_tflops * 1e12 * cal.tensor_efficiency)
+            - f["fp32"] / (t4.fp32_tflops * 1e12 * cal.fp32_efficiency))
+    return f["vae_fp32"] / (t4.fp32_tflops * 1e12 * rest)
+
+
+def _sampling_overhead(cal: Calibration) -> float:
+    """- SD 1.x's 4.7 it/s at 512 px: what a denoising step takes beyond its FLOPs at the
+    tensor-core efficiency."""
+    from .measure import measure_sampling
+
+    t4 = GPUS["t4"]
+    flops = measure_sampling("sd15", 512, True).flops
+    return 1 / SD15_T4_ITS - flops / (t4.fp16_tflops * 1e12 * cal.tensor_efficiency)

@@ -25,8 +25,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from contextlib import ExitStack
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -35,7 +36,6 @@ from PIL import Image
 
 from ..config import ConfigError, GenerateConfig, save_config
 from ..facedetail import pass_steps
-from ..families import get_family
 from ..images import image_grid
 from ..lora import chosen_checkpoint, lora_weights
 from ..storage import (WORKBENCH_MARKER, FolderLock, atomic_dir, atomic_path, copy_ranked,
@@ -59,8 +59,8 @@ __all__ = ["AXES", "MANIFEST_COLUMNS", "SAMPLERS", "ComparePlan", "GenerateResul
 
 MANIFEST_COLUMNS = ["file", "style", "seed", "prompt", "negative_prompt", "steps", "guidance",
                     "scheduler", "lora_scale", "width", "height", "model", "family", "lora",
-                    "face_detail_strength", "face_detail_padding", "face_detail_note", "starred",
-                    "image_check"]
+                    "face_detail_strength", "face_detail_padding", "face_detail_note",
+                    "fast_pack", "starred", "image_check"]
 # What a pack writes (and replaces on a re-run); anything else in its folder is kept as it is.
 PACK_FILES = ("images", "manifest.csv", "grid.png", "config.json", WORKBENCH_MARKER)
 # A star clicked while the pack is written waits this long for the manifest at most.
@@ -74,6 +74,9 @@ class GenerateResult:
     manifest: pd.DataFrame
     images: list[Image.Image]
     grid: Image.Image
+    # Measured seconds: loading the pipeline, and rendering (first renders and face passes),
+    # named as the journey ETA names its phases (headshot_kit.fitcheck.eta).
+    timings: dict = field(default_factory=dict)
 
 
 def generate_pack(lora_dir: str | Path | None, out_dir: str | Path,
@@ -115,8 +118,12 @@ def _write_pack(lora_dir, out_dir: Path, cfg: GenerateConfig, names: list[str],
                                  if todo else "; nothing to render."))
     if released:
         print(released)
+    timings = {}
+    began = time.perf_counter()
     if todo and pipe is None:
         pipe = load_generate_pipeline(cfg)
+        timings["loads"] = round(time.perf_counter() - began, 2)
+    began = time.perf_counter()
     # Each image with its face-detail note and its star.
     made: dict[str, tuple[Image.Image, str, bool]] = {}
     # The manifest lock is taken at the end and held until the new pack is in place, so a
@@ -136,6 +143,7 @@ def _write_pack(lora_dir, out_dir: Path, cfg: GenerateConfig, names: list[str],
                         save_png(done.image, tmp / _file(shot), shot, done.note)
                         made[_file(shot)] = (done.image, done.note, False)
                     bar.update(len(batch))
+            timings["images + face pass"] = round(time.perf_counter() - began, 2)
             swap_done.enter_context(_pack_lock(out_dir, "manifest").held(wait=STAR_WAIT_S))
             stars = _current_stars(out_dir, kept)
             _keep_others(out_dir, tmp)
@@ -156,7 +164,8 @@ def _write_pack(lora_dir, out_dir: Path, cfg: GenerateConfig, names: list[str],
     if len(flagged):
         print(f"{len(flagged)} of {len(manifest)} images came out blank ({flagged['file'].iloc[0]}:"
               f" {flagged['image_check'].iloc[0]}); manifest.csv flags them in image_check.")
-    return GenerateResult(out_dir=out_dir, manifest=manifest, images=images, grid=grid)
+    return GenerateResult(out_dir=out_dir, manifest=manifest, images=images, grid=grid,
+                          timings=timings)
 
 
 def image_check(image: Image.Image) -> str:
@@ -241,21 +250,35 @@ def _weights_used(lora_dir: Path | None, cfg: GenerateConfig) -> str:
 
 
 def t4_estimate(cfg: GenerateConfig, n_images: int) -> str:
-    """About how long `n_images` take on a free Colab T4, as a sentence (the family's stated
-    seconds per step and per decode at its native size, scaled by the pixel count). The
-    face-detail pass adds, for the one face of a headshot, its img2img steps at full size and
-    a second decode (its encode is counted as one more)."""
-    family = get_family(cfg.family)
-    per_step, decode = family.t4_seconds
-    scale = (cfg.resolution / family.native_resolution) ** 2
-    steps, decodes, detail = cfg.steps, 1, ""
+    """About how long `n_images` take on a free Colab T4, as a sentence: the journey ETA's
+    render model (headshot_kit.fitcheck.eta: each step's FLOPs at the calibrated efficiency,
+    the decode, and for the face-detail pass its img2img steps, encode and decode)."""
+    from ..fitcheck import eta
+    from ..fitcheck.gpus import GPUS
+
+    t4 = GPUS["t4"]
+    from .fast import active_pack, get_fast_pack
+
+    cfg = replace(cfg, fast_pack=active_pack(cfg.fast_pack))
+    steps, guidance = cfg.steps, cfg.guidance
+    if cfg.fast_pack:
+        pack = get_fast_pack(cfg.fast_pack)
+        steps, guidance = pack.steps, pack.guidance
+    tile = eta.decode_tile(cfg, t4)
+    per_step = eta.sampling_step_seconds(cfg.family, cfg.resolution, guidance > 1, t4)
+    seconds = n_images * eta.render_seconds(cfg.family, cfg.resolution, steps, guidance,
+                                            tiled_at=tile, gpu=t4,
+                                            fast_pack=bool(cfg.fast_pack))
+    detail = ""
     if cfg.face_detail:
-        extra = int(pass_steps(cfg.steps, cfg.face_detail_strength) * cfg.face_detail_strength)
-        steps, decodes, detail = steps + extra, 3, f" + {extra} for the face pass"
-    seconds = n_images * (steps * per_step + decodes * decode) * scale
+        extra = int(pass_steps(steps, cfg.face_detail_strength) * cfg.face_detail_strength)
+        detail = f" + {extra} for the face pass"
+        seconds += n_images * eta.face_pass_seconds(cfg, t4, steps=steps, guidance=guidance,
+                                                    tiled_at=tile)
     when = "under a minute" if seconds < 60 else f"about {seconds / 60:.0f} min"
-    return (f"on a T4 GPU {when} ({cfg.steps} steps{detail} each at {per_step * scale:.2g} s "
-            f"per step at {cfg.resolution} px: an estimate)")
+    pack = f", {cfg.fast_pack}" if cfg.fast_pack else ""
+    return (f"on a T4 GPU {when} ({steps} steps{detail} each at {per_step:.2g} s "
+            f"per step at {cfg.resolution} px{pack}: an estimate)")
 
 
 def weights_digest(lora_dir: Path | None) -> str:

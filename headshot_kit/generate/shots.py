@@ -54,6 +54,8 @@ SAMPLERS = {
     "euler-a": Sampler("Euler a", "EulerAncestralDiscreteScheduler"),
     # DDIM's own default clips samples to [-1, 1], which is wrong for latents.
     "ddim": Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}),
+    # Latent consistency sampling: what LCM-LoRA's authors prescribe (generate.fast).
+    "lcm": Sampler("LCM", "LCMScheduler"),
 }
 
 
@@ -79,6 +81,8 @@ class Shot:
     # Its margin around each face (a fraction of the face's side); 0 while the pass is off,
     # so that a padding setting with the pass off changes no Shot.
     face_detail_padding: float = 0.0
+    # The few-step LoRA stacked on the face LoRA (generate.fast.FAST_PACKS); "" = none.
+    fast_pack: str = ""
 
     def __post_init__(self):
         # Floats, as the manifest reads them back: an unchanged image is recognised by its row.
@@ -114,6 +118,8 @@ class Shot:
             ui = ui_weights(self.lora_dir)
             if ui is not None:
                 fields["Lora hashes"] = f"{self.lora}: {lora_short_hash(ui)}"
+        if self.fast_pack:
+            fields["Fast pack"] = self.fast_pack
         fields.update(detail_parameters(self.face_detail_strength, self.face_detail_padding,
                                         face_detail_note))
         line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items())
@@ -143,6 +149,13 @@ def make_shot(cfg: GenerateConfig, style: Style, seed: int, lora_dir: str | Path
         lora_dir=str(lora_dir) if lora_dir else None,
         face_detail_strength=float(cfg.face_detail_strength) if cfg.face_detail else 0.0,
         face_detail_padding=float(cfg.face_detail_padding))
+    from .fast import active_pack, get_fast_pack
+
+    if active_pack(cfg.fast_pack):
+        # The few-step LoRA's prescribed sampler, steps and guidance replace the config's.
+        pack = get_fast_pack(active_pack(cfg.fast_pack))
+        settings.update(fast_pack=pack.name, scheduler=pack.scheduler, steps=pack.steps,
+                        guidance=float(pack.guidance))
     # One Shot from settings and overrides together: the padding drops to 0 only if the
     # strength that ends up in the Shot is 0.
     shot = Shot(**{**settings, **overrides})
@@ -262,15 +275,27 @@ def check_lora(lora_dir: str | Path | None, cfg: GenerateConfig) -> Path | None:
     return Path(lora_dir)
 
 
-def use_lora(pipe, lora_dir: str | Path | None, scale: float) -> None:
-    """Make `lora_dir` the pipeline's only active LoRA at `scale`, or turn LoRAs off (None).
+def use_lora(pipe, lora_dir: str | Path | None, scale: float, fast_pack: str = "",
+             family: str = "sd15") -> None:
+    """Make `lora_dir` the pipeline's active LoRA at `scale` (None: the base model), with the
+    few-step LoRA `fast_pack` stacked on it through diffusers' multi-adapter API
+    (`set_adapters` with one weight per adapter), or turn LoRAs off.
 
     Each LoRA is loaded once per pipeline, under a name derived from its file's path and
     modification time, so switching back and forth is free and a retrained LoRA is reloaded.
     """
     loaded = {name for names in pipe.get_list_adapters().values() for name in names}
+    active, strengths = [], []
+    if fast_pack:
+        from .fast import get_fast_pack, load_fast_pack
+
+        active.append(load_fast_pack(pipe, fast_pack, family))
+        strengths.append(get_fast_pack(fast_pack).weight)
     if lora_dir is None:
-        if loaded:
+        if active:
+            pipe.enable_lora()
+            pipe.set_adapters(active, adapter_weights=strengths)
+        elif loaded:
             pipe.disable_lora()
         return
     weights = lora_weights(lora_dir)
@@ -292,7 +317,7 @@ def use_lora(pipe, lora_dir: str | Path | None, scale: float) -> None:
             pipe.delete_adapters([name])
             raise
     pipe.enable_lora()
-    pipe.set_adapters([name], adapter_weights=[scale])
+    pipe.set_adapters([name, *active], adapter_weights=[scale, *strengths])
 
 
 def load_generate_pipeline(cfg: GenerateConfig):
@@ -303,17 +328,42 @@ def load_generate_pipeline(cfg: GenerateConfig):
     pipe = load_pipeline(cfg.model, cfg.family, device=device,
                          dtype=pick_dtype(device, "no" if device == "cpu" else "fp16"))
     if device.startswith("cuda"):
-        save_decode_memory(pipe, cfg.family)
+        save_decode_memory(pipe, cfg.family, cfg.resolution)
     return pipe
 
 
-def save_decode_memory(pipe, family: str) -> None:
+# The SDXL VAE's 1024 px decode in fp16 holds 1.6 GB of activations at its peak (measured on
+# meta tensors, fitcheck.measure_vae; tests/test_eta.py checks it); twice that leaves room for
+# allocator rounding and cuDNN workspaces.
+UNTILED_DECODE_BYTES_1024 = 2 * 1.6e9
+# Tiles of the fp16-fix VAE's sample_size (512 px), as diffusers tiles them.
+DECODE_TILE = 512
+
+
+def tiles_decode(family: str, resolution: int, free_bytes: float) -> int:
+    """The tile side (px) a decode needs with `free_bytes` of GPU memory left, 0 = untiled:
+    only a family that asks for tiles (SDXL) and only where one decode at once does not fit.
+    With the SDXL pipeline on a T4 about 7 GB stay free, so a 1024 px decode runs whole:
+    tiling it would decode 1.56x the pixels (9 overlapping tiles)."""
+    if not get_family(family).tiled_decode:
+        return 0
+    return 0 if free_bytes >= UNTILED_DECODE_BYTES_1024 * (resolution / 1024) ** 2 else (
+        DECODE_TILE)
+
+
+def save_decode_memory(pipe, family: str, resolution: int | None = None) -> None:
     """Decode a batch one image at a time (what pick_batch_size counts on, for every family)
-    and, where the family asks for it (SDXL), in tiles: a 1024 px decode at once needs more
-    memory than a T4 has left."""
+    and in tiles where the family asks for it and the GPU's free memory is too small for one
+    decode at once (tiles_decode)."""
+    import torch
+
     pipe.vae.enable_slicing()
-    if get_family(family).tiled_decode:
+    resolution = resolution or get_family(family).native_resolution
+    free = torch.cuda.mem_get_info(pipe.device)[0] if pipe.device.type == "cuda" else math.inf
+    if tiles_decode(family, resolution, free):
         pipe.vae.enable_tiling()
+    else:
+        pipe.vae.disable_tiling()
 
 
 def render(shot: Shot, pipe) -> Image.Image:
@@ -332,7 +382,7 @@ def render_batch(shots: Sequence[Shot], pipe) -> list[FaceDetailResult]:
     if any(dataclasses.replace(s, seed=first.seed) != first for s in shots):
         raise ValueError("render_batch takes shots that differ only in their seed.")
     # Set here, not in first_render: the face pass shares the pipeline's LoRA'd weights.
-    use_lora(pipe, first.lora_dir, first.lora_scale)
+    use_lora(pipe, first.lora_dir, first.lora_scale, first.fast_pack, first.family)
     pipe.scheduler = make_scheduler(first.scheduler, model_schedule(pipe))
     # Our own bars count images; diffusers' per-step bar would only add noise.
     pipe.set_progress_bar_config(disable=True)
@@ -438,7 +488,7 @@ def read_parameters(png_path: str | Path) -> dict[str, Any]:
         "seed": int(params["Seed"]), "width": width, "height": height,
         "model": params.get("Model", ""), "lora": lora, "lora_scale": float(scale),
         "face_detail_strength": strength, "face_detail_padding": padding,
-        "face_detail_note": note,
+        "face_detail_note": note, "fast_pack": params.get("Fast pack", ""),
     }
 
 
@@ -464,7 +514,8 @@ def shot_from_row(row: Mapping[str, Any], lora_dir: str | Path | None) -> Shot:
                 lora_dir=str(lora_dir) if lora_dir is not None else None,
                 # A manifest from before the face-detail pass has no such columns: no pass.
                 face_detail_strength=float(cell_text(row.get("face_detail_strength")) or 0),
-                face_detail_padding=float(cell_text(row.get("face_detail_padding")) or 0)))
+                face_detail_padding=float(cell_text(row.get("face_detail_padding")) or 0),
+                fast_pack=cell_text(row.get("fast_pack", ""))))
 
 
 def check_shot(shot: Shot) -> Shot:

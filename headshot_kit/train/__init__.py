@@ -31,8 +31,9 @@ import json
 import random
 import shutil
 import time
+from collections import defaultdict
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -90,6 +91,9 @@ class TrainResult:
     best_step: int | None = None
     best_likeness: float | None = None
     chosen_by: str = ""  # the face network that scored it
+    # Measured seconds of the run's phases (loads, caching, training, validation,
+    # checkpoints), named as the journey ETA names them (headshot_kit.fitcheck.eta).
+    timings: dict = field(default_factory=dict)
 
     def plot(self):
         from ..images import plot_loss
@@ -172,14 +176,17 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         cfg, progress = self.cfg, self.progress
+        self.timings: dict[str, float] = defaultdict(float)
         self.accelerator = fresh_accelerator(self.dtype, device)
         self.device = self.accelerator.device
-        self.pipe = models.load_pipeline(cfg.model, cfg.family, device=str(self.device),
-                                         dtype=self.dtype)
+        with self.timed("loads"):
+            self.pipe = models.load_pipeline(cfg.model, cfg.family, device=str(self.device),
+                                             dtype=self.dtype)
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
         class_images = (ensure_class_images(self.pipe, cfg, progress)
                         if cfg.prior_preservation else [])
-        self._cache_inputs(class_images)
+        with self.timed("caching"):
+            self._cache_inputs(class_images)
 
         unet = self.pipe.unet
         if cfg.gradient_checkpointing:
@@ -209,6 +216,9 @@ class Trainer:
                                   num_training_steps=cfg.steps)
         self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             unet, optimizer, scheduler)
+        # Read once: `unet.dtype` walks every parameter, and the loop needs it every micro-batch.
+        self.unet_dtype = unet.dtype
+        self.training_mode: bool | None = None  # what _train_mode last set
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step, self.bad_in_row = 0, 0
         self.started_at = time.time()  # for the LoRA file's metadata
@@ -237,6 +247,20 @@ class Trainer:
                 then = ("resuming from the one before it" if n + 1 < len(found)
                         else "no older one is left, so training starts over")
                 print(f"{exc}: skipped, {then}.")
+
+    @contextmanager
+    def timed(self, phase: str):
+        """Add the wall time of the block to `timings[phase]` (the GPU's queue drained first
+        and last, so the time is the work's, not the queue's)."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.timings[phase] += time.perf_counter() - start
 
     def close(self) -> None:
         """Let go of the models, optimizer and cached inputs, and hand their GPU memory back.
@@ -309,9 +333,13 @@ class Trainer:
 
     def _train_mode(self, training: bool) -> None:
         """Train mode for every model with a LoRA while it learns: gradient checkpointing and
-        dropout act only then. Eval mode for fixed losses and validation."""
+        dropout act only then. Eval mode for fixed losses and validation. Only a change of mode
+        walks the models (`.train()` visits every module: milliseconds on SD 1.5, every step)."""
+        if self.training_mode is training:
+            return
         for name in self._lora_modules():
             getattr(self.pipe, name).train(training)
+        self.training_mode = training
 
     def _draw(self, pool: torch.Tensor) -> torch.Tensor:
         pick = torch.randint(0, len(pool), (self.cfg.batch_size,), generator=self.generator)
@@ -344,7 +372,7 @@ class Trainer:
             per_image = diffusion_loss(self.unet, self.noise_scheduler, latents, cond,
                                        generator=self.generator, snr_gamma=self.cfg.snr_gamma,
                                        noise_offset=self.cfg.noise_offset, weights=weights,
-                                       reduce=False)
+                                       reduce=False, dtype=self.unet_dtype)
         loss = per_image[:n_instance].mean()
         if self.cfg.prior_preservation:
             loss = loss + self.cfg.prior_loss_weight * per_image[n_instance:].mean()
@@ -358,14 +386,18 @@ class Trainer:
         """
         cfg = self.cfg
         self._train_mode(True)
-        losses, bad, overflow = [], False, False
+        overflow = False
+        losses = []
         for _ in range(cfg.grad_accum):
             loss = self.micro_loss()
-            if not torch.isfinite(loss):
-                bad = True
-                break
             self.accelerator.backward(loss / cfg.grad_accum)
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
+        # The one point where the host waits for the GPU: the step is skipped when a
+        # micro-batch's loss is not finite (its NaN gradients are thrown away with the rest),
+        # and the values go to the record. Reading each loss as it came would stop the CPU
+        # from queueing the next micro-batch while the GPU computes this one.
+        values = torch.stack(losses).float().cpu().tolist()
+        bad = not all(np.isfinite(values))
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_in_row += 1
@@ -379,7 +411,7 @@ class Trainer:
             # scale (the LR schedule waits too): normal early in a run, not divergence.
             overflow = self.accelerator.optimizer_step_was_skipped
         self.step += 1
-        record = {"step": self.step, "loss": float(np.mean(losses)) if not bad else float("nan"),
+        record = {"step": self.step, "loss": float(np.mean(values)) if not bad else float("nan"),
                   "lr": self.lr_scheduler.get_last_lr()[0], "skipped": bad or overflow}
         self.history.append(record)
         if self.bad_in_row >= cfg.max_bad_steps:
@@ -553,6 +585,8 @@ class Trainer:
             if self.on_step and self.history:  # a watcher shows where the run stands
                 self.on_step(self, self.history[-1])
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", disable=not self.progress)
+        # Training steps are timed without syncing: each already waits for its loss.
+        train_start = time.perf_counter()
         while self.step < cfg.steps:
             record = self.train_step()
             bar.update(1)
@@ -560,12 +594,17 @@ class Trainer:
             if self.on_step:
                 self.on_step(self, record)
             if cfg.validate_every and self.step % cfg.validate_every == 0:
-                self.validate()
+                with self.timed("validation"):
+                    self.validate()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save_checkpoint()
+                with self.timed("checkpoints"):
+                    self.save_checkpoint()
         last = latest_checkpoint(self.checkpoint_dir)
         if last is None or int(last.name.split("-")[-1]) != self.step:
-            self.save_checkpoint()  # the last step too: a re-run then knows the run is finished
+            with self.timed("checkpoints"):
+                self.save_checkpoint()  # the last step too: a re-run then knows it is finished
+        self.timings["training"] += (time.perf_counter() - train_start
+                                     - self.timings["validation"] - self.timings["checkpoints"])
         bar.close()
         return self.save(time.perf_counter() - start)
 
@@ -613,7 +652,8 @@ class Trainer:
                                     checkpoint_chosen_by=kept.get("chosen_by"))
         result = TrainResult(out, lora_path, metrics, self.optimizer_name, seconds, skipped,
                              best_step=kept.get("step"), best_likeness=kept.get("likeness"),
-                             chosen_by=kept.get("chosen_by", ""))
+                             chosen_by=kept.get("chosen_by", ""),
+                             timings={k: round(v, 2) for k, v in self.timings.items()})
         if metrics["loss"].notna().any():
             import matplotlib.pyplot as plt
 
