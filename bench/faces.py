@@ -61,7 +61,7 @@ def main() -> None:
     from headshot_kit import faces
     from headshot_kit.images import load_image
 
-    photos = sorted(p for p in (ROOT / "data" / "samples").iterdir()
+    photos = sorted(p for p in (ROOT / "data" / "samples" / "photos").iterdir()
                     if p.suffix.lower() in (".jpg", ".png"))
     finders = {"hog": hog, "yunet": faces.detect_faces_yunet}
     # Each photo's face at full size (every finder finds it there: see the first rows).
@@ -96,7 +96,7 @@ def main() -> None:
                                       (hb - t) / ht_])
     medians = [round(statistics.median(u[k] for u in box_units), 3) for k in range(4)]
     write_result("faces", {"rows": rows, "hog_box_in_yunet_units_median": medians})
-    print(f"\n| photos | detector | faces found | extra | ms per photo |\n|---|---|---|---|---|")
+    print("\n| photos | detector | faces found | extra | ms per photo |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['detector']} | {r['found']}/{r['photos']} | {r['extra']} | "
               f"{r['ms_median']:.0f} |")

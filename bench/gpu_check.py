@@ -31,7 +31,7 @@ preset's caption (the JSON says which it used).
 
 The journey ETA (headshot_kit.fitcheck.eta) is checked in the same call: one render at the
 preset's steps, guidance and size (decoded as the pack decodes), the face-detail pass at full
-size on a real photo (data/samples/obama.jpg, centre-cropped to the model's size: a first
+size on a real photo (data/samples/photos/obama.jpg, centre-cropped to the model's size: a first
 render that holds a face) and evaluate on the pack time their units; `journey` in the JSON
 scales each measured unit (a training step, a render, a face pass, a load, a scored face) to
 the preset's whole journey beside the ETA's prediction of that phase. Only the download is not
@@ -374,7 +374,8 @@ def face_photo(resolution: int):
     """A real photo holding a face, centre-cropped to the model's size."""
     from headshot_kit.images import centre_square, load_image
 
-    return centre_square(load_image(ROOT / "data" / "samples" / FACE_PHOTO), resolution)
+    photo = ROOT / "data" / "samples" / "photos" / FACE_PHOTO
+    return centre_square(load_image(photo), resolution)
 
 
 def eta_phases(check: Check, name: str, args, work: Path, model: str, lora_dir: Path,

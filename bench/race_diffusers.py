@@ -32,7 +32,6 @@ Usage: python bench/race_diffusers.py --script PATH [--torchvision DIR] [--steps
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import runpy
@@ -195,8 +194,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"ours": [], "theirs": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        prepare_photos([ROOT / "data" / "samples" / n for n in SAMPLES], tmp / "data",
-                       get_preset("tiny").prepare)
+        photos = ROOT / "data" / "samples" / "photos"
+        prepare_photos([photos / n for n in SAMPLES], tmp / "data", get_preset("tiny").prepare)
         images = tmp / "data" / "images"
         me = [sys.executable, __file__, "--child"]
         for i in range(args.repeats):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import ROOT
 from headshot_kit.cli import _stage_config, build_parser, field_docs, main
-from headshot_kit.config import ConfigError
+from headshot_kit.config import ConfigError, get_preset
 
 
 def parse(*argv):
@@ -81,8 +81,9 @@ def test_a_gpu_preset_on_a_machine_without_one_is_refused_with_the_way_out(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["train", "--data", str(prepared_dataset), "--out", str(tmp_path / "o")]) == 2
     first, refusal = capsys.readouterr().err.strip().splitlines()
+    steps = get_preset("sd15-t4").train.steps
     assert first == ("headshot-kit train: preset sd15-t4 (stable-diffusion-v1-5/"
-                     "stable-diffusion-v1-5, 512 px, 800 steps)")
+                     f"stable-diffusion-v1-5, 512 px, {steps} steps)")
     assert "this machine has none" in refusal and "--preset tiny" in refusal
     assert not (tmp_path / "o").exists()
     # The tiny preset names its model too.
@@ -96,7 +97,8 @@ def test_help_shows_the_values_of_the_preset_that_runs(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    assert "as preset sd15-t4 sets them" in text and "  steps = 800 (int)" in text
+    steps = get_preset("sd15-t4").train.steps
+    assert "as preset sd15-t4 sets them" in text and f"  steps = {steps} (int)" in text
     with pytest.raises(SystemExit):
         main(["train", "--preset", "tiny", "--help"])
     text = capsys.readouterr().out

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from headshot_kit import formats
+from headshot_kit.facedetail import DETECTOR_NAME
 from headshot_kit.families import get_family
 from headshot_kit.fitcheck.measure import load_arch, meta_text_encoders, meta_unet
 from headshot_kit.lora import add_lora, peft_state, text_encoder_lora_state
@@ -657,7 +658,7 @@ def test_a1111_pastes_the_model_the_lora_and_the_face_pass(sd15_lora, tmp_path):
         if lora:
             assert found["Prompt"].endswith("<lora:ohwx-test0000:0.75>")
         # The workbench's own detector and settings, under keys of its own.
-        assert found["Face detail detector"] == "dlib-hog"
+        assert found["Face detail detector"] == DETECTOR_NAME == "yunet-2023mar-int8"
         assert float(found["Face detail padding"]) == cfg.face_detail_padding
         gen.save_png(gen.Image.new("RGB", (8, 8)), tmp_path / "x.png", shot, "1 face redrawn")
         params = gen.read_parameters(tmp_path / "x.png")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -352,11 +353,13 @@ def test_a_broken_lora_file_is_refused_in_one_sentence_naming_it(
     assert str(broken / LORA_WEIGHTS) in str(refused.value)
     assert not (tmp_path / "pack" / "manifest.csv").exists()
     # The command line says it in one line, exit status 2.
-    assert main(["generate", "--lora", str(broken), "--out", str(tmp_path / "cli"),
-                 "--set", "styles=corporate", "--set", "seeds=0", "--set", "steps=2"]) == 2
+    assert main(["generate", "--preset", "tiny", "--lora", str(broken), "--out",
+                 str(tmp_path / "cli"), "--set", "styles=corporate", "--set", "seeds=0",
+                 "--set", "steps=2"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    (line,) = [line for line in err.splitlines() if line.startswith("headshot-kit")]
+    (line,) = [line for line in err.splitlines()
+               if line.startswith("headshot-kit") and not _BANNER.search(line)]
     assert said in line and str(broken / LORA_WEIGHTS) in line
 
 
@@ -364,10 +367,15 @@ def test_a_broken_lora_file_is_refused_in_one_sentence_naming_it(
 # The command line: one line and exit status 2 for every failure a user can meet
 
 
+# The line a stage command starts with (which preset runs): not the error line.
+_BANNER = re.compile(r"^headshot-kit \w+: preset \S+ \(")
+
+
 def _one_line(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    (line,) = [line for line in err.splitlines() if line.startswith("headshot-kit")]
+    (line,) = [line for line in err.splitlines()
+               if line.startswith("headshot-kit") and not _BANNER.search(line)]
     return line
 
 
@@ -378,7 +386,8 @@ def test_a_full_disk_is_one_line_and_the_old_pack_survives(tmp_path, capsys, mon
     from headshot_kit.cli import main
 
     out = tmp_path / "pack"
-    args = ["generate", "--out", str(out), "--set", "styles=corporate", "--set", "steps=2"]
+    args = ["generate", "--preset", "tiny", "--out", str(out), "--set", "styles=corporate",
+            "--set", "steps=2"]
     assert main([*args, "--seeds", "0"]) == 0
     before = (out / "manifest.csv").read_text()
 
@@ -400,7 +409,8 @@ def test_a_damaged_photo_and_a_diverged_run_are_one_line(prepared_dataset, tmp_p
     shutil.copytree(prepared_dataset, data)
     photo = data / json.loads((data / "metadata.jsonl").read_text().splitlines()[1])["file_name"]
     photo.write_bytes(photo.read_bytes()[:100])  # cut short, as an interrupted copy leaves it
-    args = ["train", "--steps", "30", "--set", "validate_every=0", "--set", "checkpoint_every=0"]
+    args = ["train", "--preset", "tiny", "--steps", "30", "--set", "validate_every=0",
+            "--set", "checkpoint_every=0"]
     assert main([*args, "--data", str(data), "--out", str(tmp_path / "a")]) == 2
     assert photo.name in _one_line(capsys)
     # A learning rate that blows the weights up: the loss turns NaN and the run stops.
@@ -423,8 +433,8 @@ def test_a_sweep_refuses_bad_values_at_planning(tmp_path, capsys):
                 "resolution=0"):
         with pytest.raises(ConfigError, match=f"--grid {bad}"):
             plan_runs("tiny", {bad.split("=")[0]: [bad.split("=")[1]]})
-    assert main(["sweep", "--data", str(tmp_path), "--out", str(tmp_path / "s"), "--dry-run",
-                 "--grid", "lr=nan,3e-3"]) == 2
+    assert main(["sweep", "--preset", "tiny", "--data", str(tmp_path), "--out",
+                 str(tmp_path / "s"), "--dry-run", "--grid", "lr=nan,3e-3"]) == 2
     assert "lr is nan" in _one_line(capsys)
 
 
@@ -512,7 +522,8 @@ def test_bad_values_from_set_and_yaml_stop_before_any_model_loads(prepared_datas
         raise RuntimeError("a model was loaded")
 
     monkeypatch.setattr(models, "load_pipeline", load_pipeline)
-    train = ["train", "--data", str(prepared_dataset), "--out", str(tmp_path / "lora")]
+    train = ["train", "--preset", "tiny", "--data", str(prepared_dataset), "--out",
+             str(tmp_path / "lora")]
     for bad in ("lr=nan", "resolution=0", "target_modules=", "validation_steps=0",
                 "snr_gamma=nan", "rank=-2"):
         assert main([*train, "--set", bad]) == 2, bad
@@ -524,7 +535,8 @@ def test_bad_values_from_set_and_yaml_stop_before_any_model_loads(prepared_datas
         settings.write_text(f"train:\n  {yaml_text}\n")
         assert main([*train, "--config", str(settings)]) == 2, yaml_text
         assert f"TrainConfig.{named} is" in _one_line(capsys)
-    assert main(["generate", "--out", str(tmp_path / "pack"), "--set", "guidance=nan"]) == 2
+    assert main(["generate", "--preset", "tiny", "--out", str(tmp_path / "pack"), "--set",
+                 "guidance=nan"]) == 2
     assert "GenerateConfig.guidance is nan" in _one_line(capsys)
     assert loaded == []
 
@@ -551,7 +563,7 @@ def test_a_class_noun_of_two_words_goes_through_every_stage(obama_photos, tmp_pa
     assert "ohwx young man" in pack.manifest.loc[0, "prompt"]
 
 
-@pytest.mark.parametrize("stage", ["train", "evaluate"])
+@pytest.mark.parametrize("stage", ["train", "--preset", "tiny", "evaluate"])
 def test_train_and_evaluate_never_write_over_a_folder_of_other_files(
         prepared_dataset, tmp_path, stage):
     from headshot_kit.evaluate import evaluate_images
@@ -575,6 +587,7 @@ def test_a_damaged_record_of_a_lora_is_one_line_naming_it(lora_dir, tmp_path, ca
     lora = tmp_path / "lora"
     shutil.copytree(lora_dir, lora)
     (lora / "config.json").write_text('{"family": "sd15", "mod')  # cut short
-    assert main(["generate", "--lora", str(lora), "--out", str(tmp_path / "pack")]) == 2
+    assert main(["generate", "--preset", "tiny", "--lora", str(lora), "--out",
+                 str(tmp_path / "pack")]) == 2
     line = _one_line(capsys)
     assert str(lora / "config.json") in line and "damaged" in line

@@ -104,8 +104,9 @@ def test_ray_is_optional_and_its_absence_is_one_line(monkeypatch, tmp_path, caps
     argv = ["sweep", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--grid",
             "rank=2", "--ray", "auto"]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and 'pip install "headshot-kit[cluster]"' in err
+    banner, *said = capsys.readouterr().err.strip().splitlines()
+    assert banner.startswith("headshot-kit sweep: preset ")
+    assert len(said) == 1 and 'pip install "headshot-kit[cluster]"' in said[0]
 
 
 def test_a_setting_two_stages_share_reaches_both():

@@ -106,7 +106,7 @@ def test_compare_panel_renders_the_chosen_axes(pipe, lora_dir, cfg):
     panel.render_button.click()
     assert panel.plan.col_labels == ["LoRA scale 0", "LoRA scale 1"]
     assert panel.plan.row_labels == ["seed 3", "seed 4", "seed 5"]
-    assert panel.plan.title == "corporate, 2 steps, CFG 7, DPM++ 2M Karras, LoRA lora"
+    assert panel.plan.title == "corporate, 2 steps, CFG 7, DPM++ 2M Karras, LoRA ohwx-test0000"
     assert panel.progress.value == 6
     assert [(s.seed, s.lora_scale, s.steps) for s in panel.plan.shots[:3]] == [
         (3, 0.0, 2), (3, 1.0, 2), (4, 0.0, 2)]

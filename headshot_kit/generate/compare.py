@@ -18,6 +18,7 @@ from ..lora import pick_checkpoint
 from .shots import (SAMPLERS, Shot, check_face_detail_strength, check_generate, check_lora,
                     describe_shot, face_detail_label, load_generate_pipeline, make_shot, render,
                     with_lora_subject)
+from .fast import FAST_PACKS
 from .styles import Style, load_styles
 
 # The settings a compare grid can put on an axis.
@@ -59,7 +60,9 @@ def default_axis_values(axis: str, cfg: GenerateConfig,
         "style": names, "seed": list(cfg.seeds), "lora_scale": [0.0, 0.5, 1.0],
         "guidance": [max(1.0, cfg.guidance - 2), cfg.guidance, cfg.guidance + 2],
         "steps": sorted({max(1, cfg.steps // 2), cfg.steps, cfg.steps * 2}),
-        "scheduler": list(SAMPLERS), "checkpoint": [None, *_with_best(lora_dirs)],
+        # Not a fast pack's own sampler (LCM): without its LoRA it draws noise.
+        "scheduler": [s for s in SAMPLERS if s not in {p.scheduler for p in FAST_PACKS.values()}],
+        "checkpoint": [None, *_with_best(lora_dirs)],
         "prompt": [styles[n].prompt for n in names[:3]],
         "face_detail": [0.0, cfg.face_detail_strength],
     }[axis]

@@ -84,8 +84,8 @@ def read_meta(folder: Path) -> dict:
 # -- the state: tensors in safetensors, everything else in JSON -------------------------------
 
 def save_state(folder: Path, state: Any) -> None:
-    """Write `state` (nested dicts, lists, tuples, numbers, strings, tensors, numpy arrays)
-    as state.safetensors + state.json in `folder`."""
+    """Write `state` (nested dicts, lists, tuples, numbers, strings, bytes, tensors, numpy
+    arrays) as state.safetensors + state.json in `folder`."""
     from safetensors.torch import save_file
 
     tensors: dict = {}
@@ -121,6 +121,11 @@ def _encode(obj: Any, tensors: dict) -> Any:
         tensors[key] = torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind in "ui"
                                         else obj.copy())
         return {"__ndarray__": key, "dtype": str(obj.dtype)}
+    if isinstance(obj, bytes):  # a validation image's PNG
+        key = str(len(tensors))
+        tensors[key] = torch.frombuffer(bytearray(obj), dtype=torch.uint8) if obj else \
+            torch.zeros(0, dtype=torch.uint8)
+        return {"__bytes__": key}
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, dict):
@@ -147,6 +152,8 @@ def _decode(obj: Any, tensors: dict) -> Any:
         return tensors[obj["__tensor__"]]
     if "__ndarray__" in obj:
         return tensors[obj["__ndarray__"]].numpy().astype(np.dtype(obj["dtype"]))
+    if "__bytes__" in obj:
+        return tensors[obj["__bytes__"]].numpy().tobytes()
     if "__float__" in obj:
         return float(obj["__float__"])
     if "__tuple__" in obj:
