@@ -25,13 +25,15 @@ from replica import Runtime, canonical  # noqa: E402
 RAW = "https://raw.githubusercontent.com/{repo}/{commit}/{path}"
 
 # The runtime packages whose requirements reach what the install can change (numpy, pandas,
-# pillow, the kernel's stack, torch, the Hugging Face libraries): their stand-ins carry their
-# Requires-Dist, so that `pip check` sees a change that breaks them. The other stand-ins carry
-# none: nothing the install touches is theirs.
+# pillow, the kernel's stack, torch, the Hugging Face libraries, protobuf and ml-dtypes, which
+# onnx requires): their stand-ins carry their Requires-Dist, so that `pip check` sees a change
+# that breaks them. The other stand-ins carry none: nothing the install touches is theirs.
 REQUIRES_OF = """
 albucore albumentations altair anywidget arviz bigframes bokeh bottleneck bqplot cmdstanpy
 cudf-cu12 cuml-cu12 cupy-cuda12x dask datasets db-dtypes easydict fastai geopandas gradio h5py
 holoviews hyperopt imageio ipyfilechooser ipyleaflet ipyparallel ipytree jax jaxlib
+grpcio-status google-ai-generativelanguage googleapis-common-protos proto-plus google-api-core
+tensorflow-metadata onnx
 jupyter-console jupyter-kernel-gateway jupyter-server jupyterlab jupyterlab-widgets jupytext
 keras kagglehub librosa lightgbm mizani mlxtend moviepy nbclient nbconvert nbformat notebook
 numba numexpr opencv-contrib-python opencv-python opencv-python-headless pandas-datareader
