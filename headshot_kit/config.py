@@ -311,7 +311,7 @@ class GenerateConfig(_ShownAsTable):
     style_dirs: list[str] = field(default_factory=list)
     # Use each style's suggested steps/guidance; off so a preset's steps (tiny: 4) hold.
     style_settings: bool = False
-    # A few-step LoRA stacked on the face LoRA (headshot_kit.generate.fast): "lcm-lora" renders
+    # A few-step LoRA stacked on the face LoRA (headshot_kit.fastpacks): "lcm-lora" renders
     # in 4 steps at guidance 1 with LCMScheduler, as its authors prescribe (about 3x faster on
     # a T4; the negative prompt loses its effect). "" = the full sampler above. How much
     # likeness the face keeps under it is unpublished: `sweep --grid fast_pack=,lcm-lora`.
@@ -440,7 +440,7 @@ def _sdxl_t4() -> Preset:
                           grad_accum=1, validate_every=250, validation_steps=20),
         # 20 DPM++ 2M Karras steps (see sd15-t4); decoded whole, not in tiles: with the SDXL
         # pipeline on a T4 about 7 GB stay free and a 1024 px decode holds 1.6 GB
-        # (generate.shots.tiles_decode).
+        # (placement.tiles_decode).
         generate=GenerateConfig(model=HUB_SDXL, family="sdxl", resolution=1024, guidance=5.0,
                                 steps=20, face_detail=True),
         evaluate=EvaluateConfig(),

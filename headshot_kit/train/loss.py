@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..families import Conditioning
+from ..objective import per_image_mse
 
 
 def encode_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
@@ -31,20 +32,6 @@ def loss_weights(masks: torch.Tensor, size: tuple[int, int],
     the VAE's 8 x 8 pixels make one latent."""
     small = F.interpolate(masks.float(), size=size, mode="area")
     return background_weight + (1.0 - background_weight) * small
-
-
-def per_image_mse(pred: torch.Tensor, target: torch.Tensor,
-                  weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Each image's mean squared error, (N,); with `weights` (N, 1, h, w, shared by the
-    channels) the weighted mean sum(w * se) / sum(w), normalised so that uniform weights give
-    the plain mean and a smaller background weight does not shrink the loss, only shift it
-    towards the face (OneTrainer's normalize_masked_area_loss)."""
-    se = F.mse_loss(pred.float(), target.float(), reduction="none")
-    if weights is None:
-        return se.mean(dim=(1, 2, 3))
-    w = weights.float().expand_as(se)
-    # An image whose weights are all 0 (background_weight 0 and no face) has nothing to learn.
-    return (w * se).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3)).clamp_min(1e-12)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
