@@ -161,3 +161,11 @@ def test_the_graph_reader_sees_the_imports_it_must():
     # sweep imports multigpu inside a function only.
     assert "headshot_kit.multigpu" in graph["headshot_kit.sweep"]
     assert "headshot_kit.train" not in graph["headshot_kit.train.card"]  # TYPE_CHECKING only
+
+
+def test_the_trainer_class_is_read_in_one_sitting():
+    """The Trainer holds the loop; setting up, checkpoints, validation and what a finished run
+    writes are modules of their own (train.setup, checkpoints, validation, outputs)."""
+    tree = ast.parse((ROOT / PACKAGE / "train" / "__init__.py").read_text(encoding="utf-8"))
+    (trainer,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer"]
+    assert trainer.end_lineno - trainer.lineno < 300

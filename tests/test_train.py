@@ -240,12 +240,13 @@ def test_subject_comes_from_the_dataset_and_a_disagreeing_one_is_refused(tmp_pat
 KILLED_RUN = """
 import sys, time, torch
 import headshot_kit.train as train
-real_save = train.save_state
+import headshot_kit.train.checkpoints as checkpoints
+real_save = checkpoints.save_state
 def slow_save(folder, state):  # widen the window in which a kill lands mid-write
     real_save(folder, state)
     print("writing", flush=True)
     time.sleep(2)
-train.save_state = slow_save
+checkpoints.save_state = slow_save
 from headshot_kit.config import get_preset
 import dataclasses
 cfg = dataclasses.replace(get_preset("tiny").train, steps=1000, checkpoint_every=1)
