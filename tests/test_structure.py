@@ -169,3 +169,10 @@ def test_the_trainer_class_is_read_in_one_sitting():
     tree = ast.parse((ROOT / PACKAGE / "train" / "__init__.py").read_text(encoding="utf-8"))
     (trainer,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer"]
     assert trainer.end_lineno - trainer.lineno < 300
+
+
+def test_no_module_is_over_600_lines():
+    """Past about 600 lines a module is split along the seams its own sections draw."""
+    long = {name: n for name, path in modules().items()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > 600}
+    assert long == {}
