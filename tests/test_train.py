@@ -400,6 +400,29 @@ def test_min_snr_weights_each_photo_by_min_snr_gamma_over_snr(trained):
     assert not torch.allclose(weighted, plain)
 
 
+def test_a_prediction_type_the_loss_does_not_know_is_refused_in_one_sentence(trained):
+    """diffusers' DreamBooth scripts raise for a prediction type other than epsilon and
+    v_prediction; the loss refuses one too, naming it, instead of training it as epsilon."""
+    from diffusers import DDPMScheduler
+
+    trainer = trained[0]
+
+    def loss_with(kind: str) -> torch.Tensor:
+        scheduler = DDPMScheduler.from_config(trainer.noise_scheduler.config,
+                                              prediction_type=kind)
+        with torch.no_grad():
+            return diffusion_loss(trainer.unet, scheduler, trainer.inputs, trainer.cached_cond,
+                                  generator=seeded(0))
+
+    with pytest.raises(ConfigError, match="'sample'") as refused:
+        loss_with("sample")
+    assert len(str(refused.value).splitlines()) == 1
+    assert "epsilon" in str(refused.value) and "v_prediction" in str(refused.value)
+    # The two it knows still give a loss, each against its own target.
+    epsilon, velocity = loss_with("epsilon"), loss_with("v_prediction")
+    assert torch.isfinite(epsilon) and torch.isfinite(velocity) and epsilon != velocity
+
+
 def test_noise_offset_adds_one_constant_per_photo_and_channel(trained):
     trainer, seed = trained[0], 0
     draws = seeded(seed)  # the noise, then the offsets, then the timesteps

@@ -13,8 +13,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError
 from ..families import Conditioning
 from ..objective import per_image_mse
+
+# What the UNet can be trained to predict: the noise, or the velocity (Salimans & Ho 2022). A
+# diffusers training script raises for any other, and so does diffusion_loss.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def encode_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
@@ -58,6 +63,12 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, cond: Condition
     dtype; a training loop passes it, read once: `unet.dtype` walks the model's parameters
     (tens of milliseconds a call on SD 1.5, hundreds on SDXL, bench/step_overhead.py).
     """
+    kind = noise_scheduler.config.prediction_type
+    if kind not in PREDICTION_TYPES:
+        raise ConfigError(f"The model's noise scheduler predicts {kind!r}, which training does "
+                          f"not know; it trains {' and '.join(map(repr, PREDICTION_TYPES))} "
+                          "models (as diffusers' DreamBooth scripts do): choose a model whose "
+                          "scheduler_config.json names one of them.")
     n = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator)
     if noise_offset:
@@ -69,7 +80,7 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, cond: Condition
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     dtype = dtype or unet.dtype
     pred = unet(noisy.to(dtype), timesteps, **cond.unet_kwargs(dtype)).sample
-    v_pred = noise_scheduler.config.prediction_type == "v_prediction"
+    v_pred = kind == "v_prediction"
     target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_pred else noise
     per_image = per_image_mse(pred, target, weights)
     if snr_gamma is not None:
