@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Mapping
 
 from .config import ConfigError, DataError
+from .layout import LORA_WEIGHTS
 from .storage import atomic_path, same_safetensors
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # The name the UI file had before it was named after the subject and run.
 LEGACY_KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
 # The sub-folder where training keeps the LoRA of the checkpoint chosen by likeness.

@@ -1,9 +1,10 @@
 """Sweeps on a machine with several GPUs (Kaggle's two T4s): one run per GPU at a time.
 
 Each run is a child process that sees one GPU only (CUDA_VISIBLE_DEVICES set before it
-starts, so torch in it never touches the other card) and calls `sweep.run_job`, exactly as a
-Ray worker would; the parent records each finished run in the experiments table, one at a
-time, so the table is never written by two processes at once. A run's output goes to
+starts, so torch in it never touches the other card) and calls the job function it is given
+(the sweep's `run_job`, exactly as a Ray worker would; it travels by name in the job file);
+the parent hands each finished run to `finish` (the sweep records it in the experiments
+table), one at a time, so the table is never written by two processes at once. A run's output goes to
 `<out>/<run id>/gpu<N>.log`. A failed run is reported and the others go on; finished runs are
 skipped when the sweep is run again, as everywhere.
 """
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 
 def local_gpu_count() -> int:
@@ -26,11 +28,11 @@ def local_gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def run_on_gpus(data_dir: Path, out_dir: Path, todo: list, preset: str, table: Path,
-                gpus: int) -> None:
-    """Run `todo` on `gpus` GPUs, one run per GPU at a time; record each as it finishes."""
-    from .sweep import SweepError, _finish
-
+def run_on_gpus(data_dir: Path, out_dir: Path, todo: list, gpus: int, *,
+                job_fn: Callable, finish: Callable) -> list[str]:
+    """Run `todo` on `gpus` GPUs, one run per GPU at a time: `job_fn(data_dir, out_dir, run,
+    progress=False)` in a child process, then `finish(result, run)` here as each finishes.
+    Returns the failed runs, each with its exit status and log."""
     jobs: queue.Queue = queue.Queue()
     for run in todo:
         jobs.put(run)
@@ -48,7 +50,8 @@ def run_on_gpus(data_dir: Path, out_dir: Path, todo: list, preset: str, table: P
             folder = out_dir / run[0]
             folder.mkdir(parents=True, exist_ok=True)
             job, result = folder / "job.pkl", folder / "result.pkl"
-            job.write_bytes(pickle.dumps((str(data_dir.resolve()), str(out_dir.resolve()), run)))
+            job.write_bytes(pickle.dumps((job_fn, str(data_dir.resolve()), str(out_dir.resolve()),
+                                          run)))
             with open(folder / f"gpu{device}.log", "w") as log:
                 proc = subprocess.run([sys.executable, "-m", "headshot_kit.multigpu", str(job),
                                        str(result)], stdout=log, stderr=subprocess.STDOUT,
@@ -59,7 +62,7 @@ def run_on_gpus(data_dir: Path, out_dir: Path, todo: list, preset: str, table: P
                                   f"{folder / f'gpu{device}.log'})")
                     print(f"{run[0]}: failed on GPU {device}.")
                 else:
-                    _finish(pickle.loads(result.read_bytes()), run, preset, table, out_dir)
+                    finish(pickle.loads(result.read_bytes()), run)
                     print(f"{run[0]}: done on GPU {device}.")
             job.unlink(missing_ok=True)
             result.unlink(missing_ok=True)
@@ -69,16 +72,12 @@ def run_on_gpus(data_dir: Path, out_dir: Path, todo: list, preset: str, table: P
         t.start()
     for t in threads:
         t.join()
-    if failed:
-        raise SweepError(f"{len(failed)} of {len(todo)} runs failed: {'; '.join(failed)}. Fix "
-                         "the cause and run the sweep again: finished runs are skipped.")
+    return failed
 
 
 def _child(job: str, result: str) -> None:
-    from .sweep import run_job
-
-    data_dir, out_dir, run = pickle.loads(Path(job).read_bytes())
-    Path(result).write_bytes(pickle.dumps(run_job(data_dir, out_dir, run, progress=False)))
+    job_fn, data_dir, out_dir, run = pickle.loads(Path(job).read_bytes())
+    Path(result).write_bytes(pickle.dumps(job_fn(data_dir, out_dir, run, progress=False)))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ the prediction is of the run that actually happens. The phases:
 - training: the UNet and its LoRA train; the parts that are no longer needed wait on the CPU
   ("parked"), the others stay and run every micro-batch;
 - validation: the parked parts come back to render, then leave again.
+
+And one decision of generation: whether a decode runs in tiles (`tiles_decode`), which the
+generate stage applies and the journey ETA predicts.
 """
 
 from __future__ import annotations
@@ -61,3 +64,24 @@ def training_placement(cfg: TrainConfig) -> Placement:
                      text_every_step=cfg.train_text_encoder,
                      text_on_gpu=not set(encoders) & set(parked),
                      cache_chunk=cache_chunk(cfg.resolution))
+
+
+# The SDXL VAE's 1024 px decode in fp16 holds 1.6 GB of activations at its peak (measured on
+# meta tensors, fitcheck.measure_vae; tests/test_eta.py checks it); twice that leaves room for
+# allocator rounding and cuDNN workspaces.
+UNTILED_DECODE_BYTES_1024 = 2 * 1.6e9
+# Tiles of the fp16-fix VAE's sample_size (512 px), as diffusers tiles them.
+DECODE_TILE = 512
+
+
+def tiles_decode(family: str, resolution: int, free_bytes: float) -> int:
+    """The tile side (px) a decode needs with `free_bytes` of GPU memory left, 0 = untiled:
+    only a family that asks for tiles (SDXL) and only where one decode at once does not fit.
+    With the SDXL pipeline on a T4 about 7 GB stay free, so a 1024 px decode runs whole:
+    tiling it would decode 1.56x the pixels (9 overlapping tiles)."""
+    from .families import get_family
+
+    if not get_family(family).tiled_decode:
+        return 0
+    return 0 if free_bytes >= UNTILED_DECODE_BYTES_1024 * (resolution / 1024) ** 2 else (
+        DECODE_TILE)

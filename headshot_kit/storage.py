@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .config import ConfigError
+from .layout import MARKER  # the stage folders' finishing files
 
 # The file that marks a folder as made by the workbench (a pack, a sweep, a work folder), and
 # the lock file that lets one writer at a time into a folder (.headshot-kit.<what>.lock for
@@ -275,8 +276,6 @@ def is_workbench_folder(folder: Path) -> bool:
     """Whether the workbench made `folder`: it carries the workbench's marker file, or a
     stage's finishing file (a dataset's metadata.jsonl, a LoRA's weights, a pack's
     manifest.csv, the scores), or it is a work folder holding such a stage folder."""
-    from .workspace import MARKER  # the stage folders' finishing files
-
     if (folder / WORKBENCH_MARKER).is_file():
         return True
     finishing = {*MARKER.values(), "experiments.csv"}

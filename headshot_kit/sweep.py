@@ -196,7 +196,12 @@ def sweep(data_dir: str | Path, out_dir: str | Path, preset: str = "tiny",
     if ray:
         _run_on_ray(ray, data_dir, out_dir, todo, preset, table)
     elif len(todo) > 1 and (gpus := local_gpu_count()) > 1:
-        run_on_gpus(data_dir, out_dir, todo, preset, table, gpus)
+        failed = run_on_gpus(data_dir, out_dir, todo, gpus, job_fn=run_job,
+                             finish=lambda result, run: _finish(result, run, preset, table,
+                                                                out_dir))
+        if failed:
+            raise SweepError(f"{len(failed)} of {len(todo)} runs failed: {'; '.join(failed)}. "
+                             "Fix the cause and run the sweep again: finished runs are skipped.")
     else:
         failed = []
         for i, run in enumerate(todo, 1):

@@ -25,21 +25,7 @@ from .generate import (AXES, SAMPLERS, ComparePlan, Shot, check_lora, default_ax
                        load_styles, make_shot, parse_axis_values, plan_compare, render,
                        save_png, set_starred, with_lora_subject)
 from .images import image_grid, load_image
-
-
-def enable_colab_widgets() -> bool:
-    """Let Colab show ipywidgets (its default widget manager cannot); True when on Colab.
-    Kaggle's image carries google.colab too, but not Colab's frontend: left alone there."""
-    from .workspace import is_colab
-
-    if not is_colab():
-        return False
-    try:
-        from google.colab import output
-    except ImportError:
-        return False
-    output.enable_custom_widget_manager()
-    return True
+from .workspace import enable_colab_widgets  # noqa: F401
 
 
 def widget_mimebundle(widget: w.Widget) -> dict:

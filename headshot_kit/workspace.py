@@ -27,15 +27,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .lora import LORA_WEIGHTS
+from .layout import HEADSHOTS, LORA, MADE_BY, MARKER, PHOTOS, PREPARED, SCORES  # noqa: F401
 
-PHOTOS, PREPARED, LORA, HEADSHOTS, SCORES = "photos", "prepared", "lora", "headshots", "scores"
-# Each stage folder and the notebook (or cell) that writes it, for "not found" messages.
-MADE_BY = {PREPARED: "notebook 01_prepare", LORA: "notebook 02_finetune",
-           HEADSHOTS: "notebook 03_generate", SCORES: "notebook 04_evaluate"}
-# The file that shows a stage finished writing its folder.
-MARKER = {PREPARED: "metadata.jsonl", LORA: LORA_WEIGHTS,
-          HEADSHOTS: "manifest.csv", SCORES: "scores.csv"}
 DRIVE_MOUNT = Path("/content/drive")
 DRIVE_ENV = "HEADSHOT_KIT_DRIVE"
 # A folder of its own on Drive, so purging it never touches the user's other files.
@@ -66,6 +59,19 @@ def is_colab() -> bool:
     return "google.colab" in sys.modules and not is_kaggle()
 
 
+def enable_colab_widgets() -> bool:
+    """Let Colab show ipywidgets (its default widget manager cannot); True when on Colab.
+    Kaggle's image carries google.colab too, but not Colab's frontend: left alone there."""
+    if not is_colab():
+        return False
+    try:
+        from google.colab import output
+    except ImportError:
+        return False
+    output.enable_custom_widget_manager()
+    return True
+
+
 def drive_root() -> Path:
     """The folder the user's Drive files appear in once mounted ("My Drive")."""
     stand_in = os.environ.get(DRIVE_ENV)
@@ -94,7 +100,6 @@ def notebook_setup() -> None:
     workbench explains (a wrong setting, a stage not run yet, a GPU too old for torch) shows
     as its one-line message, not as a traceback with the useful line at the bottom."""
     from .models import check_gpu
-    from .widgets import enable_colab_widgets
 
     enable_colab_widgets()
     mount_drive()

@@ -12,7 +12,7 @@ from conftest import make_lora
 
 from headshot_kit import generate as gen
 from headshot_kit.config import ConfigError, GenerateConfig, get_preset
-from headshot_kit.generate import fast
+from headshot_kit import fastpacks as fast
 from headshot_kit.lora import LORA_WEIGHTS
 
 

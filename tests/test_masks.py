@@ -233,12 +233,12 @@ def weighted(prepared_dataset, tmp_path_factory):
 
 
 def test_trainer_caches_latent_grid_weights_once(weighted, monkeypatch):
-    import headshot_kit.train as train
+    import headshot_kit.train.setup as setup
 
     latents = weighted.inputs
     assert weighted.weights.shape == (len(latents), 1, *latents.shape[-2:])
     assert weighted.weights.min() == pytest.approx(0.1) and weighted.weights.max() == 1.0
-    monkeypatch.setattr(train, "mask_tensor", lambda *a: pytest.fail("masks read again"))
+    monkeypatch.setattr(setup, "mask_tensor", lambda *a: pytest.fail("masks read again"))
     for _ in range(3):
         rows, _, _, weights = weighted.batch()
         # Each row's weights are those of the photo whose latents it holds.

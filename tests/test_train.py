@@ -240,12 +240,13 @@ def test_subject_comes_from_the_dataset_and_a_disagreeing_one_is_refused(tmp_pat
 KILLED_RUN = """
 import sys, time, torch
 import headshot_kit.train as train
-real_save = train.save_state
+import headshot_kit.train.checkpoints as checkpoints
+real_save = checkpoints.save_state
 def slow_save(folder, state):  # widen the window in which a kill lands mid-write
     real_save(folder, state)
     print("writing", flush=True)
     time.sleep(2)
-train.save_state = slow_save
+checkpoints.save_state = slow_save
 from headshot_kit.config import get_preset
 import dataclasses
 cfg = dataclasses.replace(get_preset("tiny").train, steps=1000, checkpoint_every=1)
@@ -397,6 +398,29 @@ def test_min_snr_weights_each_photo_by_min_snr_gamma_over_snr(trained):
     weighted = photo_loss(trainer, seed, snr_gamma=5)
     torch.testing.assert_close(weighted, plain * torch.clamp(snr, max=5) / snr)
     assert not torch.allclose(weighted, plain)
+
+
+def test_a_prediction_type_the_loss_does_not_know_is_refused_in_one_sentence(trained):
+    """diffusers' DreamBooth scripts raise for a prediction type other than epsilon and
+    v_prediction; the loss refuses one too, naming it, instead of training it as epsilon."""
+    from diffusers import DDPMScheduler
+
+    trainer = trained[0]
+
+    def loss_with(kind: str) -> torch.Tensor:
+        scheduler = DDPMScheduler.from_config(trainer.noise_scheduler.config,
+                                              prediction_type=kind)
+        with torch.no_grad():
+            return diffusion_loss(trainer.unet, scheduler, trainer.inputs, trainer.cached_cond,
+                                  generator=seeded(0))
+
+    with pytest.raises(ConfigError, match="'sample'") as refused:
+        loss_with("sample")
+    assert len(str(refused.value).splitlines()) == 1
+    assert "epsilon" in str(refused.value) and "v_prediction" in str(refused.value)
+    # The two it knows still give a loss, each against its own target.
+    epsilon, velocity = loss_with("epsilon"), loss_with("v_prediction")
+    assert torch.isfinite(epsilon) and torch.isfinite(velocity) and epsilon != velocity
 
 
 def test_noise_offset_adds_one_constant_per_photo_and_channel(trained):

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from .. import faces
 from ..config import ConfigError, EvaluateConfig, save_config
-from ..images import list_images, load_image
+from ..images import load_image
 from ..lora import chosen_checkpoint
 from ..quality import Metric, quality_metrics
 from ..storage import atomic_write_text, check_own_folder, copy_ranked, mark_folder
@@ -65,7 +65,8 @@ from .clip import ClipScorer, clip_or_note
 from .consistency import (consistency_per_image, crop_grey, face_region, group_faces,
                           ssim_matrix, yaw)
 from .embedders import (EMBEDDERS, EmbedderUnavailable, FaceEmbedder, MetricCheck, NoFaceError,
-                        get_embedder, likeness, reference_vectors, validate_metric)
+                        _folder_images, _reference_files, get_embedder, likeness,
+                        reference_vectors, validate_metric)
 from .experiments import EXPERIMENTS_TABLE, compare, record_experiment
 from .plots import (plot_consistency, plot_likeness_by_style, plot_likeness_vs_quality,
                     save_contact_sheet, save_figure)
@@ -246,33 +247,6 @@ def _check_config(cfg: EvaluateConfig) -> EvaluateConfig:
     if cfg.best_n < 1:
         raise ConfigError(f"best_n is {cfg.best_n}; name at least 1 best image (8 is usual).")
     return cfg
-
-
-def _folder_images(folder: Path) -> list[Path]:
-    """Images in `folder`, or in its images/ subfolder (a prepare or generate stage folder)."""
-    found = list_images(folder)
-    if not found and (folder / "images").is_dir():
-        found = list_images(folder / "images")
-    return found
-
-
-def _reference_files(references: PathLike | Sequence[PathLike]) -> list[Path]:
-    if isinstance(references, (str, Path)):
-        folder = Path(references)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"Reference folder {folder} does not exist; point "
-                                    "references at a folder of photos of the person.")
-        paths = _folder_images(folder)
-        if not paths:
-            raise FileNotFoundError(f"No photos in {folder}; add 5-20 photos of the person "
-                                    "or use the prepare stage's images/ folder.")
-        return paths
-    paths = [Path(p) for p in references]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if not paths or missing:
-        raise FileNotFoundError(f"Reference photos missing: {', '.join(missing) or 'none given'}"
-                                "; pass existing photo files or a folder of them.")
-    return paths
 
 
 def _generated_files(folder: Path) -> tuple[list[Path], pd.DataFrame]:

@@ -90,8 +90,7 @@ class LikenessScorer:
 
     def __init__(self, references, cfg=None, avoid: str | None = None) -> None:
         from ..config import EvaluateConfig
-        from . import _reference_files
-        from .embedders import get_embedder, reference_vectors
+        from .embedders import _reference_files, get_embedder, reference_vectors
 
         self.embedder = get_embedder(cfg or EvaluateConfig(clip_model=""), avoid=avoid)
         paths = _reference_files(references)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from .. import faces
 from ..config import ConfigError, DataError, EvaluateConfig
-from ..images import load_image
+from ..images import list_images, load_image
 from ..models import pick_device
 
 
@@ -256,6 +256,36 @@ def embed_photo(embedder: FaceEmbedder, path: Path) -> list[tuple[faces.Face, np
     if key not in _REFERENCE_CACHE:
         _REFERENCE_CACHE[key] = embedder.embed(load_image(path))
     return _REFERENCE_CACHE[key]
+
+
+PathLike = str | Path
+
+
+def _folder_images(folder: Path) -> list[Path]:
+    """Images in `folder`, or in its images/ subfolder (a prepare or generate stage folder)."""
+    found = list_images(folder)
+    if not found and (folder / "images").is_dir():
+        found = list_images(folder / "images")
+    return found
+
+
+def _reference_files(references: PathLike | Sequence[PathLike]) -> list[Path]:
+    if isinstance(references, (str, Path)):
+        folder = Path(references)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"Reference folder {folder} does not exist; point "
+                                    "references at a folder of photos of the person.")
+        paths = _folder_images(folder)
+        if not paths:
+            raise FileNotFoundError(f"No photos in {folder}; add 5-20 photos of the person "
+                                    "or use the prepare stage's images/ folder.")
+        return paths
+    paths = [Path(p) for p in references]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if not paths or missing:
+        raise FileNotFoundError(f"Reference photos missing: {', '.join(missing) or 'none given'}"
+                                "; pass existing photo files or a folder of them.")
+    return paths
 
 
 def reference_vectors(embedder: FaceEmbedder, paths: Sequence[Path]

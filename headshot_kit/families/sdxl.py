@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import Conditioning, tiny_text_config, tiny_tokenizer, tokenize
+from .base import Conditioning, tiny_text_config, tiny_tokenizer, tokenize
 from .sd15 import sd_scheduler, tiny_vae
 
 

@@ -30,8 +30,8 @@ GPU; other GPUs than the T4 are not calibrated at all). Host RAM is the roughest
 guessed for Colab plus the weights each phase holds; `bench/` measures it.
 
 The parts: `gpus` (the table and the time calibration), `measure` (meta-tensor measuring),
-`published` (the published runs it is checked against), `plan` (adding it up) and `fix` (the
-cheapest change).
+`published` (the published runs it is checked against), `plan` (adding it up), `fix` (the
+cheapest change), `check` (`fit_check`: the plan with its fix) and `eta` (the journey's ETA).
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ import json
 from typing import Any
 
 from ..config import ConfigError, TrainConfig, get_preset, validate_train
+from .check import fit_check
 from .eta import Eta, journey_eta, write_eta
-from .fix import join, larger_gpu, suggest_fix
+from .fix import join, larger_gpu, suggest_fix  # noqa: F401
 from .gpus import (CUDA_CONTEXT_GIB, FRAGMENTATION, GB, GIB, GPU, GPUS, T4_CALIBRATION,
                    Calibration, resolve_gpu)
 from .measure import (StepMeasurement, build_arch, load_arch, measure_sampling, measure_step,
@@ -60,33 +61,6 @@ __all__ = ["COLAB_HOST_RAM_GB", "CUDA_CONTEXT_GIB", "FORK_ROWS", "FRAGMENTATION"
            "measure_sampling", "measure_step", "measure_text", "measure_vae", "optimizer_bytes",
            "parameter_counts", "published_runs", "resolve_gpu", "suggest_fix",
            "trainable_sizes", "write_eta"]
-
-
-def fit_check(cfg: TrainConfig, gpu: str | GPU = "t4", mode: str = "lora", *,
-              suggest: bool = True, **overrides: Any) -> FitPlan:
-    """Predict peak GPU memory, time per step and host RAM for training `cfg` on `gpu`.
-
-    mode: "lora" (what the train stage does) or "full" (the whole UNet, for comparing with published
-    full fine-tuning figures). overrides: TrainConfig fields or Recipe fields. With `suggest`,
-    a plan that does not fit names the cheapest change that makes it fit (see suggest_fix).
-    The meta-tensor measurements take a few seconds (SD 1.5) to half a minute (SDXL at 1024 px)
-    on a two-core CPU and are cached for the life of the process.
-    """
-    if mode not in ("lora", "full"):
-        raise ConfigError(f"mode is {mode!r}; choose 'lora' or 'full'.")
-    cfg, recipe = split_overrides(cfg, overrides)
-    validate_train(cfg)
-    gpu = gpu if isinstance(gpu, GPU) else resolve_gpu(gpu)
-    plan = make_plan(cfg, gpu, mode, recipe)
-    if suggest and not plan.fits:
-        changes = suggest_fix(cfg, gpu, mode, **overrides)
-        plan.fix = join(changes) if changes else larger_gpu(cfg, gpu, mode, recipe)
-    from ..models import TINY_MODELS
-
-    if cfg.model in TINY_MODELS:
-        plan.notes.append(f"{cfg.model} is a small local stand-in: this plans the real "
-                          f"{cfg.family} architecture at these settings.")
-    return plan
 
 
 class DoesNotFit(ConfigError):

@@ -162,8 +162,8 @@ def face_pass_seconds(cfg: GenerateConfig, gpu: GPU | str = "t4", *, steps: int 
 
 def decode_tile(cfg: GenerateConfig, gpu: GPU) -> int:
     """The tile side a pack's decode will use on `gpu` (0: untiled), as
-    generate.shots.save_decode_memory decides it."""
-    from ..generate.shots import tiles_decode
+    generate.shots.save_decode_memory decides it (placement.tiles_decode)."""
+    from ..placement import tiles_decode
     from .gpus import CUDA_CONTEXT_GIB, GIB
 
     weights = 2 * sum(parameter_counts(cfg.family).values())
@@ -177,8 +177,8 @@ def journey_eta(preset: Preset | str, gpu: str | GPU = "t4", *, plan=None,
     prepare, training (the fit check's step time), validation renders, checkpoints, the pack
     (styles x seeds), its face-detail pass, and evaluate. `plan`: the fit check's plan of the
     preset's training, when already made."""
-    from . import fit_check
-    from ..generate.fast import FAST_PACKS
+    from .check import fit_check
+    from ..fastpacks import FAST_PACKS
 
     p = get_preset(preset) if isinstance(preset, str) else preset
     gpu = gpu if isinstance(gpu, GPU) else resolve_gpu(gpu)
@@ -219,7 +219,7 @@ def journey_eta(preset: Preset | str, gpu: str | GPU = "t4", *, plan=None,
         f" = {val_render:.1f} s + scoring {DLIB_S} s)")
     n_ckpt = math.ceil(t.steps / t.checkpoint_every) if t.checkpoint_every else 1
     add("checkpoints", n_ckpt * CHECKPOINT_S, f"{n_ckpt} x {CHECKPOINT_S} s (assumed)")
-    from ..generate.fast import active_pack
+    from ..fastpacks import active_pack
 
     g = dataclasses.replace(g, fast_pack=active_pack(g.fast_pack))
     tile = decode_tile(g, gpu)
@@ -246,7 +246,7 @@ def journey_eta(preset: Preset | str, gpu: str | GPU = "t4", *, plan=None,
 
 
 def _all_styles() -> list[str]:
-    from ..generate.styles import load_styles
+    from ..styles import load_styles
 
     return list(load_styles())
 

@@ -358,7 +358,7 @@ def measure_step(family: str, resolution: int, batch: int, checkpointing: bool, 
     """
     import torch
 
-    from ..train.loss import per_image_mse
+    from ..objective import per_image_mse
 
     start = time.perf_counter()
     dtype = torch.float16 if half else None

@@ -46,7 +46,7 @@ from .shots import (SAMPLERS, Shot, cell_text, check_generate, check_lora, descr
                     detail_shot, first_render, load_generate_pipeline, make_scheduler,
                     make_shot, pick_batch_size, read_parameters, render, render_batch, save_png,
                     shot_from_row, use_lora, with_lora_subject)
-from .styles import Style, StyleError, load_styles
+from ..styles import Style, StyleError, load_styles
 
 __all__ = ["AXES", "MANIFEST_COLUMNS", "SAMPLERS", "ComparePlan", "GenerateResult", "Shot", "Style",
            "StyleError", "base_vs_lora_grid", "check_generate", "check_lora", "compare_grid",
@@ -257,7 +257,7 @@ def t4_estimate(cfg: GenerateConfig, n_images: int) -> str:
     from ..fitcheck.gpus import GPUS
 
     t4 = GPUS["t4"]
-    from .fast import active_pack, get_fast_pack
+    from ..fastpacks import active_pack, get_fast_pack
 
     cfg = replace(cfg, fast_pack=active_pack(cfg.fast_pack))
     steps, guidance = cfg.steps, cfg.guidance

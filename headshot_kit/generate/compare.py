@@ -18,8 +18,8 @@ from ..lora import pick_checkpoint
 from .shots import (SAMPLERS, Shot, check_face_detail_strength, check_generate, check_lora,
                     describe_shot, face_detail_label, load_generate_pipeline, make_shot, render,
                     with_lora_subject)
-from .fast import FAST_PACKS
-from .styles import Style, load_styles
+from ..fastpacks import FAST_PACKS
+from ..styles import Style, load_styles
 
 # The settings a compare grid can put on an axis.
 AXES = ("style", "seed", "lora_scale", "guidance", "steps", "scheduler", "checkpoint", "prompt",

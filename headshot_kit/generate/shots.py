@@ -32,8 +32,9 @@ from ..families import get_family
 from ..formats import lora_short_hash, lora_tag, model_short_hash, split_lora_tags
 from ..lora import (LORA_WEIGHTS, LoraFileError, check_lora_file, check_lora_loaded,
                     lora_weights, pick_checkpoint, ui_weights)
+from ..placement import DECODE_TILE, UNTILED_DECODE_BYTES_1024, tiles_decode  # noqa: F401
 from ..storage import atomic_path, read_record
-from .styles import Style
+from ..styles import Style
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ SAMPLERS = {
     "euler-a": Sampler("Euler a", "EulerAncestralDiscreteScheduler"),
     # DDIM's own default clips samples to [-1, 1], which is wrong for latents.
     "ddim": Sampler("DDIM", "DDIMScheduler", {"clip_sample": False}),
-    # Latent consistency sampling: what LCM-LoRA's authors prescribe (generate.fast).
+    # Latent consistency sampling: what LCM-LoRA's authors prescribe (fastpacks).
     "lcm": Sampler("LCM", "LCMScheduler"),
 }
 
@@ -81,7 +82,7 @@ class Shot:
     # Its margin around each face (a fraction of the face's side); 0 while the pass is off,
     # so that a padding setting with the pass off changes no Shot.
     face_detail_padding: float = 0.0
-    # The few-step LoRA stacked on the face LoRA (generate.fast.FAST_PACKS); "" = none.
+    # The few-step LoRA stacked on the face LoRA (fastpacks.FAST_PACKS); "" = none.
     fast_pack: str = ""
 
     def __post_init__(self):
@@ -149,7 +150,7 @@ def make_shot(cfg: GenerateConfig, style: Style, seed: int, lora_dir: str | Path
         lora_dir=str(lora_dir) if lora_dir else None,
         face_detail_strength=float(cfg.face_detail_strength) if cfg.face_detail else 0.0,
         face_detail_padding=float(cfg.face_detail_padding))
-    from .fast import active_pack, get_fast_pack
+    from ..fastpacks import active_pack, get_fast_pack
 
     if active_pack(cfg.fast_pack):
         # The few-step LoRA's prescribed sampler, steps and guidance replace the config's.
@@ -287,7 +288,7 @@ def use_lora(pipe, lora_dir: str | Path | None, scale: float, fast_pack: str = "
     loaded = {name for names in pipe.get_list_adapters().values() for name in names}
     active, strengths = [], []
     if fast_pack:
-        from .fast import get_fast_pack, load_fast_pack
+        from ..fastpacks import get_fast_pack, load_fast_pack
 
         active.append(load_fast_pack(pipe, fast_pack, family))
         strengths.append(get_fast_pack(fast_pack).weight)
@@ -330,25 +331,6 @@ def load_generate_pipeline(cfg: GenerateConfig):
     if device.startswith("cuda"):
         save_decode_memory(pipe, cfg.family, cfg.resolution)
     return pipe
-
-
-# The SDXL VAE's 1024 px decode in fp16 holds 1.6 GB of activations at its peak (measured on
-# meta tensors, fitcheck.measure_vae; tests/test_eta.py checks it); twice that leaves room for
-# allocator rounding and cuDNN workspaces.
-UNTILED_DECODE_BYTES_1024 = 2 * 1.6e9
-# Tiles of the fp16-fix VAE's sample_size (512 px), as diffusers tiles them.
-DECODE_TILE = 512
-
-
-def tiles_decode(family: str, resolution: int, free_bytes: float) -> int:
-    """The tile side (px) a decode needs with `free_bytes` of GPU memory left, 0 = untiled:
-    only a family that asks for tiles (SDXL) and only where one decode at once does not fit.
-    With the SDXL pipeline on a T4 about 7 GB stay free, so a 1024 px decode runs whole:
-    tiling it would decode 1.56x the pixels (9 overlapping tiles)."""
-    if not get_family(family).tiled_decode:
-        return 0
-    return 0 if free_bytes >= UNTILED_DECODE_BYTES_1024 * (resolution / 1024) ** 2 else (
-        DECODE_TILE)
 
 
 def save_decode_memory(pipe, family: str, resolution: int | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Checkpoints: which exist, which is the latest, and whether a run may continue one.
+"""Checkpoints: which exist, which is the latest, whether a run may continue one, and a
+Trainer's writing, reading and resuming of them.
 
 A checkpoint folder holds `meta.json` (the step, the settings and the photos that made it),
 `state.safetensors` (every tensor of the resumable state: LoRA weights, optimizer moments, the
@@ -12,9 +13,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import ConfigError, TrainConfig, to_dict
+from ..config import ConfigError, TrainConfig, config_hash, to_dict
+
+if TYPE_CHECKING:
+    from . import Trainer
 
 STATE_TENSORS, STATE_JSON, META = "state.safetensors", "state.json", "meta.json"
 
@@ -164,3 +168,111 @@ def _decode(obj: Any, tensors: dict) -> Any:
 def latest_checkpoint(folder: Path) -> Path | None:
     found = list_checkpoints(folder)
     return found[-1] if found else None
+
+
+# -- a Trainer's checkpoints ------------------------------------------------------------------
+
+
+def save_checkpoint(trainer: Trainer) -> Path:
+    """Everything needed to continue exactly: LoRA weights, optimizer, scheduler, the fp16
+    loss scaler, RNGs.
+
+    Written to a temporary folder renamed into place, so the latest checkpoint on disk is
+    always complete, whenever the process dies."""
+    import random
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from ..lora import peft_state
+    from ..storage import atomic_dir
+    from .validation import to_png
+
+    t = trainer
+    target = t.checkpoint_dir / f"checkpoint-{t.step:07d}"
+    state = {
+        "step": t.step, "bad_in_row": t.bad_in_row, "history": t.history,
+        "optimizer": t.optimizer.state_dict(),
+        "lr_scheduler": t.lr_scheduler.state_dict(),
+        "scaler": scaler.state_dict() if (scaler := t.accelerator.scaler) else None,
+        "generator": t.generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+        "lora": {name: peft_state(getattr(t.pipe, name)) for name in t._lora_modules()},
+        "validation_rows": [(step, [to_png(im) for im in row])
+                            for step, row in t.validation_rows],
+    }
+    with t.writing():
+        with atomic_dir(target) as tmp:
+            save_state(tmp, state)
+            (tmp / "meta.json").write_text(json.dumps({
+                "step": t.step, "config": to_dict(t.cfg),
+                "optimizer_used": t.optimizer_name,
+                "resume_hash": config_hash({k: to_dict(t.cfg)[k] for k in RESUME_KEYS}),
+                "data_dir": str(t.data_dir), "data_fingerprint": t.data_fingerprint,
+            }, indent=2, default=str) + "\n")
+        found = list_checkpoints(t.checkpoint_dir)
+        if not t.cfg.resume:  # started over: later steps belong to the run it replaces
+            found = [f for f in found if f.name <= target.name]
+            for later in set(list_checkpoints(t.checkpoint_dir)) - set(found):
+                shutil.rmtree(later, ignore_errors=True)
+        for old in found[: -max(1, t.cfg.checkpoints_keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(trainer: Trainer, folder: Path) -> None:
+    """Continue `trainer` from the checkpoint in `folder`, refusing one it cannot continue."""
+    import random
+
+    import numpy as np
+    import torch
+    from peft.utils import set_peft_model_state_dict
+
+    from .validation import from_png
+
+    t = trainer
+    meta = read_meta(folder)
+    check_resume(folder, meta, t.cfg, t.data_fingerprint, t.data_dir)
+    used = meta.get("optimizer_used", t.optimizer_name)
+    if used != t.optimizer_name:
+        raise ConfigError(f"{folder} holds {used} state but this run steps with "
+                          f"{t.optimizer_name}; they cannot continue each other. Set the "
+                          "optimizer the checkpoint used, use a new checkpoint_dir, or set "
+                          "resume=False to start over.")
+    state = load_state(folder)  # tensors and JSON: nothing in it can run
+    for name, weights in state["lora"].items():
+        set_peft_model_state_dict(getattr(t.pipe, name), weights)
+    for p in t.params:
+        p.data = p.data.float()
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if state.get("scaler") and t.accelerator.scaler is not None:
+        t.accelerator.scaler.load_state_dict(state["scaler"])
+    t.generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    np.random.set_state(state["numpy_rng"])
+    random.setstate(state["python_rng"])
+    t.step, t.bad_in_row = state["step"], state["bad_in_row"]
+    t.history = state["history"]
+    t.validation_rows = [(step, [from_png(b) for b in row])
+                         for step, row in state.get("validation_rows", [])]
+    t.resumed_from = folder
+
+
+def resume(trainer: Trainer) -> None:
+    """Continue from the newest checkpoint that reads back whole; a damaged one (cut
+    short by a full disk, say) is skipped for the one before it, with a sentence."""
+    found = list_checkpoints(trainer.checkpoint_dir)
+    if not found and list(trainer.checkpoint_dir.glob("checkpoint-*/state.pt")):
+        print(f"{trainer.checkpoint_dir} holds checkpoints in the older state.pt format, which "
+              "is not loaded (a pickle can run code): training starts over. Delete them "
+              "once this run has finished.")
+    for n, folder in enumerate(reversed(found)):
+        try:
+            trainer.load_checkpoint(folder)
+            return
+        except CheckpointUnreadable as exc:
+            then = ("resuming from the one before it" if n + 1 < len(found)
+                    else "no older one is left, so training starts over")
+            print(f"{exc}: skipped, {then}.")

@@ -13,7 +13,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError
 from ..families import Conditioning
+from ..objective import per_image_mse
+
+# What the UNet can be trained to predict: the noise, or the velocity (Salimans & Ho 2022). A
+# diffusers training script raises for any other, and so does diffusion_loss.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def encode_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
@@ -31,20 +37,6 @@ def loss_weights(masks: torch.Tensor, size: tuple[int, int],
     the VAE's 8 x 8 pixels make one latent."""
     small = F.interpolate(masks.float(), size=size, mode="area")
     return background_weight + (1.0 - background_weight) * small
-
-
-def per_image_mse(pred: torch.Tensor, target: torch.Tensor,
-                  weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Each image's mean squared error, (N,); with `weights` (N, 1, h, w, shared by the
-    channels) the weighted mean sum(w * se) / sum(w), normalised so that uniform weights give
-    the plain mean and a smaller background weight does not shrink the loss, only shift it
-    towards the face (OneTrainer's normalize_masked_area_loss)."""
-    se = F.mse_loss(pred.float(), target.float(), reduction="none")
-    if weights is None:
-        return se.mean(dim=(1, 2, 3))
-    w = weights.float().expand_as(se)
-    # An image whose weights are all 0 (background_weight 0 and no face) has nothing to learn.
-    return (w * se).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3)).clamp_min(1e-12)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -71,6 +63,12 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, cond: Condition
     dtype; a training loop passes it, read once: `unet.dtype` walks the model's parameters
     (tens of milliseconds a call on SD 1.5, hundreds on SDXL, bench/step_overhead.py).
     """
+    kind = noise_scheduler.config.prediction_type
+    if kind not in PREDICTION_TYPES:
+        raise ConfigError(f"The model's noise scheduler predicts {kind!r}, which training does "
+                          f"not know; it trains {' and '.join(map(repr, PREDICTION_TYPES))} "
+                          "models (as diffusers' DreamBooth scripts do): choose a model whose "
+                          "scheduler_config.json names one of them.")
     n = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator)
     if noise_offset:
@@ -82,7 +80,7 @@ def diffusion_loss(unet, noise_scheduler, latents: torch.Tensor, cond: Condition
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     dtype = dtype or unet.dtype
     pred = unet(noisy.to(dtype), timesteps, **cond.unet_kwargs(dtype)).sample
-    v_pred = noise_scheduler.config.prediction_type == "v_prediction"
+    v_pred = kind == "v_prediction"
     target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_pred else noise
     per_image = per_image_mse(pred, target, weights)
     if snr_gamma is not None:

@@ -63,7 +63,7 @@ def active_pack(name: str) -> str:
 
 
 def get_fast_pack(name: str) -> FastPack:
-    from ..config import ConfigError
+    from .config import ConfigError
 
     if name not in FAST_PACKS:
         raise ConfigError(f"fast_pack is {name!r}; choose one of {', '.join(FAST_PACKS)}, or "
@@ -74,7 +74,7 @@ def get_fast_pack(name: str) -> FastPack:
 def load_fast_pack(pipe, name: str, family: str) -> str:
     """Load the pack's LoRA into `pipe` as its own adapter (once per pipeline); returns the
     adapter's name. Downloads from the hub on first use, like the base model."""
-    from ..config import ConfigError
+    from .config import ConfigError
 
     pack = get_fast_pack(name)
     if family not in pack.sources:
