@@ -205,6 +205,11 @@ def restart(stale: list[str]) -> None:
           "already imported; when it is back, run the notebook again (the install is done).",
           flush=True)
     if "ipykernel" in sys.modules:
+        # The kernel sends output from a thread of its own: give it the moment it needs to
+        # send the line above before the process ends.
+        import time
+
+        time.sleep(1.0)
         os.kill(os.getpid(), 9)
     raise SetupError("Restart Python, then run this again.")
 
