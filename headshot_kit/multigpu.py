@@ -4,9 +4,9 @@ Each run is a child process that sees one GPU only (CUDA_VISIBLE_DEVICES set bef
 starts, so torch in it never touches the other card) and calls the job function it is given
 (the sweep's `run_job`, exactly as a Ray worker would; it travels by name in the job file);
 the parent hands each finished run to `finish` (the sweep records it in the experiments
-table), one at a time, so the table is never written by two processes at once. A run's output goes to
-`<out>/<run id>/gpu<N>.log`. A failed run is reported and the others go on; finished runs are
-skipped when the sweep is run again, as everywhere.
+table), one at a time, so the table is never written by two processes at once. A run's
+output goes to `<out>/<run id>/gpu<N>.log`. A failed run is reported and the others go on;
+finished runs are skipped when the sweep is run again, as everywhere.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ Reads a folder of reference photos of the person and the generate stage's output
   references (likeness 0-1, the embedder's same-person threshold at 0.5) and like the run's
   other faces (consistency), where it falls against the person's own band (`band`: below,
   inside, or a likely copy of the training photo `nearest_photo`; see `band`), technical
-  quality of the face, and the manifest's columns (style, seed, prompt, ...). An image without a face is a failure row, never skipped, so it counts
-  against the "look like you" rate.
+  quality of the face, and the manifest's columns (style, seed, prompt, ...). An image
+  without a face is a failure row, never skipped, so it counts against the "look like you"
+  rate.
 - `summary.csv`: overall and per style: how many look like you, how many fall below, inside or
   far above (copies) the person's own band (`band_below`, `band_inside`, `band_copy`), likeness,
   how consistent the
