@@ -13,7 +13,8 @@ EXTRAS := dev,cluster,notebooks,dlib
 # the notebooks' setup cell installs under there (`make runtime-constraints` derives it).
 RUNTIME_CONSTRAINTS := runtime-constraints.txt
 # `make test` leaves out the tests marked slow (minutes each: the wheel installed in a fresh
-# venv, the browser, the Colab simulation, the Ray cluster); CI=true (as .ci/run sets) runs all.
+# venv, the browser, the Colab and Kaggle replicas, the Ray cluster); CI=true (as .ci/run
+# sets) runs all.
 PYTEST_ARGS ?= $(if $(filter true,$(CI)),,-m "not slow")
 
 .PHONY: demo test test-all lab bench lock runtime-constraints clean

@@ -5,8 +5,10 @@ Per runtime: the notebook's setup cell, as the notebook has it (only the project
 addresses served from this checkout: the built wheel, the checkout's files), runs in a kernel
 of the replica that has the runtime's preloaded modules imported. Then: no protected package
 changed (the freeze diff lists every change), `pip check` gains no conflict, the cell ran to its
-end; and the stage notebooks then the quickstart run to their end on the tiny preset, each in a
-fresh kernel of the installed replica, driven by papermill from this project's venv.
+end (after the restart it may do itself); and the journey runs to its end on the tiny preset,
+each notebook in a fresh kernel of the installed replica, driven by papermill from this
+project's venv: on Colab the four stage notebooks, each in a runtime of its own with Drive
+carrying the work, then the quickstart on the same Drive; on Kaggle the quickstart.
 """
 
 from __future__ import annotations
@@ -25,12 +27,26 @@ from replica import (PROTECTED, RUNTIMES, Runtime, freeze_diff, kernel_spec, loc
                      localized_notebook, protected_changes, replica_of, serve_checkout,
                      setup_cell)
 
-from test_colab import PHOTOS, STAGES, outputs, text_of
 
 NOTEBOOKS = ROOT / "notebooks"
+STAGES = ("01_prepare", "02_finetune", "03_generate", "04_evaluate")
+# The user's own photos: three of one person and one of someone else.
+PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg")
 # What the setup cell prints before it restarts the runtime (headshot_kit/runtime.py).
 RESTART_LINE = "Restarting the runtime: pip updated"
 RUNTIME_NAMES = sorted(p.parent.name for p in RUNTIMES.glob("*/runtime.json"))
+
+
+def outputs(nb: dict) -> list[dict]:
+    return [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+
+
+def text_of(nb: dict) -> str:
+    parts = []
+    for o in outputs(nb):
+        parts += o.get("text", []) if "text" in o else o.get("data", {}).get("text/plain", [])
+        parts += o.get("traceback", [])
+    return "".join(parts)
 
 
 def test_every_runtime_snapshot_names_its_source_and_holds_its_list():
@@ -168,24 +184,53 @@ def test_the_setup_cell_leaves_the_runtime_whole(installed):
 
 
 @pytest.mark.slow
-def test_the_stage_notebooks_then_the_quickstart_run_on_the_tiny_preset(installed):
+def test_the_journey_runs_on_the_tiny_preset(installed):
+    """Colab: the four stage notebooks, each in a fresh kernel, on one Drive, then the
+    quickstart on the same Drive (a user coming back to the whole journey): every step finds its
+    work done and says so, and a star set in between survives. Kaggle: the quickstart alone,
+    the whole journey in one session, as the README's Kaggle section runs it."""
     session = installed
-    photos = session.workdir_root / "headshot-kit" / "photos"
-    photos.mkdir(parents=True, exist_ok=True)
+    colab = session.replica.runtime.name == "colab"
+    work = session.workdir_root / "headshot-kit"
+    (work / "photos").mkdir(parents=True, exist_ok=True)
     for name in PHOTOS:
-        (photos / name).write_bytes((SAMPLES / name).read_bytes())
-    failures = []
-    for name in (*STAGES, "00_quickstart"):
+        (work / "photos" / name).write_bytes((SAMPLES / name).read_bytes())
+    failures, said = [], {}
+
+    def run(name: str) -> None:
         nb = localized_notebook(NOTEBOOKS / f"{name}.ipynb", session.wheel, session.served)
         ran, error, seconds = session.execute(nb, f"{name}.ipynb", session.parameters)
         errors = [o for o in outputs(ran) if o["output_type"] == "error"]
-        if error or errors:
+        said[name] = text_of(ran)
+        if error or errors or "Traceback" in said[name]:
             failures.append(f"{name} ({seconds:.0f} s):\n"
                             + "\n".join(f"{e['ename']}: {e['evalue']}" for e in errors)
                             + f"\n{error[-2500:]}")
+
+    for name in STAGES if colab else ():
+        run(name)
     assert not failures, (f"on the {session.replica.runtime.name} replica:\n"
                           + "\n\n".join(failures))
-    work = session.workdir_root / "headshot-kit"
+    weights = work / "lora" / "pytorch_lora_weights.safetensors"
+    if colab:
+        # Everything went to Drive: nothing on the runtime's own disk, which a disconnect wipes.
+        assert not any(session.content.iterdir())
+        assert "biden.jpg (different person)" in said["01_prepare"]
+        subprocess.run([session.replica.python, "-c",
+                        "from headshot_kit.generate import set_starred; "
+                        f"set_starred({str(work / 'headshots')!r}, 'images/corporate_seed1.png')"],
+                       env=session.env, check=True, capture_output=True)
+        before = weights.read_bytes()
+    run("00_quickstart")
+    assert not failures, (f"on the {session.replica.runtime.name} replica:\n"
+                          + "\n\n".join(failures))
     for expected in ("prepared/metadata.jsonl", "lora/pytorch_lora_weights.safetensors",
                      "headshots/manifest.csv", "scores/scores.csv"):
         assert (work / expected).is_file(), expected
+    if colab:
+        assert weights.read_bytes() == before, "re-running a finished training changed its LoRA"
+        assert "already holds all 30 steps: nothing left to train" in said["00_quickstart"]
+        assert ("6 unchanged since the last run are kept, with their stars; nothing to render"
+                in said["00_quickstart"])
+        starred = (work / "headshots" / "manifest.csv").read_text()
+        assert "images/corporate_seed1.png" in starred and ",True" in starred
