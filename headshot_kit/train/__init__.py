@@ -45,6 +45,7 @@ from .. import models
 from ..config import RunFailed, TrainConfig, validate_train, with_optimizer_defaults
 from ..families import Conditioning, get_family
 from ..fitcheck import check_before_training
+from ..hostmem import collector_spares_older, return_freed_memory
 from ..lora import BEST_DIR, LORA_WEIGHTS
 from ..placement import training_placement
 from ..storage import FolderLock, check_own_folder, mark_folder
@@ -123,7 +124,8 @@ class Trainer:
 
     def _build(self, device: str) -> None:
         """Load the models, encode the inputs, attach the LoRA, resume (train.setup)."""
-        setup.build(self, device)
+        with collector_spares_older():  # the imports and loading make most of the objects
+            setup.build(self, device)
 
     @contextmanager
     def timed(self, phase: str):
@@ -151,9 +153,11 @@ class Trainer:
         for name in ("pipe", "unet", "optimizer", "lr_scheduler", "params", "inputs",
                      "cached_cond", "weights", "noise_scheduler"):
             self.__dict__.pop(name, None)
-        gc.collect()
         if torch.cuda.is_available():
+            # A model caught in a reference cycle keeps its GPU memory until a collection.
+            gc.collect()
             torch.cuda.empty_cache()
+        return_freed_memory()
 
     # -- where the pipeline's parts sit --------------------------------------------------------
 
@@ -297,7 +301,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        with self.writing():
+        with self.writing(), collector_spares_older():
             return self._run()
 
     def _run(self) -> TrainResult:
@@ -330,6 +334,7 @@ class Trainer:
         self.timings["training"] += (time.perf_counter() - train_start
                                      - self.timings["validation"] - self.timings["checkpoints"])
         bar.close()
+        return_freed_memory()  # the steps' activations, before the outputs are written
         return self.save(time.perf_counter() - start)
 
     def save_metrics(self) -> pd.DataFrame:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from .. import models
+from ..hostmem import return_freed_memory
 from ..lora import add_lora
 from .checkpoints import resume
 from .data import ensure_class_images, image_tensor, mask_tensor
@@ -58,6 +59,7 @@ def build(trainer: Trainer, device: str) -> None:
                     if cfg.prior_preservation else [])
     with trainer.timed("caching"):
         cache_inputs(trainer, class_images)
+    return_freed_memory()  # what encoding held for a moment, before the UNet trains
 
     unet = trainer.pipe.unet
     if cfg.gradient_checkpointing:
@@ -115,7 +117,9 @@ def cache_inputs(trainer: Trainer, class_images: list[Path]) -> None:
     trainer.is_class = torch.tensor([False] * len(examples) + [True] * len(class_images))
     pixels = torch.stack([image_tensor(p, cfg.resolution) for p in paths])
     if cfg.cache_latents:
-        chunk = trainer.placement.cache_chunk
+        # On the CPU a batch runs no faster than its photos one by one, and holds all their
+        # activations at once.
+        chunk = trainer.placement.cache_chunk if trainer.device.type == "cuda" else 1
         trainer.inputs = torch.cat([encode_latents(pipe, pixels[i:i + chunk])
                                     for i in range(0, len(pixels), chunk)])
     else:
