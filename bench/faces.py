@@ -53,8 +53,7 @@ def scaled(image: Image.Image, side: int | None) -> Image.Image:
 def hog(image: Image.Image):
     from headshot_kit import faces
 
-    return (faces.detect_faces(image, upsample=0, max_side=1024)
-            or faces.detect_faces(image, upsample=1, max_side=1024))
+    return faces.detect_faces_hog(image, upsample=1, max_side=1024)
 
 
 def main() -> None:

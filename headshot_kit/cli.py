@@ -316,6 +316,7 @@ def run(args) -> int:
 
 
 def _sweep(args) -> int:
+    from .records import experiments_table
     from .stats import seed_intervals
     from .sweep import cost_summary, estimate_cost, parse_grid, plan_runs, sweep
 
@@ -332,7 +333,7 @@ def _sweep(args) -> int:
         return 0
     table = sweep(args.data, args.out, args.preset, grid, args.seeds,
                   train_seeds=args.train_seeds, ray=args.ray)
-    print(f"{len(table)} runs in {args.out}/experiments.csv")
+    print(f"{len(table)} runs in {experiments_table(args.out)}")
     if args.train_seeds and len(args.train_seeds) > 1:
         intervals = seed_intervals(table, list(grid))
         print(intervals.to_string(index=False, float_format="{:.3f}".format))

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config_checks import MAX_SIDE, MAX_STEPS, check_fields, update_config  # noqa: F401
+from .config_checks import (MAX_SIDE, MAX_STEPS, UNET_TARGETS, check_fields,  # noqa: F401
+                            on_latent_grid, update_config)
 from .errors import ConfigError, DataError, RunFailed  # noqa: F401
 
 HUB_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -160,7 +161,7 @@ class TrainConfig(_ShownAsTable):
     # over-fit through it).
     lora_dropout: float = 0.0
     # The UNet attention projections: what diffusers' DreamBooth LoRA script adapts.
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    target_modules: tuple[str, ...] = UNET_TARGETS
     # bitsandbytes 8-bit AdamW: optimizer state in 1 byte instead of 4 per value. Also "adamw"
     # and "prodigy" (pip install prodigyopt), which takes lr 1.0 and weight decay 1e-4 where
     # lr and adam_weight_decay are left at these AdamW defaults.
@@ -482,7 +483,7 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
                   "lr_scheduler")
     if cfg.steps < 1:
         raise ConfigError(f"steps is {cfg.steps}; train for at least 1 step.")
-    if cfg.resolution % 8:
+    if not on_latent_grid(cfg.resolution):
         raise ConfigError(f"resolution is {cfg.resolution}; use a multiple of 8 (e.g. 512).")
     if cfg.rank < 1:
         raise ConfigError(f"rank is {cfg.rank}; a LoRA needs rank 1 or more (4 is usual).")
@@ -510,7 +511,7 @@ def validate_train(cfg: TrainConfig) -> TrainConfig:
 def validate_generate(cfg: GenerateConfig) -> GenerateConfig:
     _check_family(cfg.family)
     _check_choice(cfg.lora_checkpoint, ("best", "last"), "lora_checkpoint")
-    if cfg.resolution % 8:
+    if not on_latent_grid(cfg.resolution):
         raise ConfigError(f"resolution is {cfg.resolution}; use a multiple of 8 (e.g. 512).")
     if cfg.steps < 1:
         raise ConfigError(f"steps is {cfg.steps}; use at least 1 sampling step (30 is usual).")

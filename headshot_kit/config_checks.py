@@ -20,6 +20,15 @@ from .errors import ConfigError
 # 150-step slider ends.
 MAX_SIDE = 2048
 MAX_STEPS = 150
+# The UNet attention projections a LoRA adapts: what diffusers' DreamBooth LoRA script adapts
+# (TrainConfig's default, the LoRA attach's, the fit check's).
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def on_latent_grid(side: int) -> bool:
+    """Whether an image side fits the latent grid: the VAE makes each side 8 times smaller, so
+    a side must be a multiple of 8."""
+    return side % 8 == 0
 
 # (lowest, highest, whether the lowest itself is allowed); None = no bound on that side.
 _POSITIVE, _NONNEG, _ONE_UP, _UNIT = (0, None, False), (0, None, True), (1, None, True), (0, 1, True)

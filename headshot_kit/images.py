@@ -18,6 +18,8 @@ from .config import DataError
 # Neutral grey for padding and flattened transparency: black or white would fake an exposure
 # problem, and a model sees a flat grey border as what it is.
 GREY = (128, 128, 128)
+# The files read as photos (HEIC through pillow-heif, a GIF's first frame); the work folder's
+# photos/ counts them too (workspace.list_photos).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".mpo", ".heic",
                   ".heif", ".gif")
 

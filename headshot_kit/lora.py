@@ -5,7 +5,9 @@ tensors) and the tests; one file name (`LORA_WEIGHTS`) that the train stage writ
 generate stage and the work folder look for. The weights are saved in diffusers' format, which
 `load_lora_weights` reads, and copied into one file named after the subject and run, under
 kohya's names and with kohya's metadata (formats.py), for A1111/Forge, ComfyUI, InvokeAI and
-kohya's scripts.
+kohya's scripts. The LoRA's record beside its weights (config.json: the settings, the subject
+words, the base model, the checkpoint's choice) is written by `write_lora_record` and read by
+`read_lora_record`, and by nothing else.
 """
 
 from __future__ import annotations
@@ -13,19 +15,21 @@ from __future__ import annotations
 import json
 import re
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
-from .config import ConfigError, DataError
+from .config import UNET_TARGETS, ConfigError, DataError, save_config
 from .layout import LORA_WEIGHTS
-from .storage import atomic_path, same_safetensors
+from .storage import atomic_path, read_record, same_safetensors
 
 # The name the UI file had before it was named after the subject and run.
 LEGACY_KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
 # The sub-folder where training keeps the LoRA of the checkpoint chosen by likeness.
 BEST_DIR = "best"
-# The UNet attention projections: what diffusers' DreamBooth LoRA script adapts.
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# The LoRA's record beside its weights: the resolved TrainConfig, the subject words the dataset
+# carried, the UI file's name and, in best/, the checkpoint's choice. Written and read here only.
+LORA_RECORD = "config.json"
 
 
 def add_lora(module, rank: int, alpha: int | None = None, dropout: float = 0.0,
@@ -264,19 +268,67 @@ def our_exports(folder: str | Path) -> list[Path]:
     return found
 
 
+@dataclass(frozen=True)
+class LoraRecord:
+    """What a LoRA folder's config.json records, as the other stages read it; None where it
+    records nothing (a LoRA from elsewhere has no record at all)."""
+
+    path: Path  # the record's file, for messages
+    family: str | None = None
+    model: str | None = None  # the base model it was trained on
+    token: str | None = None  # the subject words, from the dataset
+    class_name: str | None = None
+    ui_weights: str | None = None  # the name of the file UIs load (export_kohya)
+    checkpoint: str | None = None  # "last", or BEST_DIR for the checkpoint chosen by likeness
+    step: int | None = None
+    likeness: float | None = None
+    chosen_by: str | None = None  # the face network that chose it
+
+    @property
+    def chosen(self) -> dict[str, Any]:
+        """The choice by likeness (step, likeness, chosen_by) when this is a LoRA's best/;
+        {} for any other LoRA."""
+        if self.checkpoint != BEST_DIR or not self.chosen_by:
+            return {}
+        return {"step": self.step, "likeness": self.likeness, "chosen_by": self.chosen_by}
+
+
+def write_lora_record(folder: str | Path, cfg, **record: Any) -> Path:
+    """The LoRA's config.json in `folder`: the resolved `cfg` (a TrainConfig) and `record`
+    (token, class_name, ui_weights, checkpoint, step, ... and what the run measured)."""
+    return save_config(cfg, Path(folder) / LORA_RECORD, **record)
+
+
+def read_lora_record(folder: str | Path) -> LoraRecord:
+    """The record of the LoRA in `folder` (an empty one where there is none); a DataError
+    naming the file when it is damaged, or names the token without the class noun."""
+    path = Path(folder) / LORA_RECORD
+    data = read_record(path)
+    if ("token" in data) != ("class_name" in data):
+        has, lacks = ("token", "class_name") if "token" in data else ("class_name", "token")
+        raise DataError(f"{path} records the {has} but no {lacks}; train the LoRA again so "
+                        "its record names the subject words whole.")
+    return LoraRecord(path=path, **{name: data.get(name) for name in _RECORD_FIELDS})
+
+
+_RECORD_FIELDS = [name for name in LoraRecord.__dataclass_fields__ if name != "path"]
+
+
+def _recorded(folder: str | Path) -> LoraRecord:
+    """The record, or an empty one where it cannot be read: the UI file and the checkpoint's
+    choice are extras that a damaged record only leaves out."""
+    try:
+        return read_lora_record(folder)
+    except (OSError, DataError):
+        return LoraRecord(path=Path(folder) / LORA_RECORD)
+
+
 def ui_weights(lora_dir: str | Path) -> Path | None:
     """The file of a LoRA folder that UIs load (see `export_kohya`), or None where there is
     none (a LoRA from elsewhere, or one written before the workbench wrote it)."""
-    recorded = _recorded(lora_dir).get("ui_weights")
+    recorded = _recorded(lora_dir).ui_weights
     path = Path(lora_dir) / recorded if recorded else None
     return path if path is not None and path.is_file() else None
-
-
-def _recorded(folder: str | Path) -> dict:
-    try:
-        return json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def lora_weights(lora_dir: str | Path) -> Path:
@@ -301,5 +353,4 @@ def chosen_checkpoint(folder: str | Path) -> dict:
     """The record training wrote into `folder` when it is the checkpoint chosen by likeness
     (a LoRA's best/): its step, likeness and the network that chose it (chosen_by); {} for
     any other folder."""
-    record = _recorded(folder)
-    return record if record.get("checkpoint") == BEST_DIR and record.get("chosen_by") else {}
+    return _recorded(folder).chosen

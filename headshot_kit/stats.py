@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .records import read_experiments
+
 # Experiments-table metric -> (the scores.csv column it is computed from, over which images).
 # Images without a face have no likeness or consistency and are left out of those, as the
 # run's summary does; they count as "not the same person" in the rate.
@@ -90,7 +92,7 @@ def seed_intervals(table: str | Path | pd.DataFrame, by: Sequence[str],
 
     `table` is the experiments table (its `out_dir` column points at each run's scores).
     """
-    data = table if isinstance(table, pd.DataFrame) else pd.read_csv(table)
+    data = table if isinstance(table, pd.DataFrame) else read_experiments(table)
     by = list(by)
     missing = [c for c in [*by, "out_dir"] if c not in data.columns]
     unknown = [m for m in metrics if m not in METRICS]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .config import ConfigError
-from .layout import MARKER  # the stage folders' finishing files
+from .layout import EXPERIMENTS, MARKER  # the stage folders' finishing files
 
 # The file that marks a folder as made by the workbench (a pack, a sweep, a work folder), and
 # the lock file that lets one writer at a time into a folder (.headshot-kit.<what>.lock for
@@ -278,7 +278,7 @@ def is_workbench_folder(folder: Path) -> bool:
     manifest.csv, the scores), or it is a work folder holding such a stage folder."""
     if (folder / WORKBENCH_MARKER).is_file():
         return True
-    finishing = {*MARKER.values(), "experiments.csv"}
+    finishing = {*MARKER.values(), EXPERIMENTS}
     if any((folder / name).is_file() for name in finishing):
         return True
     return any((folder / stage / name).is_file() for stage, name in MARKER.items())

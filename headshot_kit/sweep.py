@@ -35,6 +35,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .config import ConfigError, Preset, get_preset, update_config
+from .records import experiments_table, read_experiments
 from .storage import atomic_write_text
 from .workspace import HEADSHOTS, LORA, SCORES
 
@@ -180,7 +181,7 @@ def sweep(data_dir: str | Path, out_dir: str | Path, preset: str = "tiny",
     from .config import validate_generate, validate_train
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    table = Path(table) if table else out_dir / "experiments.csv"
+    table = Path(table) if table else experiments_table(out_dir)
     runs = plan_runs(preset, grid or {}, seeds, train_seeds)
     for _, _, p in runs:
         validate_train(p.train)
@@ -212,7 +213,7 @@ def sweep(data_dir: str | Path, out_dir: str | Path, preset: str = "tiny",
                 print(f"{run[0]} failed: {type(exc).__name__}: {' '.join(str(exc).split())}")
                 failed.append(f"{run[0]} ({type(exc).__name__}: {str(exc).splitlines()[0]})")
         _report_failures(failed, len(todo))
-    return pd.read_csv(table) if table.is_file() else pd.DataFrame()
+    return read_experiments(table, missing_ok=True)
 
 
 def _report_failures(failed: list[str], n_runs: int) -> None:

@@ -38,8 +38,6 @@ KAGGLE_WORKING = Path("/kaggle/working")
 # not mix its files with the demo's.
 LOCAL_FOLDER = "work"
 CHECKOUT = Path(__file__).resolve().parents[1]
-PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".mpo", ".heic",
-                  ".heif", ".zip"}
 
 
 class StageMissing(FileNotFoundError):
@@ -167,6 +165,13 @@ class Workspace:
     def scores(self) -> Path:
         return self.root / SCORES
 
+    @property
+    def experiments(self) -> Path:
+        """The work folder's experiments table (one row per evaluated run)."""
+        from .records import experiments_table
+
+        return experiments_table(self.root)
+
     def input(self, stage: str) -> Path:
         """The folder a stage reads, or StageMissing saying where it looked and what makes it."""
         if stage == PHOTOS:
@@ -194,11 +199,14 @@ class Workspace:
 
 
 def list_photos(folder: Path) -> list[Path]:
-    """The photo files (and zips) directly in `folder`."""
+    """The photo files (those the prepare stage reads, images.IMAGE_SUFFIXES) and zips
+    directly in `folder`."""
+    from .images import IMAGE_SUFFIXES
+
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES
+                  if p.is_file() and p.suffix.lower() in (*IMAGE_SUFFIXES, ".zip")
                   and not p.name.startswith("."))
 
 

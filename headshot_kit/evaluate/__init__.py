@@ -59,6 +59,7 @@ from ..config import ConfigError, EvaluateConfig, save_config
 from ..images import load_image
 from ..lora import chosen_checkpoint
 from ..quality import Metric, quality_metrics
+from ..records import manifest_path, read_manifest
 from ..storage import atomic_write_text, check_own_folder, copy_ranked, mark_folder
 from ..workspace import SCORES
 from .band import Band, band_counts, reference_band
@@ -255,17 +256,13 @@ def _generated_files(folder: Path) -> tuple[list[Path], pd.DataFrame]:
     if not folder.is_dir():
         raise FileNotFoundError(f"Image folder {folder} does not exist; point images at the "
                                 "generate stage's output folder.")
-    manifest_path = folder / "manifest.csv"
-    if manifest_path.is_file():
-        manifest = pd.read_csv(manifest_path)
-        if "file" not in manifest.columns:
-            raise ValueError(f"{manifest_path} has no 'file' column (the image path relative "
-                             "to its folder); re-run the generate stage to rewrite it.")
+    if manifest_path(folder).is_file():
+        manifest = read_manifest(folder)
         paths = [folder / str(f) for f in manifest["file"]]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise FileNotFoundError(
-                f"{manifest_path} lists {len(missing)} image(s) that do not exist, e.g. "
+                f"{manifest_path(folder)} lists {len(missing)} image(s) that do not exist, e.g. "
                 f"{missing[0]}; re-run the generate stage or delete those rows.")
     else:
         paths = _folder_images(folder)
@@ -369,8 +366,9 @@ def _constant_settings(manifest: pd.DataFrame) -> dict[str, Any]:
                 or manifest[col].nunique(dropna=False) != 1):
             continue
         value = manifest[col].iloc[0]
-        # Plain Python values: config.json must stay valid JSON (no NaN, no numpy types).
-        if pd.isna(value):
+        # Plain Python values: config.json must stay valid JSON (no NaN, no numpy types); an
+        # empty cell (a base-model pack's LoRA name) is no value.
+        if pd.isna(value) or (isinstance(value, str) and not value):
             value = None
         elif hasattr(value, "item"):
             value = value.item()

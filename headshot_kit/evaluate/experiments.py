@@ -11,16 +11,17 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ..config import config_hash, to_dict
+from ..records import experiments_table, read_experiments, write_experiments
 from ..stats import METRICS as INTERVAL_METRICS
 from ..stats import seed_intervals
-from ..storage import atomic_write_text
 
 if TYPE_CHECKING:
     from . import EvalResult
 
 PathLike = str | Path
 
-EXPERIMENTS_TABLE = Path("results/experiments.csv")
+# Runs evaluated outside a work folder or a sweep (records.experiments_table).
+EXPERIMENTS_TABLE = experiments_table()
 
 
 def record_experiment(result: EvalResult, run_id: str | None = None,
@@ -45,12 +46,12 @@ def record_experiment(result: EvalResult, run_id: str | None = None,
     row = {"run_id": run_id, "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "config_hash": fingerprint,
            "embedder": result.embedder, **settings, **metrics, "out_dir": str(result.out_dir)}
-    old = pd.read_csv(table) if table.is_file() else pd.DataFrame()
+    old = read_experiments(table, missing_ok=True)
     if "run_id" in old.columns:
         old = old[old["run_id"].astype(str) != str(run_id)]
     new = pd.DataFrame([row])
     updated = new if old.empty else pd.concat([old, new], ignore_index=True)
-    atomic_write_text(table, updated.to_csv(index=False))
+    write_experiments(updated, table)
     return updated
 
 
@@ -65,7 +66,7 @@ def compare(table: PathLike | pd.DataFrame, setting: str, metric: str, ax=None):
     """
     import matplotlib.pyplot as plt
 
-    data = table if isinstance(table, pd.DataFrame) else pd.read_csv(table)
+    data = table if isinstance(table, pd.DataFrame) else read_experiments(table)
     for name, what in ((setting, "setting"), (metric, "metric")):
         if name not in data.columns:
             raise ValueError(f"The experiments table has no {what} {name!r}; its columns are "

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from ..config import ConfigError
+from ..config import UNET_TARGETS, ConfigError
 from ..lora import add_lora
 
 # Prompts are padded to CLIP's full context (tokenizer.model_max_length).
@@ -344,7 +344,7 @@ def _unet_inputs(family: str, batch: int, dtype) -> dict:
 
 @functools.cache
 def measure_step(family: str, resolution: int, batch: int, checkpointing: bool, mode: str,
-                 rank: int = 4, targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+                 rank: int = 4, targets: tuple[str, ...] = UNET_TARGETS,
                  half: bool = True, weighted: bool = False) -> StepMeasurement:
     """Run one training step of the real UNet on meta tensors and measure what it holds.
 

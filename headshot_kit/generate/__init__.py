@@ -37,9 +37,11 @@ from PIL import Image
 from ..config import ConfigError, GenerateConfig, save_config
 from ..facedetail import pass_steps
 from ..images import image_grid
-from ..lora import chosen_checkpoint, lora_weights
-from ..storage import (WORKBENCH_MARKER, FolderLock, atomic_dir, atomic_path, copy_ranked,
-                       is_lock_file, made_by, mark_folder, read_record, safetensors_digest)
+from ..layout import MANIFEST
+from ..lora import chosen_checkpoint, lora_weights, read_lora_record
+from ..records import manifest_path, read_manifest, write_manifest
+from ..storage import (WORKBENCH_MARKER, FolderLock, atomic_dir, copy_ranked, is_lock_file,
+                       made_by, mark_folder, safetensors_digest)
 from .compare import (AXES, ComparePlan, base_vs_lora_grid, compare_grid, default_axis_values,
                       parse_axis_values, plan_compare, render_plan)
 from .shots import (SAMPLERS, Shot, cell_text, check_generate, check_lora, describe_shot,
@@ -62,7 +64,7 @@ MANIFEST_COLUMNS = ["file", "style", "seed", "prompt", "negative_prompt", "steps
                     "face_detail_strength", "face_detail_padding", "face_detail_note",
                     "fast_pack", "starred", "image_check"]
 # What a pack writes (and replaces on a re-run); anything else in its folder is kept as it is.
-PACK_FILES = ("images", "manifest.csv", "grid.png", "config.json", WORKBENCH_MARKER)
+PACK_FILES = ("images", MANIFEST, "grid.png", "config.json", WORKBENCH_MARKER)
 # A star clicked while the pack is written waits this long for the manifest at most.
 STAR_WAIT_S = 120
 LOCKS = (".headshot-kit.generate.lock", ".headshot-kit.manifest.lock")
@@ -152,7 +154,7 @@ def _write_pack(lora_dir, out_dir: Path, cfg: GenerateConfig, names: list[str],
                      "image_check": image_check(made[_file(s)][0])} for s in shots]
             images = [made[_file(s)][0] for s in shots]
             manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-            manifest.to_csv(tmp / "manifest.csv", index=False)
+            write_manifest(manifest, tmp)
             grid = image_grid(images, len(names), len(cfg.seeds), row_labels=names,
                               col_labels=[str(s) for s in cfg.seeds], x_name="seed ",
                               title=describe_shot(shots[0], skip=("style", "seed")))
@@ -194,7 +196,7 @@ def check_pack_folder(out_dir: Path) -> None:
         return
     try:  # a pack written before packs carried the workbench's marker
         if json.loads((out_dir / "config.json").read_text()).get(
-                "config_type") == "GenerateConfig" and (out_dir / "manifest.csv").is_file():
+                "config_type") == "GenerateConfig" and manifest_path(out_dir).is_file():
             return
     except (OSError, ValueError, AttributeError):
         pass
@@ -364,10 +366,8 @@ def regenerate(manifest_row: Mapping[str, Any], lora_dir: str | Path | None,
     another is refused unless `other_base_model` says so. Its size and steps must lie within
     the settings' limits (shots.check_shot)."""
     shot = shot_from_row(manifest_row, lora_dir)
-    recorded = {}
-    if lora_dir is not None:
-        recorded = read_record(Path(lora_dir) / "config.json")
-    chosen = model or recorded.get("model")
+    recorded = read_lora_record(lora_dir) if lora_dir is not None else None
+    chosen = model or (recorded and recorded.model)
     if not chosen:
         raise ConfigError(f"The image names the model {shot.model!r}, and no LoRA records one: "
                           f"pass model={shot.model!r} (or the model you want) to render it with "
@@ -378,7 +378,7 @@ def regenerate(manifest_row: Mapping[str, Any], lora_dir: str | Path | None,
                           f"{chosen!r}; pass model={shot.model!r} to use the image's model, or "
                           "other_base_model=True to render it with "
                           f"{chosen!r} anyway (the face comes out less alike).")
-    family = recorded.get("family", shot.family)
+    family = recorded.family if recorded and recorded.family is not None else shot.family
     if family != shot.family:
         raise ConfigError(f"The image names the model family {shot.family!r}, but the LoRA "
                           f"was trained for {family!r}; use an image made with this LoRA.")
@@ -389,13 +389,8 @@ def regenerate(manifest_row: Mapping[str, Any], lora_dir: str | Path | None,
 
 
 def load_manifest(out_dir: str | Path) -> pd.DataFrame:
-    path = Path(out_dir) / "manifest.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; run generate_pack into {out_dir} first.")
-    # keep_default_na: an empty negative prompt or LoRA name stays "" rather than NaN.
-    manifest = pd.read_csv(path, keep_default_na=False)
-    manifest["starred"] = manifest["starred"].astype(str).str.lower().isin(("true", "1"))
-    return manifest
+    """The pack's manifest (records.read_manifest), with the `starred` column stars need."""
+    return read_manifest(out_dir, required=("file", "starred"))
 
 
 def set_starred(out_dir: str | Path, file: str, starred: bool = True) -> pd.DataFrame:
@@ -408,10 +403,9 @@ def set_starred(out_dir: str | Path, file: str, starred: bool = True) -> pd.Data
         manifest = load_manifest(out_dir)
         hit = manifest["file"] == file
         if not hit.any():
-            raise KeyError(f"{file!r} is not in {Path(out_dir) / 'manifest.csv'}.")
+            raise KeyError(f"{file!r} is not in {manifest_path(out_dir)}.")
         manifest.loc[hit, "starred"] = bool(starred)
-        with atomic_path(Path(out_dir) / "manifest.csv") as tmp:
-            manifest.to_csv(tmp, index=False)
+        write_manifest(manifest, out_dir)
     return manifest
 
 

@@ -25,15 +25,15 @@ from typing import Any, Mapping, Sequence
 from PIL import Image, PngImagePlugin
 
 from ..config import (DEFAULT_CLASS, DEFAULT_TOKEN, MAX_SIDE, MAX_STEPS, ConfigError,
-                      GenerateConfig, agree, validate_generate)
+                      GenerateConfig, agree, on_latent_grid, validate_generate)
 from ..facedetail import (FaceDetailResult, detail_faces, detail_parameters, image_to_image,
                           read_detail_parameters)
 from ..families import get_family
 from ..formats import lora_short_hash, lora_tag, model_short_hash, split_lora_tags
 from ..lora import (LORA_WEIGHTS, LoraFileError, check_lora_file, check_lora_loaded,
-                    lora_weights, pick_checkpoint, ui_weights)
+                    lora_weights, pick_checkpoint, read_lora_record, ui_weights)
 from ..placement import DECODE_TILE, UNTILED_DECODE_BYTES_1024, tiles_decode  # noqa: F401
-from ..storage import atomic_path, read_record
+from ..storage import atomic_path
 from ..styles import Style
 
 
@@ -172,15 +172,14 @@ def fill_subject(template: str, cfg: GenerateConfig) -> str:
 def with_lora_subject(cfg: GenerateConfig, lora_dir: str | Path | None) -> GenerateConfig:
     """`cfg` with the subject words the LoRA was trained on (its config.json records them);
     a token or class_name setting that names other words is refused."""
-    trained = Path(lora_dir) / "config.json" if lora_dir is not None else None
-    recorded = read_record(trained) if trained else {}
-    if "token" not in recorded:  # the base model, or a LoRA from elsewhere: the settings hold
-        return cfg
+    recorded = read_lora_record(lora_dir) if lora_dir is not None else None
+    if recorded is None or recorded.token is None:
+        return cfg  # the base model, or a LoRA from elsewhere: the settings hold
     fix = ", or train a LoRA on a dataset prepared with those words"
-    return replace(cfg, token=agree("GenerateConfig.token", cfg.token, recorded["token"],
-                                    trained, fix),
+    return replace(cfg, token=agree("GenerateConfig.token", cfg.token, recorded.token,
+                                    recorded.path, fix),
                    class_name=agree("GenerateConfig.class_name", cfg.class_name,
-                                    recorded["class_name"], trained, fix))
+                                    recorded.class_name, recorded.path, fix))
 
 
 def check_generate(cfg: GenerateConfig, styles: Mapping[str, Style]) -> list[str]:
@@ -261,9 +260,8 @@ def check_lora(lora_dir: str | Path | None, cfg: GenerateConfig) -> Path | None:
     lora_weights(lora_dir)
     lora_dir = pick_checkpoint(lora_dir, cfg.lora_checkpoint)
     check_lora_file(lora_weights(lora_dir))
-    trained = Path(lora_dir) / "config.json"
-    recorded = read_record(trained)
-    family, model = recorded.get("family"), recorded.get("model")
+    recorded = read_lora_record(lora_dir)
+    trained, family, model = recorded.path, recorded.family, recorded.model
     if family and family != cfg.family:
         raise ConfigError(f"{trained}: this LoRA was trained for family {family!r} but "
                           f"GenerateConfig.family is {cfg.family!r}; set family={family!r} "
@@ -504,7 +502,8 @@ def check_shot(shot: Shot) -> Shot:
     """Refuse a Shot read from a file made elsewhere (a PNG, a manifest) that asks for more
     than a render can give: a size, steps or sampler outside the settings' own limits."""
     problems = []
-    if not all(8 <= side <= MAX_SIDE and side % 8 == 0 for side in (shot.width, shot.height)):
+    if not all(8 <= side <= MAX_SIDE and on_latent_grid(side)
+               for side in (shot.width, shot.height)):
         problems.append(f"size {shot.width}x{shot.height} (at most {MAX_SIDE} px a side, a "
                         "multiple of 8)")
     if not 1 <= shot.steps <= MAX_STEPS:

@@ -34,7 +34,7 @@ from typing import Iterable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, DataError, PrepareConfig, save_config
+from ..config import ConfigError, DataError, PrepareConfig, on_latent_grid, save_config
 from ..storage import atomic_dir
 from .checks import check_duplicates, check_identity, examine_safely
 from .intake import gather
@@ -126,7 +126,7 @@ def prepare_photos(photos: str | Path | Iterable[str | Path], out_dir: str | Pat
 
 
 def _validate(cfg: PrepareConfig) -> None:
-    if cfg.resolution < 64 or cfg.resolution % 8:
+    if cfg.resolution < 64 or not on_latent_grid(cfg.resolution):
         raise ConfigError(f"resolution is {cfg.resolution}; use a multiple of 8 of at least 64 "
                           "(512 for SD 1.5, 1024 for SDXL).")
     if not 1.0 <= cfg.min_crop_scale <= cfg.crop_scale:

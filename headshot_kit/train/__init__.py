@@ -46,6 +46,7 @@ from ..config import RunFailed, TrainConfig, validate_train, with_optimizer_defa
 from ..families import Conditioning, get_family
 from ..fitcheck import check_before_training
 from ..hostmem import collector_spares_older, return_freed_memory
+from ..layout import METRICS
 from ..lora import BEST_DIR, LORA_WEIGHTS
 from ..placement import training_placement
 from ..storage import FolderLock, check_own_folder, mark_folder
@@ -89,7 +90,7 @@ class Trainer:
         self.data_fingerprint = dataset_fingerprint(self.data_dir, self.examples)
         self.cfg = cfg = with_dataset_subject(cfg, self.data_dir)
         # Its own folder: a folder of other files (a config.json, a README.md) is refused.
-        check_own_folder(self.out_dir, "train", (LORA_WEIGHTS, "checkpoints", "metrics.csv",
+        check_own_folder(self.out_dir, "train", (LORA_WEIGHTS, "checkpoints", METRICS,
                                                  "validation.png", BEST_DIR), "a trained LoRA")
         # One training per folder: a second one started meanwhile is refused before it loads
         # anything, and never deletes the first's checkpoint in progress.

@@ -12,19 +12,14 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from ..config import save_config
-from ..lora import BEST_DIR, chosen_checkpoint, export_kohya, save_lora
-from ..storage import atomic_path
+from ..lora import BEST_DIR, chosen_checkpoint, export_kohya, save_lora, write_lora_record
+from ..records import METRICS_COLUMNS, write_metrics  # noqa: F401 (METRICS_COLUMNS: re-exported)
 from .card import lora_file_metadata, lora_file_name, write_model_card
 from .data import dataset_subject
 from .selection import choose_best
 
 if TYPE_CHECKING:
     from . import Trainer
-
-# metrics.csv: one row per step; likeness (of the validation images) and copies (of them that
-# copy a training photo, train.selection) on validation steps only.
-METRICS_COLUMNS = ("step", "loss", "lr", "skipped", "likeness", "copies")
 
 
 @dataclass
@@ -52,11 +47,7 @@ class TrainResult:
 
 def save_metrics(trainer: Trainer) -> pd.DataFrame:
     """metrics.csv: one row per step (METRICS_COLUMNS)."""
-    metrics = pd.DataFrame(trainer.history, columns=list(METRICS_COLUMNS))
-    trainer.out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(trainer.out_dir / "metrics.csv") as tmp:
-        metrics.to_csv(tmp, index=False)
-    return metrics
+    return write_metrics(trainer.history, trainer.out_dir)
 
 
 def save_lora_folder(trainer: Trainer, folder: Path, **record) -> Path:
@@ -73,10 +64,10 @@ def save_lora_folder(trainer: Trainer, folder: Path, **record) -> Path:
                           optimizer=trainer.optimizer_name, started_at=trainer.started_at,
                           finished_at=time.time()),
                       layers_per_block=trainer.pipe.unet.config.layers_per_block)
-    save_config(trainer.cfg, folder / "config.json", data_dir=str(trainer.data_dir),
-                token=token, class_name=class_name, optimizer_used=trainer.optimizer_name,
-                trainable_parameters=trainer.n_trainable, n_images=len(trainer.examples),
-                data_fingerprint=trainer.data_fingerprint, ui_weights=ui.name, **record)
+    write_lora_record(folder, trainer.cfg, data_dir=str(trainer.data_dir), token=token,
+                      class_name=class_name, optimizer_used=trainer.optimizer_name,
+                      trainable_parameters=trainer.n_trainable, n_images=len(trainer.examples),
+                      data_fingerprint=trainer.data_fingerprint, ui_weights=ui.name, **record)
     return lora_path
 
 
