@@ -7,6 +7,7 @@ Degraded and broken inputs are made at test time in a temporary folder from the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -110,6 +111,49 @@ def test_rgba_copy_is_flagged_as_duplicate_of_the_original(sample_run):
     assert copy["status"] == "skipped" and "near-duplicate of obama2.jpg" in copy["reason"]
     assert row(result, "obama2.jpg")["duplicate"] == "pass"
     assert "flattened" in copy["notes"]
+
+
+# Near-duplicates: two ways of being the same shot, each caught by its own measure. Measured
+# on these files: the black-and-white copy is 1 bit of the 64-bit hash from its original but
+# 0.21 apart in face distance (over duplicate_face_distance, 0.1); the re-framed crop is 24
+# bits apart (over duplicate_hash_bits, 10) but 0.03 in face distance. Two distinct photos of
+# one person are 26 bits and 0.35 apart: neither measure may call them duplicates.
+NEAR_COPIES = {"obama_bw.jpg": "obama.jpg", "obama2_reframed.jpg": "obama2.jpg"}
+
+
+@pytest.fixture(scope="module")
+def near_copies(samples, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("near-copies") / "photos"
+    folder.mkdir()
+    for name in ("obama.jpg", "obama2.jpg", "biden.jpg"):
+        shutil.copy(samples / name, folder / name)
+    with Image.open(samples / "obama.jpg") as im:
+        im.convert("L").convert("RGB").save(folder / "obama_bw.jpg", quality=92)
+    with Image.open(samples / "obama2.jpg") as im:
+        im.convert("RGB").crop((100, 100, 526, 700)).save(folder / "obama2_reframed.jpg",
+                                                          quality=92)
+    return folder
+
+
+def duplicates(folder: Path, out: Path, **thresholds) -> dict[str, str]:
+    """file -> the file it duplicates ("" for none), from the prepare report."""
+    cfg = dataclasses.replace(get_preset("tiny").prepare, **thresholds)
+    report = prepare_photos(folder, out, cfg).report.set_index("file")
+    assert set(report["duplicate"]) <= {"pass", "fail"}
+    return {f: (r["duplicate_of"] if r["duplicate"] == "fail" else "")
+            for f, r in report.iterrows()}
+
+
+def test_a_copy_is_caught_by_its_hash_and_a_crop_by_its_face(near_copies, tmp_path):
+    found = duplicates(near_copies, tmp_path / "both")
+    assert found == {"obama.jpg": "", "obama2.jpg": "", "biden.jpg": "", **NEAR_COPIES}
+    # Each measure alone (the other switched off) catches its own pair, and only it.
+    assert duplicates(near_copies, tmp_path / "hash", duplicate_face_distance=-1.0) == {
+        "obama.jpg": "", "obama2.jpg": "", "biden.jpg": "", "obama2_reframed.jpg": "",
+        "obama_bw.jpg": "obama.jpg"}
+    assert duplicates(near_copies, tmp_path / "face", duplicate_hash_bits=-1) == {
+        "obama.jpg": "", "obama2.jpg": "", "biden.jpg": "", "obama_bw.jpg": "",
+        "obama2_reframed.jpg": "obama2.jpg"}
 
 
 def test_face_cut_by_the_frame_is_skipped(sample_run):
