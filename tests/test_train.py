@@ -150,6 +150,39 @@ def test_resumed_run_matches_uninterrupted(prepared_dataset, tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
+class Stopped(Exception):
+    """Stands in for a lost runtime: the process ends between two checkpoints."""
+
+
+def test_a_run_stopped_after_a_checkpoint_resumes_there_and_ends_as_an_uninterrupted_one(
+        prepared_dataset, tmp_path):
+    """Stopped at step 5 with a checkpoint at step 3, the same call again trains steps 4 to 6
+    only, and writes the LoRA an uninterrupted run writes. (Training from scratch would end
+    with the same weights too: the steps it ran tell the two apart.)"""
+    cfg = tiny(steps=6, checkpoint_every=3, validate_every=0, lr_scheduler="linear",
+               lora_dropout=0.1)
+    train_lora(prepared_dataset, tmp_path / "whole", cfg, progress=False)
+
+    def stop_at_step_5(trainer, record):
+        if record["step"] == 5:
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        train_lora(prepared_dataset, tmp_path / "cut", cfg, progress=False,
+                   on_step=stop_at_step_5)
+    seen = []
+    result = train_lora(prepared_dataset, tmp_path / "cut", cfg, progress=False,
+                        on_step=lambda trainer, record: seen.append(record["step"]))
+    # The watcher hears where the run stands (the checkpoint's step), then each step trained.
+    assert seen == [3, 4, 5, 6]
+    assert list(pd.read_csv(tmp_path / "cut" / "metrics.csv")["step"]) == [1, 2, 3, 4, 5, 6]
+    assert list(result.metrics["step"]) == [1, 2, 3, 4, 5, 6]
+    whole = load_file(tmp_path / "whole" / LORA_WEIGHTS)
+    resumed = load_file(tmp_path / "cut" / LORA_WEIGHTS)
+    assert whole.keys() == resumed.keys()
+    assert max(float((whole[k] - resumed[k]).abs().max()) for k in whole) < 1e-6
+
+
 def test_a_resumed_run_keeps_the_validation_rows_before_the_restart(prepared_dataset, tmp_path):
     """validation.png grows a row per validation step; after a resume, the rows drawn before
     the restart are still there, pixel for pixel."""
