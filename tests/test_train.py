@@ -85,6 +85,21 @@ def test_run_writes_lora_records_and_model_card(trained):
     assert json.loads((result.out_dir / "config.json").read_text())["optimizer_used"]
 
 
+def test_the_loss_plot_draws_every_step_of_the_loss(trained):
+    import matplotlib.pyplot as plt
+    from conftest import assert_drawn
+
+    _, result, _, _ = trained
+    assert_drawn(result.out_dir / "loss.png", min_size=(500, 250))
+    fig = result.plot()
+    ax = fig.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("step", "diffusion loss")
+    steps, losses = ax.get_lines()[0].get_data()
+    plt.close(fig)
+    assert list(steps) == list(result.metrics["step"])
+    assert np.allclose(losses, result.metrics["loss"])
+
+
 def test_optimizer_state_is_8bit(trained):
     trainer = trained[0]
     assert trainer.optimizer_name == "bitsandbytes AdamW8bit"
@@ -344,8 +359,8 @@ def test_prior_preservation_and_text_encoder_lora(prepared_dataset, tmp_path):
     keys = load_file(str(result.lora_path)).keys()
     assert any(k.startswith("text_encoder.") for k in keys)
     assert (result.out_dir / "validation.png").is_file()
-    pipe = models.load_pipeline("tiny-sd15")
-    pipe.load_lora_weights(str(result.out_dir))  # diffusers accepts the text-encoder LoRA too
+    # diffusers loads the text-encoder LoRA too, and draws what the trained pipeline draws.
+    assert_reloads_as_in_memory(trainer, result)
 
 
 def test_the_class_images_loss_is_added_with_its_weight(prepared_dataset, tmp_path):
