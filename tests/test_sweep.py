@@ -97,6 +97,10 @@ def test_a_run_lost_mid_training_is_resumed_by_the_next_sweep(prepared_dataset, 
     starts = [r for r in map(json.loads, (out / run / "attempts.jsonl").read_text().splitlines())
               if "started" in r]
     assert [s["from_checkpoint"] for s in starts] == [None, "checkpoint-0000003"]
+    # What the Ray test reads where it cannot watch the steps: the first attempt's checkpoint
+    # was not written again by the second.
+    meta = out / run / "lora" / "checkpoints" / "checkpoint-0000003" / "meta.json"
+    assert meta.stat().st_mtime < starts[1]["started"]
     assert json.loads((out / run / "done.json").read_text())["attempts"] == 2
     assert list(pd.read_csv(out / run / "lora" / "metrics.csv")["step"]) == [1, 2, 3, 4, 5, 6]
 
