@@ -225,10 +225,10 @@ def purge(root_or_paths: str | Path | Iterable[str | Path], older_than_days: flo
     """Delete a subject's data: everything under each given folder (or file), and the folder.
 
     With `older_than_days`, only files last changed longer ago than that go, and folders left
-    empty by them; the given folders stay. Links are deleted, never followed, so nothing
-    outside the given roots is touched. Only folders the workbench made are deleted (see
-    `is_workbench_folder`); folders that hold your home, the current folder or the
-    headshot-kit checkout are refused. Returns (and prints a summary of) what was deleted, or
+    empty by them; the given folders stay, with the marker that shows the workbench made
+    them. Links are deleted, never followed, so nothing outside the given roots is touched.
+    Only folders the workbench made are deleted (see `is_workbench_folder`); folders that hold
+    your home, the current folder or the headshot-kit checkout are refused. Returns (and prints a summary of) what was deleted, or
     would be with `dry_run`.
     """
     roots = ([root_or_paths] if isinstance(root_or_paths, (str, os.PathLike))
@@ -336,6 +336,8 @@ def _purge_tree(root: Path, cutoff: float | None, dry_run: bool) -> list[Path]:
         links = [d for d in dirnames if (here / d).is_symlink()]
         for name in filenames + links:
             path = here / name
+            if cutoff is not None and path == root / WORKBENCH_MARKER:
+                continue  # the given folder stays, and so does the mark of whose it is
             if cutoff is None or path.lstat().st_mtime < cutoff:
                 deleted.append(_delete(path, dry_run))
                 gone.add(path)

@@ -307,3 +307,24 @@ def clean_env(**extra: str) -> dict[str, str]:
            if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+def assert_drawn(picture, min_size: tuple[int, int] = (300, 200)):
+    """`picture` (a PNG file, or a PNG's bytes) opens as a PNG of at least `min_size` and holds
+    a drawing: not one flat colour (an empty figure saves as white), and with coloured marks
+    (data), not only black and grey axes and text. Returns it as an RGB image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(picture) if isinstance(picture, bytes) else picture) as im:
+        assert im.format == "PNG", im.format
+        rgb = im.convert("RGB")
+    assert rgb.width >= min_size[0] and rgb.height >= min_size[1], rgb.size
+    pixels = np.asarray(rgb).reshape(-1, 3).astype(np.int16)
+    _, counts = np.unique(pixels, axis=0, return_counts=True)
+    assert counts.max() / len(pixels) < 0.98, "one colour fills the picture"
+    coloured = (pixels.max(axis=1) - pixels.min(axis=1)) > 60
+    assert coloured.sum() >= 50, "nothing but greys: no data drawn"  # a dot is about 30 px
+    return rgb

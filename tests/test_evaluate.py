@@ -18,6 +18,8 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
+from conftest import assert_drawn
+
 from headshot_kit.config import ConfigError, EvaluateConfig
 from headshot_kit.evaluate import (EMBEDDERS, EmbedderUnavailable, compare, evaluate_images,
                                    get_embedder, quality_metrics, record_experiment,
@@ -117,9 +119,10 @@ def test_scores_name_their_embedder_and_files_are_written(result):
     on_disk = pd.read_csv(result.out_dir / "scores.csv")
     assert on_disk["same_person"].tolist() == result.scores["same_person"].tolist()
     assert (on_disk["embedder"] == "dlib-resnet-128").all()
-    for name in ("summary.csv", "likeness_by_style.png", "likeness_vs_quality.png",
-                 "consistency.png", "contact_sheet.png"):
-        assert (result.out_dir / name).stat().st_size > 0, name
+    assert len(pd.read_csv(result.out_dir / "summary.csv")) == len(result.summary)
+    for name in ("likeness_by_style.png", "likeness_vs_quality.png", "consistency.png",
+                 "contact_sheet.png"):
+        assert_drawn(result.out_dir / name, min_size=(400, 250))
     config = json.loads((result.out_dir / "config.json").read_text())
     assert config["embedder_name"] == "dlib-resnet-128"
     assert re.fullmatch(r"run-a-\d{8}-\d{6}-\d{3}", config["run_id"])  # folder and time

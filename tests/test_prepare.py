@@ -7,6 +7,7 @@ Degraded and broken inputs are made at test time in a temporary folder from the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -30,7 +31,8 @@ from headshot_kit.faces import detect_faces, head_pose
 from headshot_kit.prepare import CHECKS, prepare_photos
 from headshot_kit.prepare.checks import Photo
 from headshot_kit.prepare.report import advise
-from headshot_kit.storage import purge
+from headshot_kit.lora import LORA_WEIGHTS
+from headshot_kit.storage import WORKBENCH_MARKER, made_by, mark_folder, purge
 
 
 def sha256(path: Path) -> str:
@@ -110,6 +112,49 @@ def test_rgba_copy_is_flagged_as_duplicate_of_the_original(sample_run):
     assert copy["status"] == "skipped" and "near-duplicate of obama2.jpg" in copy["reason"]
     assert row(result, "obama2.jpg")["duplicate"] == "pass"
     assert "flattened" in copy["notes"]
+
+
+# Near-duplicates: two ways of being the same shot, each caught by its own measure. Measured
+# on these files: the black-and-white copy is 1 bit of the 64-bit hash from its original but
+# 0.21 apart in face distance (over duplicate_face_distance, 0.1); the re-framed crop is 24
+# bits apart (over duplicate_hash_bits, 10) but 0.03 in face distance. Two distinct photos of
+# one person are 26 bits and 0.35 apart: neither measure may call them duplicates.
+NEAR_COPIES = {"obama_bw.jpg": "obama.jpg", "obama2_reframed.jpg": "obama2.jpg"}
+
+
+@pytest.fixture(scope="module")
+def near_copies(samples, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("near-copies") / "photos"
+    folder.mkdir()
+    for name in ("obama.jpg", "obama2.jpg", "biden.jpg"):
+        shutil.copy(samples / name, folder / name)
+    with Image.open(samples / "obama.jpg") as im:
+        im.convert("L").convert("RGB").save(folder / "obama_bw.jpg", quality=92)
+    with Image.open(samples / "obama2.jpg") as im:
+        im.convert("RGB").crop((100, 100, 526, 700)).save(folder / "obama2_reframed.jpg",
+                                                          quality=92)
+    return folder
+
+
+def duplicates(folder: Path, out: Path, **thresholds) -> dict[str, str]:
+    """file -> the file it duplicates ("" for none), from the prepare report."""
+    cfg = dataclasses.replace(get_preset("tiny").prepare, **thresholds)
+    report = prepare_photos(folder, out, cfg).report.set_index("file")
+    assert set(report["duplicate"]) <= {"pass", "fail"}
+    return {f: (r["duplicate_of"] if r["duplicate"] == "fail" else "")
+            for f, r in report.iterrows()}
+
+
+def test_a_copy_is_caught_by_its_hash_and_a_crop_by_its_face(near_copies, tmp_path):
+    found = duplicates(near_copies, tmp_path / "both")
+    assert found == {"obama.jpg": "", "obama2.jpg": "", "biden.jpg": "", **NEAR_COPIES}
+    # Each measure alone (the other switched off) catches its own pair, and only it.
+    assert duplicates(near_copies, tmp_path / "hash", duplicate_face_distance=-1.0) == {
+        "obama.jpg": "", "obama2.jpg": "", "biden.jpg": "", "obama2_reframed.jpg": "",
+        "obama_bw.jpg": "obama.jpg"}
+    assert duplicates(near_copies, tmp_path / "face", duplicate_hash_bits=-1) == {
+        "obama.jpg": "", "obama2.jpg": "", "biden.jpg": "", "obama_bw.jpg": "",
+        "obama2_reframed.jpg": "obama2.jpg"}
 
 
 def test_face_cut_by_the_frame_is_skipped(sample_run):
@@ -592,6 +637,72 @@ def test_purge_deletes_old_files_only_and_never_leaves_the_root(tmp_path):
     deleted = purge(root)
     assert root in deleted and not root.exists()
     assert keep_outside.read_bytes() == b"weights"  # links were removed, not followed
+
+
+def _age(folder: Path, days: float) -> None:
+    """Every file and folder under `folder` last changed `days` ago."""
+    then = time.time() - days * 86400
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
+        os.utime(path, (then, then), follow_symlinks=False)
+
+
+def _write(root: Path, *names: str) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+
+
+def _work_folder(root: Path) -> None:
+    """A work folder every stage has written into: stage folders, no marker of its own."""
+    _write(root, "photos/me.jpg", "prepared/metadata.jsonl", "prepared/images/me.png",
+           f"lora/{LORA_WEIGHTS}", "lora/checkpoints/checkpoint-0000030/meta.json",
+           "headshots/manifest.csv", "headshots/images/corporate-0.png", "scores/scores.csv")
+    for stage in ("lora", "headshots", "scores"):
+        mark_folder(root / stage, stage)
+
+
+def _lora_folder(root: Path) -> None:
+    """A LoRA folder the train stage marked, with two runs' checkpoints and a chosen best."""
+    root.mkdir(parents=True)
+    mark_folder(root, "train")
+    _write(root, LORA_WEIGHTS, "config.json", "metrics.csv", "loss.png",
+           "checkpoints/checkpoint-0000010/meta.json", "checkpoints/checkpoint-0000020/meta.json",
+           f"best/{LORA_WEIGHTS}")
+
+
+@pytest.mark.parametrize("make", [_work_folder, _lora_folder], ids=["work", "lora"])
+def test_an_age_purge_that_empties_its_folder_keeps_the_folder_and_its_marker(make, tmp_path):
+    """Everything older than the cutoff goes; the folder given stays, and so does the marker
+    that says the workbench made it, so the workbench still knows it (a later purge of it is
+    not refused as someone else's folder)."""
+    root = tmp_path / "subject"
+    make(root)
+    had_marker = (root / WORKBENCH_MARKER).is_file()
+    _age(root, 30)
+    deleted = purge(root, older_than_days=7)
+    assert root.is_dir() and root not in deleted
+    left = sorted(p.name for p in root.iterdir())
+    assert left == ([WORKBENCH_MARKER] if had_marker else []), left
+    if had_marker:
+        assert made_by(root) == "train"
+        assert root in purge(root) and not root.exists()
+
+
+def test_an_age_purge_keeps_the_newer_runs_of_a_sweep(tmp_path):
+    root = tmp_path / "sweep"
+    runs = {"rank=2": 30, "rank=4": 1}  # days since each run last wrote
+    for run, days in runs.items():
+        _write(root / run, f"lora/{LORA_WEIGHTS}", "lora/checkpoints/checkpoint-0000010/meta.json",
+               "scores/scores.csv", "done.json", "attempts.jsonl")
+        mark_folder(root / run / "lora", "train")
+        mark_folder(root / run / "scores", "evaluate")
+        _age(root / run, days)
+    _write(root, "experiments.csv")  # the newer run added its row
+    kept = sorted(p.relative_to(root) for p in (root / "rank=4").rglob("*"))
+    purge(root, older_than_days=7)
+    assert not (root / "rank=2").exists()
+    assert sorted(p.relative_to(root) for p in (root / "rank=4").rglob("*")) == kept
+    assert (root / "experiments.csv").is_file()
 
 
 def test_purge_refuses_folders_holding_home_or_the_current_folder(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ the compare plot shows the metric against the swept setting."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from headshot_kit.cli import main
 from headshot_kit.config import ConfigError
 from headshot_kit.evaluate import compare
 from headshot_kit.stats import seed_intervals
-from headshot_kit.sweep import cost_summary, parse_grid, plan_runs
+from headshot_kit.sweep import SweepError, cost_summary, parse_grid, plan_runs, sweep
 from headshot_kit.lora import LORA_WEIGHTS
 
 
@@ -65,6 +66,43 @@ def test_sweep_2x1_records_each_run_once_and_compares(prepared_dataset, tmp_path
 
     fig = compare(tmp_path / "experiments.csv", "rank", "n_images")
     assert fig.axes[0].get_xlabel() == "rank"
+
+
+def test_a_run_lost_mid_training_is_resumed_by_the_next_sweep(prepared_dataset, tmp_path,
+                                                              monkeypatch):
+    """What a Ray retry or a re-run after a disconnect does, here: the sweep's second attempt
+    at a run trains only the steps after the run's last checkpoint."""
+    import headshot_kit.train as train
+
+    real_train_lora, seen, stop = train.train_lora, [], {"at": 5}
+
+    def watched(*args, **kwargs):
+        def on_step(trainer, record):
+            seen.append(record["step"])
+            if record["step"] == stop["at"]:
+                raise RuntimeError("worker lost")
+        return real_train_lora(*args, **kwargs, on_step=on_step)
+
+    monkeypatch.setattr(train, "train_lora", watched)
+    grid = {"steps": [6], "checkpoint_every": [3], "validate_every": [0]}
+    out = tmp_path / "sweep"
+    with pytest.raises(SweepError, match=r"1 of 1 runs failed: .*RuntimeError: worker lost"):
+        sweep(prepared_dataset, out, preset="tiny", grid=grid, seeds=[0], progress=False)
+    assert seen == [1, 2, 3, 4, 5]
+    seen.clear()
+    stop["at"] = None
+    table = sweep(prepared_dataset, out, preset="tiny", grid=grid, seeds=[0], progress=False)
+    assert seen == [3, 4, 5, 6]  # where the checkpoint stands, then the steps left
+    [run] = table["run_id"]
+    starts = [r for r in map(json.loads, (out / run / "attempts.jsonl").read_text().splitlines())
+              if "started" in r]
+    assert [s["from_checkpoint"] for s in starts] == [None, "checkpoint-0000003"]
+    # What the Ray test reads where it cannot watch the steps: the first attempt's checkpoint
+    # was not written again by the second.
+    meta = out / run / "lora" / "checkpoints" / "checkpoint-0000003" / "meta.json"
+    assert meta.stat().st_mtime < starts[1]["started"]
+    assert json.loads((out / run / "done.json").read_text())["attempts"] == 2
+    assert list(pd.read_csv(out / run / "lora" / "metrics.csv")["step"]) == [1, 2, 3, 4, 5, 6]
 
 
 def test_training_seeds_repeat_every_combination():

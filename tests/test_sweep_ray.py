@@ -113,6 +113,12 @@ def test_ray_sweep_survives_a_killed_worker_and_matches_a_sequential_sweep(prepa
     first, retry = _starts(tmp_path / "ray" / KILLED)
     assert first["pid"] == killed and retry["pid"] != killed
     assert first["from_checkpoint"] is None and retry["from_checkpoint"].startswith("checkpoint-")
+    # ...and trained on from there: the checkpoint the first attempt wrote is still the one on
+    # disk, where a retry that started over (the same weights in the end: training is
+    # deterministic) would have trained those steps again and written it anew.
+    resumed = tmp_path / "ray" / KILLED / "lora" / "checkpoints" / retry["from_checkpoint"]
+    assert (resumed / "meta.json").stat().st_mtime < retry["started"], (
+        f"the retry wrote {resumed.name} again: it trained from step 0")
     done = {run: json.loads((tmp_path / "ray" / run / "done.json").read_text())
             for run in ("rank=2_steps=20", KILLED)}
     assert done[KILLED]["attempts"] == 2 and done["rank=2_steps=20"]["attempts"] == 1

@@ -17,6 +17,7 @@ import weakref
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from headshot_kit import fitcheck, models
 from headshot_kit.config import (PRODIGY_LR, PRODIGY_WEIGHT_DECAY, ConfigError, TrainConfig,
@@ -139,11 +140,21 @@ def test_text_encoder_checkpointing_runs_while_training(prepared_dataset, tmp_pa
 
 
 def test_second_run_in_another_precision(prepared_dataset, tmp_path):
-    train_lora(prepared_dataset, tmp_path / "fp32", tiny(steps=1, mixed_precision="no"),
-               progress=False)
+    fp32 = train_lora(prepared_dataset, tmp_path / "fp32", tiny(steps=1, mixed_precision="no"),
+                      progress=False)
     result = train_lora(prepared_dataset, tmp_path / "bf16",
                         tiny(steps=1, mixed_precision="bf16"), progress=False)
     assert result.metrics["loss"].notna().all()
+    # It trained in bf16: the same photo, noise and timestep give fp32's loss up to bf16's
+    # rounding, not bit for bit.
+    loss, loss_fp32 = result.metrics["loss"][0], fp32.metrics["loss"][0]
+    assert loss != loss_fp32 and abs(loss - loss_fp32) < 0.05 * loss_fp32, (loss, loss_fp32)
+    # The step moved the LoRA (its up-projections start at zero), and the file holds it in
+    # the fp32 it trained in.
+    weights = load_file(str(result.lora_path))
+    ups = [v for k, v in weights.items() if "lora.up" in k or "lora_B" in k]
+    assert ups and {v.dtype for v in weights.values()} == {torch.float32}
+    assert all(float(v.abs().max()) > 0 for v in ups)
 
 
 def test_failed_run_lets_go_of_its_models(prepared_dataset, tmp_path):

@@ -85,6 +85,21 @@ def test_run_writes_lora_records_and_model_card(trained):
     assert json.loads((result.out_dir / "config.json").read_text())["optimizer_used"]
 
 
+def test_the_loss_plot_draws_every_step_of_the_loss(trained):
+    import matplotlib.pyplot as plt
+    from conftest import assert_drawn
+
+    _, result, _, _ = trained
+    assert_drawn(result.out_dir / "loss.png", min_size=(500, 250))
+    fig = result.plot()
+    ax = fig.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("step", "diffusion loss")
+    steps, losses = ax.get_lines()[0].get_data()
+    plt.close(fig)
+    assert list(steps) == list(result.metrics["step"])
+    assert np.allclose(losses, result.metrics["loss"])
+
+
 def test_optimizer_state_is_8bit(trained):
     trainer = trained[0]
     assert trainer.optimizer_name == "bitsandbytes AdamW8bit"
@@ -148,6 +163,39 @@ def test_resumed_run_matches_uninterrupted(prepared_dataset, tmp_path):
     a, b = peft_state(whole.pipe.unet), peft_state(resumed.pipe.unet)
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+class Stopped(Exception):
+    """Stands in for a lost runtime: the process ends between two checkpoints."""
+
+
+def test_a_run_stopped_after_a_checkpoint_resumes_there_and_ends_as_an_uninterrupted_one(
+        prepared_dataset, tmp_path):
+    """Stopped at step 5 with a checkpoint at step 3, the same call again trains steps 4 to 6
+    only, and writes the LoRA an uninterrupted run writes. (Training from scratch would end
+    with the same weights too: the steps it ran tell the two apart.)"""
+    cfg = tiny(steps=6, checkpoint_every=3, validate_every=0, lr_scheduler="linear",
+               lora_dropout=0.1)
+    train_lora(prepared_dataset, tmp_path / "whole", cfg, progress=False)
+
+    def stop_at_step_5(trainer, record):
+        if record["step"] == 5:
+            raise Stopped
+
+    with pytest.raises(Stopped):
+        train_lora(prepared_dataset, tmp_path / "cut", cfg, progress=False,
+                   on_step=stop_at_step_5)
+    seen = []
+    result = train_lora(prepared_dataset, tmp_path / "cut", cfg, progress=False,
+                        on_step=lambda trainer, record: seen.append(record["step"]))
+    # The watcher hears where the run stands (the checkpoint's step), then each step trained.
+    assert seen == [3, 4, 5, 6]
+    assert list(pd.read_csv(tmp_path / "cut" / "metrics.csv")["step"]) == [1, 2, 3, 4, 5, 6]
+    assert list(result.metrics["step"]) == [1, 2, 3, 4, 5, 6]
+    whole = load_file(tmp_path / "whole" / LORA_WEIGHTS)
+    resumed = load_file(tmp_path / "cut" / LORA_WEIGHTS)
+    assert whole.keys() == resumed.keys()
+    assert max(float((whole[k] - resumed[k]).abs().max()) for k in whole) < 1e-6
 
 
 def test_a_resumed_run_keeps_the_validation_rows_before_the_restart(prepared_dataset, tmp_path):
@@ -311,8 +359,8 @@ def test_prior_preservation_and_text_encoder_lora(prepared_dataset, tmp_path):
     keys = load_file(str(result.lora_path)).keys()
     assert any(k.startswith("text_encoder.") for k in keys)
     assert (result.out_dir / "validation.png").is_file()
-    pipe = models.load_pipeline("tiny-sd15")
-    pipe.load_lora_weights(str(result.out_dir))  # diffusers accepts the text-encoder LoRA too
+    # diffusers loads the text-encoder LoRA too, and draws what the trained pipeline draws.
+    assert_reloads_as_in_memory(trainer, result)
 
 
 def test_the_class_images_loss_is_added_with_its_weight(prepared_dataset, tmp_path):
