@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .config import DataError
@@ -243,28 +244,31 @@ def _shorten(text: str, n: int) -> str:
     return text if len(text) <= n else "..." + text[-(n - 3):]
 
 
-def plot_loss(metrics, ax=None, title: str = "Training loss", best_step: int | None = None):
-    """Loss per step (faint) and its running mean (bold) from a metrics table; with a
-    `likeness` column, the validation steps' likeness on a second axis, and `best_step` (the
-    checkpoint chosen by it) marked."""
-    import matplotlib.pyplot as plt
-
+def plot_loss(history: Sequence[dict], ax=None, title: str = "Training loss",
+              best_step: int | None = None):
+    """Loss per step (faint) and its running mean (bold) from a run's metrics rows (steps
+    whose loss is NaN left out); the validation steps' likeness on a second axis, and
+    `best_step` (the checkpoint chosen by it) marked."""
     if ax is None:
+        import matplotlib.pyplot as plt
+
         _, ax = plt.subplots(figsize=(6.5, 3.4))
-    ax.plot(metrics["step"], metrics["loss"], alpha=0.35, label="loss")
-    window = max(1, len(metrics) // 10)
-    ax.plot(metrics["step"], metrics["loss"].rolling(window, min_periods=1).mean(), lw=2,
-            label=f"mean of {window}")
+    rows = [r for r in history if not math.isnan(r["loss"])]
+    steps = [r["step"] for r in rows]
+    losses = np.array([r["loss"] for r in rows], dtype=float)
+    ax.plot(steps, losses, alpha=0.35, label="loss")
+    window = max(1, len(rows) // 10)
+    ax.plot(steps, running_mean(losses, window), lw=2, label=f"mean of {window}")
     ax.set_xlabel("step")
     ax.set_ylabel("diffusion loss")
     ax.set_title(title)
     handles, labels = ax.get_legend_handles_labels()
-    scored = (metrics.dropna(subset=["likeness"]) if "likeness" in metrics
-              else metrics.iloc[:0])
-    if len(scored):
+    scored = [r for r in rows if r.get("likeness") is not None
+              and not math.isnan(r["likeness"])]
+    if scored:
         right = ax.twinx()
-        right.plot(scored["step"], scored["likeness"], "o-", color="#1b7f3a",
-                   label="likeness of the validation images")
+        right.plot([r["step"] for r in scored], [r["likeness"] for r in scored], "o-",
+                   color="#1b7f3a", label="likeness of the validation images")
         right.set_ylim(-0.05, 1.05)
         right.set_ylabel("likeness (median)")
         if best_step is not None:
@@ -275,3 +279,11 @@ def plot_loss(metrics, ax=None, title: str = "Training loss", best_step: int | N
     ax.legend(handles, labels, fontsize=8, loc="best")
     ax.figure.tight_layout()
     return ax.figure
+
+
+def running_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """The mean of each value and the `window - 1` before it (fewer at the start)."""
+    sums = np.cumsum(np.concatenate([[0.0], values]))
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(0, ends - window)
+    return (sums[ends] - sums[starts]) / (ends - starts)

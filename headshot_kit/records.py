@@ -11,6 +11,8 @@ that names the file and says what to do.
 
 from __future__ import annotations
 
+import csv
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -70,14 +72,20 @@ def metrics_path(folder: str | Path) -> Path:
     return Path(folder) / METRICS
 
 
-def write_metrics(rows: Sequence[dict], folder: str | Path) -> pd.DataFrame:
-    """metrics.csv in `folder`: one row per step (METRICS_COLUMNS); returns the table."""
-    import pandas as pd
+def write_metrics(rows: Sequence[dict], folder: str | Path) -> Path:
+    """metrics.csv in `folder`: one row per step (METRICS_COLUMNS), a missing or NaN value
+    left empty. Written with the csv module: a training run never needs pandas."""
+    path = metrics_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(METRICS_COLUMNS)
+        out.writerows([_cell(row.get(c)) for c in METRICS_COLUMNS] for row in rows)
+    return path
 
-    metrics = pd.DataFrame(list(rows), columns=list(METRICS_COLUMNS))
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    _write_table(metrics, metrics_path(folder))
-    return metrics
+
+def _cell(value) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def read_metrics(folder: str | Path) -> pd.DataFrame:

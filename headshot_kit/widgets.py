@@ -11,6 +11,7 @@ error appears in the panel's output rather than vanishing into the widget log.
 from __future__ import annotations
 
 import io
+import math
 import random
 from contextlib import contextmanager
 from pathlib import Path
@@ -568,14 +569,12 @@ class TrainingMonitor(_Panel):
 
     def draw(self) -> None:
         import matplotlib.pyplot as plt
-        import pandas as pd
 
         from .images import plot_loss
 
-        metrics = pd.DataFrame(self.records).dropna(subset=["loss"])
-        if metrics.empty:
+        if all(math.isnan(r["loss"]) for r in self.records):
             return
-        fig = plot_loss(metrics)
+        fig = plot_loss(self.records)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100)
         plt.close(fig)

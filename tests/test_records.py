@@ -226,10 +226,11 @@ def test_the_metrics_read_back_as_written(tmp_path):
     rows = [{"step": 1, "loss": 0.25, "lr": 1e-4, "skipped": False},
             {"step": 2, "loss": 0.125, "lr": 1e-4, "skipped": False, "likeness": 0.5,
              "copies": 0}]
-    written = write_metrics(rows, tmp_path / "run")
+    assert write_metrics(rows, tmp_path / "run") == tmp_path / "run" / "metrics.csv"
     back = read_metrics(tmp_path / "run")
     assert list(back.columns) == list(METRICS_COLUMNS)
-    pd.testing.assert_frame_equal(back, written, check_dtype=False)
+    pd.testing.assert_frame_equal(back, pd.DataFrame(rows, columns=list(METRICS_COLUMNS)),
+                                  check_dtype=False)
     assert np.isnan(back["likeness"].iloc[0]) and back["likeness"].iloc[1] == 0.5
     pd.DataFrame({"step": [1]}).to_csv(tmp_path / "metrics.csv", index=False)
     with pytest.raises(DataError) as exc:

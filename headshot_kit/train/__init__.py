@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -338,7 +337,7 @@ class Trainer:
         return_freed_memory()  # the steps' activations, before the outputs are written
         return self.save(time.perf_counter() - start)
 
-    def save_metrics(self) -> pd.DataFrame:
+    def save_metrics(self) -> Path:
         return outputs.save_metrics(self)
 
     def _save_lora(self, folder: Path, **record) -> Path:

@@ -4,6 +4,7 @@ how to use it; and its machine-readable twin, the name and metadata of the file 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,7 +88,8 @@ def usage_snippet(cfg: TrainConfig, lora_folder: str) -> str:
 
 def write_model_card(out: Path, cfg: TrainConfig, result: TrainResult, n_images: int) -> Path:
     """README.md beside the weights: what the LoRA is, how it was made, how to use it."""
-    final = result.metrics["loss"].dropna()
+    last = [r["loss"] for r in result.history if not math.isnan(r["loss"])][-10:]
+    final = sum(last) / len(last) if last else float("nan")
     rows = "\n".join(f"| {k} | {v} |" for k, v in to_dict(cfg).items())
     has_grid = (out / "validation.png").is_file()
     samples = "\n![validation images](validation.png)\n" if has_grid else ""
@@ -100,7 +102,7 @@ tags: [lora, dreambooth, headshot-kit, {cfg.family}]
 
 A DreamBooth-style LoRA (rank {cfg.rank}, alpha {cfg.lora_alpha}) trained by headshot-kit on
 {n_images} photos for {cfg.steps} steps with {result.optimizer}. Trigger words: `{cfg.subject}`.
-Final loss (mean of the last 10 steps): {final.tail(10).mean():.4f}; skipped steps:
+Final loss (mean of the last 10 steps): {final:.4f}; skipped steps:
 {result.skipped_steps}.
 
 This LoRA was trained on photos of a real person: share it only with their consent.
@@ -147,8 +149,8 @@ def _checkpoints(cfg: TrainConfig, result: TrainResult) -> str:
         why = ("validation was off (validate_every=0)" if not cfg.validate_every else
                "no validation image showed a face")
         return f"{last} No checkpoint was chosen by likeness: {why}."
-    scored = result.metrics.dropna(subset=["likeness"])
-    steps = ", ".join(f"{int(r.step)}: {r.likeness:.2f}" for r in scored.itertuples())
+    steps = ", ".join(f"{r['step']}: {r['likeness']:.2f}" for r in result.history
+                      if r.get("likeness") is not None and not math.isnan(r["likeness"]))
     return (f"{last} `{BEST_DIR}/` holds the weights of step {result.best_step}, whose "
             f"validation images looked most like the photos (likeness {result.best_likeness:.2f}"
             f" by {result.chosen_by}); generate uses them unless lora_checkpoint='last'. The "

@@ -4,13 +4,13 @@ the `TrainResult` that names them."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import pandas as pd
 
 from ..lora import BEST_DIR, chosen_checkpoint, export_kohya, save_lora, write_lora_record
 from ..records import METRICS_COLUMNS, write_metrics  # noqa: F401 (METRICS_COLUMNS: re-exported)
@@ -19,6 +19,8 @@ from .data import dataset_subject
 from .selection import choose_best
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from . import Trainer
 
 
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 class TrainResult:
     out_dir: Path
     lora_path: Path
-    metrics: pd.DataFrame
+    history: list[dict]  # one metrics row per step, as metrics.csv holds them
     optimizer: str  # the optimizer that actually ran, e.g. "bitsandbytes AdamW8bit"
     seconds: float
     skipped_steps: int = 0
@@ -38,14 +40,21 @@ class TrainResult:
     # checkpoints), named as the journey ETA names them (headshot_kit.fitcheck.eta).
     timings: dict = field(default_factory=dict)
 
+    @cached_property
+    def metrics(self) -> pd.DataFrame:
+        """The history as a table (METRICS_COLUMNS), made when first asked for."""
+        import pandas as pd
+
+        return pd.DataFrame(self.history, columns=list(METRICS_COLUMNS))
+
     def plot(self):
         from ..images import plot_loss
 
-        return plot_loss(self.metrics.dropna(subset=["loss"]), best_step=self.best_step,
+        return plot_loss(self.history, best_step=self.best_step,
                          title=f"Training loss ({self.optimizer})")
 
 
-def save_metrics(trainer: Trainer) -> pd.DataFrame:
+def save_metrics(trainer: Trainer) -> Path:
     """metrics.csv: one row per step (METRICS_COLUMNS)."""
     return write_metrics(trainer.history, trainer.out_dir)
 
@@ -75,8 +84,9 @@ def save(trainer: Trainer, seconds: float = 0.0) -> TrainResult:
     """What a finished run leaves in its folder: metrics.csv, the last LoRA (and best/ only
     when a checkpoint was chosen), loss.png and the model card."""
     out = trainer.out_dir
-    metrics = save_metrics(trainer)
-    skipped = int(metrics["skipped"].sum()) if len(metrics) else 0
+    save_metrics(trainer)
+    history = list(trainer.history)
+    skipped = sum(bool(r["skipped"]) for r in history)
     kept = {}
     if choose_best(trainer.history) is None:
         # A best/ left by an earlier run in this folder does not belong to these weights.
@@ -88,11 +98,11 @@ def save(trainer: Trainer, seconds: float = 0.0) -> TrainResult:
                                  best_step=kept.get("step"),
                                  best_likeness=kept.get("likeness"),
                                  checkpoint_chosen_by=kept.get("chosen_by"))
-    result = TrainResult(out, lora_path, metrics, trainer.optimizer_name, seconds, skipped,
+    result = TrainResult(out, lora_path, history, trainer.optimizer_name, seconds, skipped,
                          best_step=kept.get("step"), best_likeness=kept.get("likeness"),
                          chosen_by=kept.get("chosen_by", ""),
                          timings={k: round(v, 2) for k, v in trainer.timings.items()})
-    if metrics["loss"].notna().any():
+    if any(not math.isnan(r["loss"]) for r in history):
         import matplotlib.pyplot as plt
 
         fig = result.plot()
