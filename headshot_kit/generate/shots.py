@@ -26,8 +26,8 @@ from PIL import Image, PngImagePlugin
 
 from ..config import (DEFAULT_CLASS, DEFAULT_TOKEN, MAX_SIDE, MAX_STEPS, ConfigError,
                       GenerateConfig, agree, validate_generate)
-from ..facedetail import (FaceDetailResult, detail_faces, detail_parameters, image_to_image,
-                          read_detail_parameters)
+from ..facedetail import (FaceDetailResult, FacePass, detail_faces, detail_parameters,
+                          image_to_image, read_detail_parameters)
 from ..families import get_family
 from ..formats import lora_short_hash, lora_tag, model_short_hash, split_lora_tags
 from ..lora import (LORA_WEIGHTS, LoraFileError, check_lora_file, check_lora_loaded,
@@ -399,11 +399,11 @@ def detail_shot(shot: Shot, image: Image.Image, pipe) -> FaceDetailResult:
     # A fresh scheduler of the shot's kind: a used one carries state from its last run.
     img2img.scheduler = make_scheduler(shot.scheduler, model_schedule(pipe))
     with torch.inference_mode():
-        return detail_faces(image, img2img, shot.prompt, seed=shot.seed,
-                            resolution=min(shot.width, shot.height), steps=shot.steps,
-                            strength=shot.face_detail_strength,
-                            padding=shot.face_detail_padding,
-                            negative_prompt=shot.negative_prompt, guidance=shot.guidance)
+        return detail_faces(image, img2img, FacePass(
+            shot.prompt, seed=shot.seed, resolution=min(shot.width, shot.height),
+            steps=shot.steps, strength=shot.face_detail_strength,
+            padding=shot.face_detail_padding, negative_prompt=shot.negative_prompt,
+            guidance=shot.guidance))
 
 
 def pick_batch_size(cfg: GenerateConfig, pipe) -> int:
