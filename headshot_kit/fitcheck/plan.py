@@ -11,8 +11,8 @@ from ..config import ConfigError, TrainConfig
 from ..models import training_precision
 from ..placement import training_placement
 from .gpus import CUDA_CONTEXT_GIB, FRAGMENTATION, GB, GIB, GPU, T4_CALIBRATION, Calibration
-from .measure import (Transient, measure_sampling, measure_step, measure_text, measure_vae,
-                      optimizer_bytes, parameter_counts, trainable_sizes)
+from .measure import (StepSpec, Transient, measure_sampling, measure_step, measure_text,
+                      measure_vae, optimizer_bytes, parameter_counts, trainable_sizes)
 
 # Bytes an AdamW step reads and writes per trainable fp32 value: weight (read + write) and
 # gradient (read), plus the two states (read + write): 1 byte each in 8-bit, 4 in 32-bit.
@@ -205,7 +205,7 @@ def make_plan(cfg: TrainConfig, gpu: GPU, mode: str, recipe: Recipe, measure: bo
     text_on_gpu = (place.text_on_gpu or text_every_step
                    if recipe.text_encoders_on_gpu is None else recipe.text_encoders_on_gpu)
     targets = tuple(cfg.target_modules)
-    sizes = trainable_sizes(family, mode, cfg.rank, targets, cfg.train_text_encoder)
+    sizes = trainable_sizes(family, mode, cfg.rank, targets, text_encoder=cfg.train_text_encoder)
     trainable = 4 * sum(sizes)  # fp32: LoRA weights, or the full UNet's master weights
     frozen_unet = 0 if mode == "full" else counts["unet"] * wbytes
     grads = trainable
@@ -249,9 +249,10 @@ def make_plan(cfg: TrainConfig, gpu: GPU, mode: str, recipe: Recipe, measure: bo
         notes.append("Activations not measured: the weights, gradients and optimizer states "
                      "alone exceed the GPU, so the total is a lower bound.")
     else:
-        step = measure_step(family, cfg.resolution, unet_batch, cfg.gradient_checkpointing, mode,
-                            cfg.rank, targets, half, weighted)
-        text_train = (measure_text(family, unet_batch, half, cfg.rank)
+        step = measure_step(StepSpec(family, cfg.resolution, unet_batch, mode=mode,
+                                     checkpointing=cfg.gradient_checkpointing, rank=cfg.rank,
+                                     targets=targets, half=half, weighted=weighted))
+        text_train = (measure_text(family, unet_batch, half=half, lora_rank=cfg.rank)
                       if cfg.train_text_encoder else Transient(0, 0))
         if grads_persist:
             fb = {"gradients (fp32)": grads,
@@ -266,11 +267,11 @@ def make_plan(cfg: TrainConfig, gpu: GPU, mode: str, recipe: Recipe, measure: bo
         # The VAE and the text encoders run one after the other: the larger one counts.
         encoders = []
         if vae_every_step:
-            vae = measure_vae(family, cfg.resolution, unet_batch, vae_half)
+            vae = measure_vae(family, cfg.resolution, unet_batch, half=vae_half)
             encoders.append(("VAE encoder activations (measured)", vae.peak))
             flops[True if vae_half else "vae"] += vae.flops
         if text_every_step and not cfg.train_text_encoder:
-            text = measure_text(family, unet_batch, half)
+            text = measure_text(family, unet_batch, half=half)
             encoders.append(("text encoder activations (measured)", text.peak))
             flops[half] += text.flops
         if encoders:
@@ -282,8 +283,8 @@ def make_plan(cfg: TrainConfig, gpu: GPU, mode: str, recipe: Recipe, measure: bo
             # LoRA and the optimizer exist; the VAE and text encoders leave afterwards.
             # A dataset holds about HOST_PHOTOS photos: a larger chunk is never filled.
             chunk = recipe.cache_batch or min(place.cache_chunk, HOST_PHOTOS)
-            peak = max(measure_vae(family, cfg.resolution, chunk, vae_half).peak,
-                       measure_text(family, chunk, half).peak)
+            peak = max(measure_vae(family, cfg.resolution, chunk, half=vae_half).peak,
+                       measure_text(family, chunk, half=half).peak)
             unet_dtype = "fp32" if mode == "full" else dtype
             parts["caching"] = {
                 f"UNet weights ({unet_dtype})": counts["unet"] * (4 if mode == "full" else wbytes),
@@ -292,8 +293,8 @@ def make_plan(cfg: TrainConfig, gpu: GPU, mode: str, recipe: Recipe, measure: bo
         if cfg.validate_every:
             # Validation renders with the training state still on the GPU (gradients freed),
             # the VAE and text encoders brought back: one denoising step or the VAE decode.
-            sample = measure_sampling(family, cfg.resolution, half)
-            decode = measure_vae(family, cfg.resolution, 1, vae_half, decode=True)
+            sample = measure_sampling(family, cfg.resolution, half=half)
+            decode = measure_vae(family, cfg.resolution, 1, half=vae_half, decode=True)
             parts["validation"] = weights | {
                 "VAE + text encoders back on the GPU": (0 if vae_every_step else vae_bytes)
                 + (0 if text_on_gpu else text_bytes),
@@ -301,8 +302,8 @@ def make_plan(cfg: TrainConfig, gpu: GPU, mode: str, recipe: Recipe, measure: bo
     phases = {name: sum(held.values()) for name, held in parts.items()}
     peak_phase = max(phases, key=phases.get)
     if peak_phase == "caching" and chunk > 1:
-        one = max(measure_vae(family, cfg.resolution, 1, vae_half).peak,
-                  measure_text(family, 1, half).peak)
+        one = max(measure_vae(family, cfg.resolution, 1, half=vae_half).peak,
+                  measure_text(family, 1, half=half).peak)
         alone = phases["caching"] - parts["caching"]["encoder activations (measured)"] + one
         notes.append(f"Caching latents {chunk} photos per VAE call is the peak; one at a time "
                      f"it would need {(alone * FRAGMENTATION + fixed) / GB:.1f} GB there.")
