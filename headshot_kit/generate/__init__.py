@@ -154,7 +154,7 @@ def _write_pack(lora_dir, out_dir: Path, cfg: GenerateConfig, names: list[str],
             manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
             manifest.to_csv(tmp / "manifest.csv", index=False)
             grid = image_grid(images, len(names), len(cfg.seeds), row_labels=names,
-                              col_labels=[str(s) for s in cfg.seeds], x_name="seed ",
+                              col_labels=[f"seed {s}" for s in cfg.seeds],
                               title=describe_shot(shots[0], skip=("style", "seed")))
             grid.save(tmp / "grid.png")
             save_config(cfg, tmp / "config.json", lora_sha256=digest,
