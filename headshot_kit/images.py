@@ -170,10 +170,10 @@ class Card:
 BADGE_ROWS = 3
 
 
-def contact_sheet(cards: Sequence[Card], *, cols: int = 4, cell: int = 200,
-                  title: str = "") -> Image.Image:
-    """Thumbnails in a grid, each with its boxes, banner, caption lines and badges: the
-    prepare stage's verdict sheet and the evaluate stage's ranked sheet alike."""
+def card_sheet(cards: Sequence[Card], *, cols: int = 4, cell: int = 200,
+               title: str = "") -> Image.Image:
+    """Cards in a grid, each a thumbnail with its boxes, banner, caption lines and badges:
+    what the prepare stage's verdict sheet and the evaluate stage's ranked sheet draw."""
     n = max(1, len(cards))
     cols = min(cols, n)
     text, pad = font(13), 6

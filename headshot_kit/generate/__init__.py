@@ -17,7 +17,7 @@ Re-run into the same folder, unchanged images keep their stars, and the user's f
 best/ stay.
 
 The parts: `styles` (the prompt library), `shots` (one image: its settings, the sampler, the
-LoRA, rendering, the PNG's parameters) and `compare` (X/Y grids over any two settings).
+LoRA, rendering, the PNG's parameters) and `grids` (X/Y grids over any two settings).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from ..images import image_grid
 from ..lora import chosen_checkpoint, lora_weights
 from ..storage import (WORKBENCH_MARKER, FolderLock, atomic_dir, atomic_path, copy_ranked,
                        is_lock_file, made_by, mark_folder, read_record, safetensors_digest)
-from .compare import (AXES, ComparePlan, base_vs_lora_grid, compare_grid, default_axis_values,
-                      parse_axis_values, plan_compare, render_plan)
+from .grids import (AXES, ComparePlan, base_vs_lora_grid, compare_grid, default_axis_values,
+                    parse_axis_values, plan_compare, render_plan)
 from .shots import (SAMPLERS, Shot, cell_text, check_generate, check_lora, describe_shot,
                     detail_shot, first_render, load_generate_pipeline, make_scheduler,
                     make_shot, pick_batch_size, read_parameters, render, render_batch, save_png,
