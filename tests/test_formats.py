@@ -756,3 +756,19 @@ def test_two_datasets_never_share_a_lora_name_and_a_resumed_run_keeps_it(tmp_pat
     assert lora_file_name(TrainConfig(rank=8), "ohwx", tmp_path / "alice") != names[0]
     assert lora_file_name(TrainConfig(), "ohwx", tmp_path / "alice", step=300) == (
         f"{names[0]}-step300")
+
+
+def test_the_settings_in_a_lora_name_are_ones_a_resumed_run_keeps(tmp_path):
+    """A resumed run keeps its LoRA's name: check_resume refuses a change to any setting the
+    name is made of, and none of them is among those a resumed run may change."""
+    from headshot_kit.config import ConfigError, TrainConfig, to_dict
+    from headshot_kit.train.card import NAME_SETTINGS
+    from headshot_kit.train.checkpoints import FREE_ON_RESUME, check_resume
+
+    cfg = TrainConfig()
+    saved = json.loads(json.dumps(to_dict(cfg), default=str))
+    for key in NAME_SETTINGS:
+        meta = {"step": 1, "config": {**saved, key: "another"}}
+        with pytest.raises(ConfigError, match=f"other settings: {key} 'another'"):
+            check_resume(tmp_path, meta, cfg)
+    assert not set(NAME_SETTINGS) & set(FREE_ON_RESUME)
