@@ -35,10 +35,10 @@ def _median_ms(fn) -> float:
 def measure(family: str, grad_accum: int) -> dict:
     import torch
 
-    from headshot_kit.fitcheck.measure import meta_unet
+    from headshot_kit.fitcheck.measure import build_unet
     from headshot_kit.lora import add_lora
 
-    unet = meta_unet(family)
+    unet = build_unet(family)
     torch.nn.Module.to(unet, torch.float16)
     add_lora(unet, 4)
     dtype_ms = _median_ms(lambda: unet.dtype)

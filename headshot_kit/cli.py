@@ -331,7 +331,7 @@ def _sweep(args) -> int:
         print(cost.to_string(index=False, float_format="{:.2f}".format))
         print(cost_summary(cost, args.gpu))
         return 0
-    table = sweep(args.data, args.out, args.preset, grid, args.seeds,
+    table = sweep(args.data, args.out, preset=args.preset, grid=grid, seeds=args.seeds,
                   train_seeds=args.train_seeds, ray=args.ray)
     print(f"{len(table)} runs in {experiments_table(args.out)}")
     if args.train_seeds and len(args.train_seeds) > 1:

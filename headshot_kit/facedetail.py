@@ -15,7 +15,7 @@ was, with a note saying so. Its two settings (strength and padding) are Generate
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -111,12 +111,27 @@ def pass_steps(steps: int, strength: float) -> int:
     return total
 
 
-def detail_faces(image: Image.Image, img2img, prompt: str, *, seed: int, resolution: int,
-                 steps: int, strength: float, padding: float, negative_prompt: str = "",
-                 guidance: float = 7.0, extra: dict | None = None) -> FaceDetailResult:
-    """Re-render every face of `image` (see the module docstring) at denoising `strength`,
-    each crop grown by `padding` x the face's side on every side; `extra` goes to the
-    pipeline as it is (e.g. SDXL's micro-conditioning)."""
+@dataclass(frozen=True)
+class FacePass:
+    """How the pass redraws each face: the shot's prompt, seed and sampling, at the model's
+    resolution, at denoising `strength`, each crop grown by `padding` x the face's side on
+    every side (GenerateConfig's `face_detail_*`)."""
+
+    prompt: str
+    _: KW_ONLY
+    seed: int
+    resolution: int
+    steps: int
+    strength: float
+    padding: float
+    negative_prompt: str = ""
+    guidance: float = 7.0
+
+
+def detail_faces(image: Image.Image, img2img, spec: FacePass, *,
+                 extra: dict | None = None) -> FaceDetailResult:
+    """Re-render every face of `image` as `spec` says (see the module docstring); `extra` goes
+    to the pipeline as it is (e.g. SDXL's micro-conditioning)."""
     faces = [f for f in detect_faces_yunet(image)
              if min(f.width, f.height) >= MIN_FACE][:MAX_FACES]
     if not faces:
@@ -124,13 +139,15 @@ def detail_faces(image: Image.Image, img2img, prompt: str, *, seed: int, resolut
     out = image.convert("RGB").copy()
     boxes = []
     for i, face in enumerate(faces):
-        box = padded_box(face.box, out.size, padding)
+        box = padded_box(face.box, out.size, spec.padding)
         side = box[2] - box[0]
-        crop = out.crop(box).resize((resolution, resolution), Image.Resampling.LANCZOS)
-        redrawn = img2img(prompt=prompt, negative_prompt=negative_prompt or None, image=crop,
-                          strength=strength, num_inference_steps=pass_steps(steps, strength),
-                          guidance_scale=guidance,
-                          generator=torch.Generator().manual_seed(seed + i),
+        crop = out.crop(box).resize((spec.resolution, spec.resolution),
+                                    Image.Resampling.LANCZOS)
+        redrawn = img2img(prompt=spec.prompt, negative_prompt=spec.negative_prompt or None,
+                          image=crop, strength=spec.strength,
+                          num_inference_steps=pass_steps(spec.steps, spec.strength),
+                          guidance_scale=spec.guidance,
+                          generator=torch.Generator().manual_seed(spec.seed + i),
                           **(extra or {})).images[0]
         redrawn = redrawn.resize((side, side), Image.Resampling.LANCZOS)
         out.paste(redrawn, box[:2], feather_mask(side, FEATHER))

@@ -74,8 +74,7 @@ def _fit(image: Image.Image, cell: int) -> Image.Image:
 
 def image_grid(images: Sequence[Image.Image], rows: int, cols: int, *,
                row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
-               title: str = "", cell: int = 192, x_name: str = "", y_name: str = "",
-               ) -> Image.Image:
+               title: str = "", cell: int = 192) -> Image.Image:
     """Images laid out row by row, with column labels on top and row labels on the left.
 
     Small images (the tiny model's 64 px) are scaled up to `cell` so they can be seen. Every
@@ -87,12 +86,12 @@ def image_grid(images: Sequence[Image.Image], rows: int, cols: int, *,
         raise ValueError(f"{len(images)} images do not fit a {rows}x{cols} grid")
     label_font, title_font = font(max(11, cell // 14)), font(max(13, cell // 11))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    row_texts = [f"{y_name}{t}" for t in row_labels or []]
+    row_texts = list(row_labels or [])
     widest = max((measure.textlength(t, font=label_font) for t in row_texts), default=0)
     left = min(int(widest) + 2 * LABEL_PAD, cell * 2) if row_labels else 0
     width = left + cols * cell
     line_h = _line_height(label_font)
-    col_lines = [wrap_text(measure, f"{x_name}{t}", label_font, cell - 2 * LABEL_PAD)
+    col_lines = [wrap_text(measure, t, label_font, cell - 2 * LABEL_PAD)
                  for t in col_labels or []]
     col_h = max((len(ls) for ls in col_lines), default=0) * line_h + 8 if col_labels else 0
     title_lines = wrap_text(measure, title, title_font, width - 2 * LABEL_PAD) if title else []
@@ -174,10 +173,10 @@ class Card:
 BADGE_ROWS = 3
 
 
-def contact_sheet(cards: Sequence[Card], *, cols: int = 4, cell: int = 200,
-                  title: str = "") -> Image.Image:
-    """Thumbnails in a grid, each with its boxes, banner, caption lines and badges: the
-    prepare stage's verdict sheet and the evaluate stage's ranked sheet alike."""
+def card_sheet(cards: Sequence[Card], *, cols: int = 4, cell: int = 200,
+               title: str = "") -> Image.Image:
+    """Cards in a grid, each a thumbnail with its boxes, banner, caption lines and badges:
+    what the prepare stage's verdict sheet and the evaluate stage's ranked sheet draw."""
     n = max(1, len(cards))
     cols = min(cols, n)
     text, pad = font(13), 6

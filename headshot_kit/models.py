@@ -226,7 +226,7 @@ def _from_pretrained(cls, source: str, half: bool, **kwargs):
 
 
 def load_pipeline(model: str, family: str = "sd15", *, device: str = "cpu",
-                  dtype: torch.dtype = torch.float32, fp16_fix_vae: bool | None = None):
+                  dtype: torch.dtype = torch.float32):
     """A diffusers pipeline for `model` (hub id, local folder or tiny name) on `device`.
 
     Loads with `low_cpu_mem_usage` (Colab's 12.7 GB of host RAM runs out otherwise) and, in
@@ -246,8 +246,7 @@ def load_pipeline(model: str, family: str = "sd15", *, device: str = "cpu",
     kwargs = {"dtype": dtype, "low_cpu_mem_usage": True, **spec.pipeline_kwargs}
     if is_hub_id(source) and not hub_reachable():
         kwargs["local_files_only"] = True  # a model cached earlier still loads offline
-    if fp16_fix_vae is None:
-        fp16_fix_vae = bool(spec.fp16_vae) and dtype == torch.float16 and is_hub_id(source)
+    fp16_fix_vae = bool(spec.fp16_vae) and dtype == torch.float16 and is_hub_id(source)
     try:
         if fp16_fix_vae:
             kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(

@@ -1,10 +1,11 @@
 """Sweeps: train, generate and evaluate every combination of a few settings, and compare.
 
-`sweep(data, out, "tiny", {"rank": [4, 16], "lr": [1e-4, 5e-5]})` runs each combination in its
-own folder, `<out>/<run id>/` (lora/, headshots/, scores/), and appends one row per run to the
-experiments table (`<out>/experiments.csv`), so `evaluate.compare` can plot any metric against
-any swept setting. A finished run leaves `done.json`; re-running the sweep skips it, so a Colab
-disconnect costs one run at most (and that run's training resumes from its checkpoint).
+`sweep(data, out, preset="tiny", grid={"rank": [4, 16], "lr": [1e-4, 5e-5]})` runs each
+combination in its own folder, `<out>/<run id>/` (lora/, headshots/, scores/), and appends one
+row per run to the experiments table (`<out>/experiments.csv`), so `evaluate.compare` can plot
+any metric against any swept setting. A finished run leaves `done.json`; re-running the sweep
+skips it, so a Colab disconnect costs one run at most (and that run's training resumes from its
+checkpoint).
 
 A grid name is any field of the train or generate config (`rank`, `lr`, `steps`, `lora_scale`,
 `guidance`, ...); `seeds` are the generation seeds each run is judged over, and `train_seeds`
@@ -167,10 +168,10 @@ def _finish(result, run: Run, preset_name: str, table: Path, out_dir: Path) -> N
          "attempts": len(starts)}, default=str) + "\n")
 
 
-def sweep(data_dir: str | Path, out_dir: str | Path, preset: str = "tiny",
+def sweep(data_dir: str | Path, out_dir: str | Path, *, preset: str = "tiny",
           grid: dict[str, list[Any]] | None = None, seeds: list[int] | None = None,
-          table: str | Path | None = None, progress: bool = True,
-          train_seeds: list[int] | None = None, ray: str | None = None) -> pd.DataFrame:
+          train_seeds: list[int] | None = None, table: str | Path | None = None,
+          progress: bool = True, ray: str | None = None) -> pd.DataFrame:
     """Run every combination not yet finished; return the experiments table.
 
     `ray`: a Ray cluster's address ("auto" for the one this machine belongs to, or

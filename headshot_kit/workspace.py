@@ -116,9 +116,16 @@ def _short_errors() -> None:
     from .config import ConfigError, DataError, RunFailed
 
     def one_line(shell, etype, value, tb, tb_offset=None):
-        # IPython leaves the showing to the handler: an error output of one line. The cell
-        # still fails, so Run All stops here.
-        shell._showtraceback(etype, value, [f"{etype.__name__}: {value}"])
+        # IPython leaves the showing to the handler: the error as %xmode Minimal shows it, its
+        # type and message on one line (IPython 7.34, Colab's, to 9). The cell still fails, so
+        # Run All stops here.
+        formatter = shell.InteractiveTB
+        mode = formatter.mode
+        formatter.set_mode("Minimal")
+        try:
+            shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+        finally:
+            formatter.set_mode(mode)
 
     shell.set_custom_exc((ConfigError, DataError, RunFailed, StageMissing), one_line)
 

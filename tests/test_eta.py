@@ -106,7 +106,7 @@ def test_the_untiled_decode_allowance_is_twice_the_measured_peak():
     from headshot_kit.fitcheck.measure import measure_vae
     from headshot_kit.generate.shots import UNTILED_DECODE_BYTES_1024, tiles_decode
 
-    peak = measure_vae("sdxl", 1024, 1, True, decode=True).peak
+    peak = measure_vae("sdxl", 1024, 1, half=True, decode=True).peak
     assert UNTILED_DECODE_BYTES_1024 == pytest.approx(2 * peak, rel=0.05)
     # With the SDXL pipeline on a T4 the decode runs whole; on a nearly full GPU in tiles.
     assert E.decode_tile(get_preset("sdxl-t4").generate, T4) == 0

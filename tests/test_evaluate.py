@@ -317,8 +317,8 @@ def test_each_evaluation_of_a_work_folder_is_a_row_of_its_own(references, tmp_pa
     from headshot_kit.evaluate import plots
 
     titles = []
-    real = plots.contact_sheet
-    monkeypatch.setattr(plots, "contact_sheet",
+    real = plots.card_sheet
+    monkeypatch.setattr(plots, "card_sheet",
                         lambda cards, **kw: titles.append(kw["title"]) or real(cards, **kw))
     pack = tmp_path / "demo" / "headshots"
     (pack / "images").mkdir(parents=True)

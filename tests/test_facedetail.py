@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from headshot_kit.faces import detect_faces
-from headshot_kit.facedetail import (NOTE_KEY, detail_faces, detail_parameters, feather_mask,
-                                     image_to_image, padded_box, pass_steps,
+from headshot_kit.facedetail import (NOTE_KEY, FacePass, detail_faces, detail_parameters,
+                                     feather_mask, image_to_image, padded_box, pass_steps,
                                      read_detail_parameters)
 
 STRENGTH, PADDING = 0.5, 0.35
@@ -42,8 +42,9 @@ def render(samples) -> Image.Image:
 
 
 def run(image, img2img, seed=0):
-    return detail_faces(image, img2img, "a photo of ohwx person", seed=seed, resolution=64,
-                        steps=4, strength=STRENGTH, padding=PADDING)
+    return detail_faces(image, img2img, FacePass("a photo of ohwx person", seed=seed,
+                                                 resolution=64, steps=4, strength=STRENGTH,
+                                                 padding=PADDING))
 
 
 def test_only_the_padded_face_box_changes(render, img2img):

@@ -122,7 +122,8 @@ def test_8bit_adam_states_are_a_quarter_of_32bit():
     eight = fc.optimizer_bytes((big,), "adamw8bit")
     assert 8 * big / eight == pytest.approx(4, rel=0.02)  # 4x, less the per-block scales
     assert fc.optimizer_bytes((small,), "adamw8bit") == fc.optimizer_bytes((small,), "adamw")
-    sizes = fc.trainable_sizes("sd15", "full", 4, ("to_q", "to_k", "to_v", "to_out.0"), False)
+    sizes = fc.trainable_sizes("sd15", "full", 4, ("to_q", "to_k", "to_v", "to_out.0"),
+                               text_encoder=False)
     ratio = fc.optimizer_bytes(sizes, "adamw") / fc.optimizer_bytes(sizes, "adamw8bit")
     assert 3.8 < ratio <= 4.0
 
@@ -138,9 +139,30 @@ def test_8bit_state_bytes_match_bitsandbytes():
     assert fc.optimizer_bytes(tuple(p.numel() for p in params), "adamw8bit") == real
 
 
+def test_a_step_is_measured_once_per_spec_and_its_switches_are_named():
+    """measure_step is cached on a hashable StepSpec: the same spec, its settings named in any
+    order, is measured once. Its switches (checkpointing, half, weighted), like the other
+    measurements', cannot be passed by position, where True and False say nothing."""
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+    with pytest.raises(TypeError):
+        fc.measure_step("sd15", 64, 1, False, "lora")
+    with pytest.raises(TypeError):
+        fc.StepSpec("sd15", 64, 1, "lora", False)
+    with pytest.raises(TypeError):
+        fc.trainable_sizes("sd15", "lora", 4, targets, False)
+    with pytest.raises(TypeError):
+        fc.measure_vae("sd15", 64, 1, True)
+    a = fc.StepSpec("sd15", 64, 1, mode="lora", checkpointing=False, half=True)
+    b = fc.StepSpec("sd15", 64, 1, half=True, checkpointing=False, mode="lora")
+    first = fc.measure_step(a)
+    hits = fc.measure_step.cache_info().hits
+    assert fc.measure_step(b) is first
+    assert fc.measure_step.cache_info().hits == hits + 1
+
+
 def test_checkpointing_lowers_activation_memory():
-    with_ckpt = fc.measure_step("sd15", 512, 2, True, "full")
-    without = fc.measure_step("sd15", 512, 2, False, "full")
+    with_ckpt = fc.measure_step(fc.StepSpec("sd15", 512, 2, mode="full", checkpointing=True))
+    without = fc.measure_step(fc.StepSpec("sd15", 512, 2, mode="full", checkpointing=False))
     assert with_ckpt.saved_for_backward < without.saved_for_backward / 3
     assert with_ckpt.activation_peak < without.activation_peak
     # ...and costs a second forward.
@@ -208,7 +230,7 @@ def test_validation_and_text_encoder_lora_add_their_memory():
     base = plan_of(run)
     both = plan_of(run, validate_every=100, train_text_encoder=True)
     # Rendering brings the VAE back next to the weights and optimizer (gradients are freed).
-    sizes = fc.trainable_sizes("sd15", "full", 4, run.cfg.target_modules, True)
+    sizes = fc.trainable_sizes("sd15", "full", 4, run.cfg.target_modules, text_encoder=True)
     held = both.phases["optimizer step"] - 4 * sum(sizes) / fc.GB
     vae_fp16 = 2 * fc.parameter_counts("sd15")["vae"] / fc.GB
     assert both.phases["validation"] > held + vae_fp16
@@ -229,8 +251,9 @@ def test_the_face_weighted_loss_is_counted():
     # The step holds the batch's weight map and the weighted error on top of the plain step
     # (measured as the plans above measured it, so from the cache).
     targets = tuple(tiny.target_modules)
-    with_masks = fc.measure_step("sd15", 64, 1, False, "lora", 4, targets, True, True)
-    without = fc.measure_step("sd15", 64, 1, False, "lora", 4, targets, True, False)
+    spec = fc.StepSpec("sd15", 64, 1, mode="lora", checkpointing=False, targets=targets)
+    with_masks = fc.measure_step(dataclasses.replace(spec, weighted=True))
+    without = fc.measure_step(spec)
     assert with_masks.peak - without.peak >= 8 * 8 * 4
 
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from headshot_kit import formats
 from headshot_kit.facedetail import DETECTOR_NAME
 from headshot_kit.families import get_family
-from headshot_kit.fitcheck.measure import load_arch, meta_text_encoders, meta_unet
+from headshot_kit.fitcheck.measure import build_text_encoders, build_unet, load_arch
 from headshot_kit.lora import add_lora, peft_state, text_encoder_lora_state
 
 CASES = [("sd15", False), ("sd15", True), ("sdxl", False), ("sdxl", True)]
@@ -53,12 +53,12 @@ def diffusers_file_state(modules: dict) -> dict:
 @functools.cache
 def full_size(family: str, with_te: bool):
     """(kohya tensors of a rank-4 LoRA on the full-size model, the UNet's config)."""
-    unet = meta_unet(family)
+    unet = build_unet(family)
     add_lora(unet, rank=4)
     modules = {"unet": unet}
     if with_te:
         fam = get_family(family)
-        for name, encoder in zip(fam.text_encoders, meta_text_encoders(family)):
+        for name, encoder in zip(fam.text_encoders, build_text_encoders(family)):
             add_lora(encoder, rank=4, targets=fam.text_encoder_targets)
             modules[name] = encoder
     state = diffusers_file_state(modules)
@@ -124,7 +124,7 @@ def test_the_walk_of_the_original_layout_lands_on_the_real_unet():
     """The block walk the checks below stand on names modules the real UNet has: 560
     projections in SDXL's 70 transformer blocks, 128 in SD 1.5's 16."""
     for family, count in (("sd15", 128), ("sdxl", 560)):
-        unet = meta_unet(family)
+        unet = build_unet(family)
         names = {n for n, _ in unet.named_modules()}
         diffusers_names = attention_projections(unet.config, original=False)
         assert len(diffusers_names) == count and diffusers_names <= names
@@ -366,8 +366,8 @@ def test_diffusers_conversion_reaches_every_module_of_the_full_size_model(family
     peft_keys = [f"{owner}.{k}" for owner, part in by_owner.items()
                  for k in (convert_unet_state_dict_to_peft(part) if owner == "unet"
                            else convert_state_dict_to_peft(part))]
-    unet = {n for n, _ in meta_unet(family).named_modules()}
-    encoders = [{n for n, _ in e.named_modules()} for e in meta_text_encoders(family)]
+    unet = {n for n, _ in build_unet(family).named_modules()}
+    encoders = [{n for n, _ in e.named_modules()} for e in build_text_encoders(family)]
     reached = 0
     for key in peft_keys:
         if not key.endswith("lora_A.weight"):
@@ -756,3 +756,19 @@ def test_two_datasets_never_share_a_lora_name_and_a_resumed_run_keeps_it(tmp_pat
     assert lora_file_name(TrainConfig(rank=8), "ohwx", tmp_path / "alice") != names[0]
     assert lora_file_name(TrainConfig(), "ohwx", tmp_path / "alice", step=300) == (
         f"{names[0]}-step300")
+
+
+def test_the_settings_in_a_lora_name_are_ones_a_resumed_run_keeps(tmp_path):
+    """A resumed run keeps its LoRA's name: check_resume refuses a change to any setting the
+    name is made of, and none of them is among those a resumed run may change."""
+    from headshot_kit.config import ConfigError, TrainConfig, to_dict
+    from headshot_kit.train.card import NAME_SETTINGS
+    from headshot_kit.train.checkpoints import FREE_ON_RESUME, check_resume
+
+    cfg = TrainConfig()
+    saved = json.loads(json.dumps(to_dict(cfg), default=str))
+    for key in NAME_SETTINGS:
+        meta = {"step": 1, "config": {**saved, key: "another"}}
+        with pytest.raises(ConfigError, match=f"other settings: {key} 'another'"):
+            check_resume(tmp_path, meta, cfg)
+    assert not set(NAME_SETTINGS) & set(FREE_ON_RESUME)

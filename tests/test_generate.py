@@ -330,7 +330,7 @@ def test_base_vs_lora_grid_renders_the_packs_checkpoint_and_checks_the_model(
         {"family": "sd15", "model": "tiny-sd15", "checkpoint": "best", "step": 4,
          "likeness": 0.7, "chosen_by": "dlib-resnet-128"}))
     drawn = []
-    monkeypatch.setattr(gen.compare, "render",
+    monkeypatch.setattr(gen.grids, "render",
                         lambda shot, pipe: drawn.append(shot) or Image.new("RGB", (8, 8)))
     gen.base_vs_lora_grid(run, cfg, seeds=[0], pipe=pipe, progress=False)
     pack_uses = gen.check_lora(run, cfg)

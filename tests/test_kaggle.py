@@ -59,7 +59,8 @@ def test_a_sweep_uses_both_gpus_one_run_each_at_once(prepared_dataset, tmp_path,
 
     monkeypatch.setattr(multigpu, "local_gpu_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    table = sweep(prepared_dataset, tmp_path, "tiny", {"rank": [2, 4], "steps": [2]}, seeds=[0])
+    table = sweep(prepared_dataset, tmp_path, preset="tiny", grid={"rank": [2, 4], "steps": [2]},
+                  seeds=[0])
     assert sorted(table["rank"]) == [2, 4]
     runs = [tmp_path / "rank=2_steps=2", tmp_path / "rank=4_steps=2"]
     # One run per GPU: each ran in a process of its own with its own CUDA_VISIBLE_DEVICES...

@@ -189,7 +189,7 @@ def test_report_has_one_row_per_input_and_a_contact_sheet(sample_run):
         assert column in report.columns
     assert set(report["status"]) == {"used", "skipped"}
     assert report["reason"].str.len().min() > 10  # every row says why
-    with Image.open(result.contact_sheet) as sheet:
+    with Image.open(result.contact_sheet_path) as sheet:
         assert sheet.width >= 5 * 240 and sheet.height > 2 * 240
     page = result._repr_html_()
     assert "biden.jpg" in page and result.advice[0] in page
@@ -567,7 +567,7 @@ def test_existing_dataset_is_replaced_only_when_the_new_one_is_complete(obama_ph
     def crash(*args, **kwargs):
         raise RuntimeError("disconnected")
 
-    monkeypatch.setattr(prepare, "contact_sheet", crash)
+    monkeypatch.setattr(prepare, "verdict_sheet", crash)
     with pytest.raises(RuntimeError):
         prepare_photos([obama_photos[1]], out)
     assert (out / "images" / "obama.png").is_file()  # the old dataset is intact

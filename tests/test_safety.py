@@ -465,7 +465,7 @@ def test_a_failed_run_is_reported_while_the_others_run(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(sw, "run_job", job)
     with pytest.raises(sw.SweepError, match=r"1 of 2 runs failed: rank=2 \(FileNotFoundError"):
-        sw.sweep(tmp_path / "data", tmp_path / "out", "tiny", {"rank": ["2", "4"]})
+        sw.sweep(tmp_path / "data", tmp_path / "out", preset="tiny", grid={"rank": ["2", "4"]})
     assert ran == ["rank=2", "rank=4"]
     assert "rank=2 failed: FileNotFoundError: no such model" in capsys.readouterr().out
 

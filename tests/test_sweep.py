@@ -30,6 +30,16 @@ def test_grid_settings_are_parsed_and_checked_before_running():
         parse_grid(["rank"])
 
 
+def test_a_sweep_names_its_settings(tmp_path):
+    """Past the dataset and the out folder every setting of a sweep is named: a preset and a
+    grid passed by position are refused before anything runs."""
+    from headshot_kit.sweep import sweep
+
+    with pytest.raises(TypeError):
+        sweep(tmp_path / "data", tmp_path / "out", "tiny", {"rank": [2]})
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_grid_sweeps_the_background_weight():
     runs = plan_runs("tiny", parse_grid(["background_weight=0.1,1"]))
     assert [r[0] for r in runs] == ["background_weight=0.1", "background_weight=1.0"]

@@ -78,8 +78,8 @@ def test_ray_sweep_survives_a_killed_worker_and_matches_a_sequential_sweep(prepa
     # Built before either sweep: building draws from torch's global generator after training
     # has seeded it, so the run that builds the model would start from other LoRA weights.
     ensure_tiny_model()
-    here = _single_threaded(lambda: sweep(prepared_dataset, tmp_path / "here", "tiny", GRID,
-                                          seeds=[0], progress=False))
+    here = _single_threaded(lambda: sweep(prepared_dataset, tmp_path / "here", preset="tiny",
+                                          grid=GRID, seeds=[0], progress=False))
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -87,8 +87,8 @@ def test_ray_sweep_survives_a_killed_worker_and_matches_a_sequential_sweep(prepa
 
         def run_on_ray():
             try:
-                outcome["table"] = sweep(prepared_dataset, tmp_path / "ray", "tiny", GRID,
-                                         seeds=[0], ray="auto")
+                outcome["table"] = sweep(prepared_dataset, tmp_path / "ray", preset="tiny",
+                                         grid=GRID, seeds=[0], ray="auto")
             except BaseException as exc:  # reported by the test thread below
                 outcome["error"] = exc
 
@@ -101,8 +101,8 @@ def test_ray_sweep_survives_a_killed_worker_and_matches_a_sequential_sweep(prepa
 
         # A job that fails in its own code is reported, not retried: it would fail again.
         with pytest.raises(SweepError, match=r"1 of 1 runs failed: rank=2 \(FileNotFoundError"):
-            sweep(tmp_path / "no-dataset", tmp_path / "broken", "tiny", {"rank": [2]},
-                  ray="auto")
+            sweep(tmp_path / "no-dataset", tmp_path / "broken", preset="tiny",
+                  grid={"rank": [2]}, ray="auto")
         assert len(_starts(tmp_path / "broken" / "rank=2")) == 1
     finally:
         ray.shutdown()

@@ -135,60 +135,17 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
         notes.append(_choice_note(chosen, embedder))
     clip, clip_note = clip_or_note(cfg)
     notes += [clip_note] if clip_note else []
-    prompts = ([p or None for p in manifest["prompt"].fillna("").astype(str)]
-               if "prompt" in manifest.columns else [None] * len(generated))
 
-    bar = tqdm(total=len(reference_paths) + len(generated), desc="evaluate",
-               disable=not progress)
-    bar.set_postfix(step="references")
-    try:
-        references_matrix, skipped = reference_vectors(embedder, reference_paths)
-    except NoFaceError:
-        bar.close()
-        raise
-    bar.update(len(reference_paths))
-    if skipped:
-        notes.append(f"No face in {len(skipped)} reference photo(s), not used: "
-                     f"{', '.join(skipped)}.")
-    band = reference_band(embedder, references_matrix,
-                          [p.name for p in reference_paths if p.name not in skipped])
-    notes.append(f"Your own band ({embedder.name}): {band}; each headshot's likeness to its "
-                 "nearest photo is placed below it (weak likeness), inside it (like a photo "
-                 "of you) or far above it (a likely copy of that photo).")
-
-    bar.set_postfix(step="images")
-    rows, thumbs, vectors, crops, yaws = [], [], {}, {}, {}
-    for i, (path, name, prompt) in enumerate(zip(generated, manifest["file"], prompts)):
-        image = load_image(path)
-        row, face, vector = _score_image(image, embedder, references_matrix, band, metrics)
-        row = {"image": str(name), **row}
-        if clip is not None:
-            row.update(clip.score(image, prompt))
-        if face is not None:
-            vectors[i], crops[i], yaws[i] = vector, crop_grey(image, face), yaw(face)
-        rows.append(row)
-        thumb = image.copy()
-        thumb.thumbnail((256, 256))
-        thumbs.append(thumb)
-        bar.update()
-    bar.close()
-
-    # The manifest's columns (style, seed, prompt, ...) follow the scores; "file" is "image".
-    extra = manifest.drop(columns=["file", *[c for c in manifest.columns if c in rows[0]]])
-    scores = pd.concat([pd.DataFrame(rows), extra.reset_index(drop=True)], axis=1)
-    face_rows = sorted(vectors)  # rows with a face; the tiny model's noise has none
-    similarity, ssim = np.zeros((0, 0)), np.zeros((0, 0))
-    if face_rows:
-        matrix = np.array([vectors[i] for i in face_rows])
-        similarity = embedder.similarity(matrix, matrix)
-        ssim = ssim_matrix(np.array([crops[i] for i in face_rows]))
-    scores["consistency"] = consistency_per_image(len(scores), face_rows, similarity)
-    face_yaws = np.array([yaws[i] for i in face_rows])
-    quality_cols = [m.name for m in metrics] + [c for c in (ClipScorer.photo_name,
-                                                            ClipScorer.prompt_name)
-                                                if c in scores.columns]
-    summary = _summarise(scores, face_rows, similarity, ssim, face_yaws, quality_cols, notes)
-    headline = _headline(scores, embedder, cfg.best_n, chosen.get("chosen_by"))
+    with tqdm(total=len(reference_paths) + len(generated), desc="evaluate",
+              disable=not progress) as bar:
+        bar.set_postfix(step="references")
+        scorer = _Scorer(embedder, *_read_references(embedder, reference_paths, notes),
+                         metrics, clip)
+        bar.update(len(reference_paths))
+        bar.set_postfix(step="images")
+        scored = _score_images(scorer, generated, manifest, bar)
+    tables = _tabulate(scored, manifest, scorer, notes)
+    headline = _headline(tables.scores, embedder, cfg.best_n, chosen.get("chosen_by"))
 
     # A work folder's scores/ is named after the work folder: every run's is called "scores".
     # Stamped with the time, so each evaluation of that folder is a row of its own in the
@@ -197,20 +154,8 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
         out_dir.absolute().parent.name if out_dir.name == SCORES else out_dir.name,
         datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")[:-3])
     settings = {**_constant_settings(manifest), **(settings or {})}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    mark_folder(out_dir, "evaluate")
-    atomic_write_text(out_dir / "scores.csv", scores.to_csv(index=False))
-    atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
-    pairs = similarity[np.triu_indices(len(face_rows), 1)]
-    files = {
-        "likeness_by_style": save_figure(plot_likeness_by_style(scores, embedder),
-                                          out_dir / "likeness_by_style.png"),
-        "likeness_vs_quality": save_figure(plot_likeness_vs_quality(scores, metrics),
-                                            out_dir / "likeness_vs_quality.png"),
-        "consistency": save_figure(plot_consistency(pairs, embedder),
-                                    out_dir / "consistency.png"),
-        "contact_sheet": save_contact_sheet(scores, thumbs, out_dir / "contact_sheet.png"),
-    }
+    files = _write_tables_and_plots(out_dir, tables, scored.thumbs, scorer)
+    band = scorer.band
     save_config(cfg, out_dir / "config.json", run_id=run_id, settings=settings,
                 checkpoint_chosen_by=chosen.get("chosen_by"),
                 likeness_scored_by=embedder.name,
@@ -219,9 +164,139 @@ def evaluate_images(references: PathLike | Sequence[PathLike], images: PathLike,
                 embedder_licence=embedder.licence, band_low=_json_float(band.low),
                 band_high=_json_float(band.high), headline=headline, notes=notes,
                 quality_metrics={m.name: m.measures for m in metrics})
-    return EvalResult(scores=scores, summary=summary, headline=headline, out_dir=out_dir,
-                      embedder=embedder.name, run_id=run_id, settings=settings, config=cfg,
-                      notes=notes, files=files)
+    return EvalResult(scores=tables.scores, summary=tables.summary, headline=headline,
+                      out_dir=out_dir, embedder=embedder.name, run_id=run_id,
+                      settings=settings, config=cfg, notes=notes, files=files)
+
+
+def _read_references(embedder: FaceEmbedder, paths: Sequence[Path],
+                     notes: list[str]) -> tuple[np.ndarray, Band]:
+    """The reference photos' embeddings and the person's own band; what was left out and what
+    the band is go into `notes`. NoFaceError when no photo shows a face."""
+    matrix, skipped = reference_vectors(embedder, paths)
+    if skipped:
+        notes.append(f"No face in {len(skipped)} reference photo(s), not used: "
+                     f"{', '.join(skipped)}.")
+    band = reference_band(embedder, matrix, [p.name for p in paths if p.name not in skipped])
+    notes.append(f"Your own band ({embedder.name}): {band}; each headshot's likeness to its "
+                 "nearest photo is placed below it (weak likeness), inside it (like a photo "
+                 "of you) or far above it (a likely copy of that photo).")
+    return matrix, band
+
+
+@dataclass
+class _Scorer:
+    """What scores one image: the face embedder against the person's photos and own band, the
+    technical quality metrics, and CLIP where it loaded."""
+
+    embedder: FaceEmbedder
+    references: np.ndarray
+    band: Band
+    metrics: Sequence[Metric]
+    clip: ClipScorer | None
+
+    def score(self, image: Image.Image, prompt: str | None
+              ) -> tuple[dict[str, Any], faces.Face | None, np.ndarray | None]:
+        """The image's row of scores, and its face and embedding (None without a face)."""
+        embedder, references = self.embedder, self.references
+        found = embedder.embed(image)
+        row: dict[str, Any] = {"face_found": bool(found), "n_faces": len(found)}
+        face, vector = found[0] if found else (None, None)
+        row.update(likeness(embedder, vector, references))
+        row.update(self.band.place(embedder.similarity(vector, references)[0])
+                   if vector is not None
+                   else {"band": "", "nearest_photo": "", "likeness_nearest": np.nan})
+        row["embedder"] = embedder.name
+        # Quality of the face is what a headshot is judged on; with no face, of the whole image.
+        region = face_region(image, face) if face is not None else None
+        row["quality_region"] = "face" if region is not None else "image"
+        for metric in self.metrics:
+            row[metric.name] = metric.score(region if region is not None else image)
+        if self.clip is not None:
+            row.update(self.clip.score(image, prompt))
+        return row, face, vector
+
+
+@dataclass
+class _Scored:
+    """Each image's row of scores and thumbnail; for those with a face (by row), its embedding,
+    grey face crop and yaw."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    thumbs: list[Image.Image] = field(default_factory=list)
+    vectors: dict[int, np.ndarray] = field(default_factory=dict)
+    crops: dict[int, np.ndarray] = field(default_factory=dict)
+    yaws: dict[int, float] = field(default_factory=dict)
+
+
+def _score_images(scorer: _Scorer, paths: Sequence[Path], manifest: pd.DataFrame,
+                  bar) -> _Scored:
+    """Every generated image scored, in the manifest's order (its prompt, where it has one,
+    for CLIP's prompt adherence)."""
+    prompts = ([p or None for p in manifest["prompt"].fillna("").astype(str)]
+               if "prompt" in manifest.columns else [None] * len(paths))
+    scored = _Scored()
+    for i, (path, name, prompt) in enumerate(zip(paths, manifest["file"], prompts)):
+        image = load_image(path)
+        row, face, vector = scorer.score(image, prompt)
+        if face is not None:
+            scored.vectors[i], scored.crops[i] = vector, crop_grey(image, face)
+            scored.yaws[i] = yaw(face)
+        scored.rows.append({"image": str(name), **row})
+        thumb = image.copy()
+        thumb.thumbnail((256, 256))
+        scored.thumbs.append(thumb)
+        bar.update()
+    return scored
+
+
+@dataclass
+class _Tables:
+    scores: pd.DataFrame  # one row per image
+    summary: pd.DataFrame  # overall, then per style
+    pairs: np.ndarray  # the similarity of every pair of faces
+
+
+def _tabulate(scored: _Scored, manifest: pd.DataFrame, scorer: _Scorer,
+              notes: list[str]) -> _Tables:
+    """The scores table (the manifest's columns after the scores), each face's consistency
+    with the others, and the summary."""
+    rows = scored.rows
+    # The manifest's columns (style, seed, prompt, ...) follow the scores; "file" is "image".
+    extra = manifest.drop(columns=["file", *[c for c in manifest.columns if c in rows[0]]])
+    scores = pd.concat([pd.DataFrame(rows), extra.reset_index(drop=True)], axis=1)
+    face_rows = sorted(scored.vectors)  # rows with a face; the tiny model's noise has none
+    similarity, ssim = np.zeros((0, 0)), np.zeros((0, 0))
+    if face_rows:
+        matrix = np.array([scored.vectors[i] for i in face_rows])
+        similarity = scorer.embedder.similarity(matrix, matrix)
+        ssim = ssim_matrix(np.array([scored.crops[i] for i in face_rows]))
+    scores["consistency"] = consistency_per_image(len(scores), face_rows, similarity)
+    face_yaws = np.array([scored.yaws[i] for i in face_rows])
+    quality_cols = [m.name for m in scorer.metrics] + [c for c in (ClipScorer.photo_name,
+                                                                   ClipScorer.prompt_name)
+                                                       if c in scores.columns]
+    summary = _summarise(scores, face_rows, similarity, ssim, face_yaws, quality_cols, notes)
+    return _Tables(scores, summary, similarity[np.triu_indices(len(face_rows), 1)])
+
+
+def _write_tables_and_plots(out_dir: Path, tables: _Tables, thumbs: list[Image.Image],
+                            scorer: _Scorer) -> dict[str, Path]:
+    """scores.csv, summary.csv, the plots and the contact sheet, into `out_dir`."""
+    scores, embedder = tables.scores, scorer.embedder
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mark_folder(out_dir, "evaluate")
+    atomic_write_text(out_dir / "scores.csv", scores.to_csv(index=False))
+    atomic_write_text(out_dir / "summary.csv", tables.summary.to_csv(index=False))
+    return {
+        "likeness_by_style": save_figure(plot_likeness_by_style(scores, embedder),
+                                          out_dir / "likeness_by_style.png"),
+        "likeness_vs_quality": save_figure(plot_likeness_vs_quality(scores, scorer.metrics),
+                                            out_dir / "likeness_vs_quality.png"),
+        "consistency": save_figure(plot_consistency(tables.pairs, embedder),
+                                    out_dir / "consistency.png"),
+        "contact_sheet": save_contact_sheet(scores, thumbs, out_dir / "contact_sheet.png"),
+    }
 
 
 def _checkpoint_choice(images: Path) -> dict:
@@ -270,24 +345,6 @@ def _generated_files(folder: Path) -> tuple[list[Path], pd.DataFrame]:
     if not paths:
         raise FileNotFoundError(f"No images in {folder}; run the generate stage first.")
     return paths, manifest
-
-
-def _score_image(image: Image.Image, embedder: FaceEmbedder, references: np.ndarray,
-                 band: Band, metrics: Sequence[Metric]
-                 ) -> tuple[dict[str, Any], faces.Face | None, np.ndarray | None]:
-    found = embedder.embed(image)
-    row: dict[str, Any] = {"face_found": bool(found), "n_faces": len(found)}
-    face, vector = found[0] if found else (None, None)
-    row.update(likeness(embedder, vector, references))
-    row.update(band.place(embedder.similarity(vector, references)[0]) if vector is not None
-               else {"band": "", "nearest_photo": "", "likeness_nearest": np.nan})
-    row["embedder"] = embedder.name
-    # Quality of the face is what a headshot is judged on; with no face, of the whole image.
-    region = face_region(image, face) if face is not None else None
-    row["quality_region"] = "face" if region is not None else "image"
-    for metric in metrics:
-        row[metric.name] = metric.score(region if region is not None else image)
-    return row, face, vector
 
 
 def _summarise(scores: pd.DataFrame, face_rows: list[int], similarity: np.ndarray,

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..images import Card, contact_sheet
+from ..images import Card, card_sheet
 from ..quality import Metric
 from ..storage import atomic_path
 from .embedders import FaceEmbedder
@@ -132,8 +132,8 @@ def save_contact_sheet(scores: pd.DataFrame, thumbs: list[Image.Image], path: Pa
             technical += f"  brisque {row['brisque_technical']:.0f}"
         cards.append(Card(thumbs[i], lines=[Path(str(row["image"])).name, line, technical],
                           line_color=color))
-    sheet = contact_sheet(cards, cols=5, title=f"{int(scores['same_person'].sum())} of "
-                                               f"{len(scores)} look like you, best first")
+    sheet = card_sheet(cards, cols=5, title=f"{int(scores['same_person'].sum())} of "
+                                            f"{len(scores)} look like you, best first")
     with atomic_path(path) as tmp:
         # Fast compression: the default level takes seconds on a 40-image sheet.
         sheet.save(tmp, format="PNG", compress_level=1)

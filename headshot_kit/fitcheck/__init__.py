@@ -46,8 +46,8 @@ from .eta import Eta, journey_eta, write_eta
 from .fix import join, larger_gpu, suggest_fix  # noqa: F401
 from .gpus import (CUDA_CONTEXT_GIB, FRAGMENTATION, GB, GIB, GPU, GPUS, T4_CALIBRATION,
                    Calibration, resolve_gpu)
-from .measure import (StepMeasurement, build_arch, load_arch, measure_sampling, measure_step,
-                      measure_text, measure_vae, optimizer_bytes, parameter_counts,
+from .measure import (StepMeasurement, StepSpec, build_arch, load_arch, measure_sampling,
+                      measure_step, measure_text, measure_vae, optimizer_bytes, parameter_counts,
                       trainable_sizes)
 from .plan import (COLAB_HOST_RAM_GB, MASK_COMPONENT, FitPlan, Recipe, duration, make_plan,
                    split_overrides)
@@ -56,7 +56,7 @@ from .published import FORK_ROWS, PublishedRun, calibrate, published_runs
 __all__ = ["COLAB_HOST_RAM_GB", "CUDA_CONTEXT_GIB", "FORK_ROWS", "FRAGMENTATION", "GB", "GIB",
            "Eta", "GPU", "GPUS", "MASK_COMPONENT", "T4_CALIBRATION", "Calibration", "DoesNotFit",
            "FitPlan",
-           "PublishedRun", "Recipe", "StepMeasurement", "build_arch", "calibrate",
+           "PublishedRun", "Recipe", "StepMeasurement", "StepSpec", "build_arch", "calibrate",
            "check_before_training", "duration", "fit_check", "fitcheck_cli", "journey_eta", "load_arch",
            "measure_sampling", "measure_step", "measure_text", "measure_vae", "optimizer_bytes",
            "parameter_counts", "published_runs", "resolve_gpu", "suggest_fix",

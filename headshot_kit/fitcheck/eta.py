@@ -87,7 +87,7 @@ def sampling_step_seconds(family: str, resolution: int, guided: bool,
     (a guidance of 1 or less, one)."""
     gpu = gpu if isinstance(gpu, GPU) else resolve_gpu(gpu)
     cal = T4_CALIBRATION
-    flops = measure_sampling(family, resolution, True).flops * (1 if guided else 0.5)
+    flops = measure_sampling(family, resolution, half=True).flops * (1 if guided else 0.5)
     return cal.sampling_overhead_s + flops / (gpu.fp16_tflops * 1e12 * cal.tensor_efficiency)
 
 
@@ -107,7 +107,7 @@ def vae_seconds(family: str, resolution: int, *, decode: bool, fp32: bool = Fals
     in px when the decode is tiled (0: untiled)."""
     gpu = gpu if isinstance(gpu, GPU) else resolve_gpu(gpu)
     cal = T4_CALIBRATION
-    flops = measure_vae(family, resolution, 1, True, decode=decode).flops
+    flops = measure_vae(family, resolution, 1, half=True, decode=decode).flops
     if tiled_at:
         flops *= tile_factor(resolution, tiled_at)
     rate = (gpu.fp32_tflops * cal.vae_fp32_efficiency if fp32
@@ -129,8 +129,8 @@ def fast_pack_image_seconds(family: str, resolution: int) -> float:
     t4 = resolve_gpu("t4")
     alone = (steps * sampling_step_seconds("sdxl", 1024, False, t4)
              + vae_seconds("sdxl", 1024, decode=True, fp32=True, gpu=t4))
-    scale = (measure_sampling(family, resolution, True).flops
-             / measure_sampling("sdxl", 1024, True).flops)
+    scale = (measure_sampling(family, resolution, half=True).flops
+             / measure_sampling("sdxl", 1024, half=True).flops)
     return (published - alone) * scale
 
 

@@ -19,7 +19,7 @@ import math
 import time
 import weakref
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from importlib import resources
 from typing import Any
 
@@ -65,7 +65,9 @@ class Quiet:
             log.set_verbosity(level)
 
 
-def meta_unet(family: str, device: str = "meta"):
+def build_unet(family: str, device: str = "meta"):
+    """A family's UNet from its data/arch/ config: shapes only on `meta`, random weights on a
+    real device."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -73,7 +75,8 @@ def meta_unet(family: str, device: str = "meta"):
         return UNet2DConditionModel.from_config(_public(load_arch(family)["unet"]))
 
 
-def meta_vae(family: str, device: str = "meta"):
+def build_vae(family: str, device: str = "meta"):
+    """A family's VAE, as `build_unet` builds its UNet."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -81,7 +84,8 @@ def meta_vae(family: str, device: str = "meta"):
         return AutoencoderKL.from_config(_public(load_arch(family)["vae"]))
 
 
-def meta_text_encoders(family: str, device: str = "meta") -> list:
+def build_text_encoders(family: str, device: str = "meta") -> list:
+    """A family's text encoders, as `build_unet` builds its UNet."""
     import torch
     import transformers
 
@@ -100,8 +104,8 @@ def _count(module) -> int:
 def build_arch(family: str, device: str = "meta") -> dict:
     """A family's models from data/arch/, by pipeline name: shapes only on `meta`, freshly
     initialised random weights on a real device (bench/gpu_check.py's stand-in models)."""
-    models = {"unet": meta_unet(family, device), "vae": meta_vae(family, device)}
-    for i, encoder in enumerate(meta_text_encoders(family, device)):
+    models = {"unet": build_unet(family, device), "vae": build_vae(family, device)}
+    for i, encoder in enumerate(build_text_encoders(family, device)):
         models["text_encoder" + (f"_{i + 1}" if i else "")] = encoder
     return models
 
@@ -119,18 +123,18 @@ def text_targets(family: str) -> tuple[str, ...]:
 
 
 @functools.cache
-def trainable_sizes(family: str, mode: str, rank: int, targets: tuple[str, ...],
+def trainable_sizes(family: str, mode: str, rank: int, targets: tuple[str, ...], *,
                     text_encoder: bool) -> tuple[int, ...]:
     """The element count of every trainable tensor: the whole UNet ("full") or the LoRA tensors
     peft adds (plus the text encoders' LoRA when `text_encoder`)."""
-    unet = meta_unet(family)
+    unet = build_unet(family)
     if mode == "full":
         sizes = [p.numel() for p in unet.parameters()]
     else:
         add_lora(unet, rank, targets=targets)
         sizes = [p.numel() for p in unet.parameters() if p.requires_grad]
     if text_encoder:
-        for encoder in meta_text_encoders(family):
+        for encoder in build_text_encoders(family):
             add_lora(encoder, rank, targets=text_targets(family))
             sizes += [p.numel() for p in encoder.parameters() if p.requires_grad]
     return tuple(sizes)
@@ -342,47 +346,62 @@ def _unet_inputs(family: str, batch: int, dtype) -> dict:
     return inputs
 
 
-@functools.cache
-def measure_step(family: str, resolution: int, batch: int, checkpointing: bool, mode: str,
-                 rank: int = 4, targets: tuple[str, ...] = UNET_TARGETS,
-                 half: bool = True, weighted: bool = False) -> StepMeasurement:
-    """Run one training step of the real UNet on meta tensors and measure what it holds.
+@dataclass(frozen=True)
+class StepSpec:
+    """One training step to measure: the family's UNet at `resolution`, seeing `batch` images
+    (prior preservation doubles the batch), in `mode` "lora" (frozen UNet, the peft LoRA of
+    `rank` on `targets` trainable, as the train stage sets it up) or "full" (every UNet weight
+    trainable, fp32 master weights under fp16 autocast, as accelerate's mixed precision does).
 
-    mode "lora": frozen UNet in fp16 with the peft LoRA in fp32, as the train stage sets it up;
-    "full": every UNet weight trainable, fp32 master weights under fp16 autocast, as accelerate's
-    mixed precision does. half=False: fp32 throughout, no autocast. bf16 is measured as fp16
-    (same sizes). `batch` is what the UNet sees (prior preservation doubles it). weighted: the
-    face-weighted loss (background_weight below 1), with the batch's fp32 weight map on the
-    latent grid alive through the step, as the train stage selects it with the latents. Cached
-    per arguments for the life of the process.
+    checkpointing: gradient checkpointing on. half=False: fp32 throughout, no autocast (bf16 is
+    measured as fp16: same sizes). weighted: the face-weighted loss (background_weight below
+    1), with the batch's fp32 weight map on the latent grid alive through the step, as the
+    train stage selects it with the latents. Hashable: `measure_step` is cached per spec.
     """
+
+    family: str
+    resolution: int
+    batch: int
+    _: KW_ONLY
+    mode: str
+    checkpointing: bool
+    rank: int = 4
+    targets: tuple[str, ...] = UNET_TARGETS
+    half: bool = True
+    weighted: bool = False
+
+
+@functools.cache
+def measure_step(spec: StepSpec) -> StepMeasurement:
+    """Run one training step of the real UNet on meta tensors, as `spec` says, and measure what
+    it holds. Cached per spec for the life of the process."""
     import torch
 
     from ..objective import per_image_mse
 
     start = time.perf_counter()
-    dtype = torch.float16 if half else None
-    unet = meta_unet(family)
-    if mode == "lora":
-        if half:
+    dtype = torch.float16 if spec.half else None
+    unet = build_unet(spec.family)
+    if spec.mode == "lora":
+        if spec.half:
             torch.nn.Module.to(unet, torch.float16)  # the frozen model (skips diffusers' warning)
-        add_lora(unet, rank, targets=targets)
-    if checkpointing:
+        add_lora(unet, spec.rank, targets=spec.targets)
+    if spec.checkpointing:
         unet.enable_gradient_checkpointing(_checkpointing(dtype))
     unet.train()
     tracker = _tracker(unet)
     for p in unet.parameters():
         if p.requires_grad:
             p.register_post_accumulate_grad_hook(tracker.mark_gradient)
-    side = resolution // 8
-    latents = torch.empty(batch, load_arch(family)["unet"]["in_channels"], side, side,
+    batch, side = spec.batch, spec.resolution // 8
+    latents = torch.empty(batch, load_arch(spec.family)["unet"]["in_channels"], side, side,
                           device="meta")
     timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
     with tracker.mode:
-        weights = torch.empty(batch, 1, side, side, device="meta") if weighted else None
+        weights = torch.empty(batch, 1, side, side, device="meta") if spec.weighted else None
         with _kernels(dtype, cache=True):
             pred = unet(latents.to(unet.dtype), timesteps,
-                        **_unet_inputs(family, batch, dtype or torch.float32)).sample
+                        **_unet_inputs(spec.family, batch, dtype or torch.float32)).sample
             loss = per_image_mse(pred, latents, weights).mean()
         saved = tracker.activations
         del weights  # from here only the loss's backward holds it, as in the train stage
@@ -422,12 +441,12 @@ def _to(model, half: bool):
 
 
 @functools.cache
-def measure_vae(family: str, resolution: int, batch: int, half: bool, decode: bool = False
-                ) -> Transient:
+def measure_vae(family: str, resolution: int, batch: int, *, half: bool,
+                decode: bool = False) -> Transient:
     """The VAE encoding `batch` photos (or decoding one latent) without gradients, on meta."""
     import torch
 
-    vae = _to(meta_vae(family), half)
+    vae = _to(build_vae(family), half)
     dtype = vae.dtype
     if decode:
         side = resolution // 8
@@ -438,12 +457,12 @@ def measure_vae(family: str, resolution: int, batch: int, half: bool, decode: bo
 
 
 @functools.cache
-def measure_text(family: str, batch: int, half: bool, lora_rank: int = 0) -> Transient:
+def measure_text(family: str, batch: int, *, half: bool, lora_rank: int = 0) -> Transient:
     """The text encoders on `batch` prompts: without gradients, or (lora_rank > 0) with a LoRA
     trained through them, forward + backward."""
     import torch
 
-    encoders = [_to(e, half) for e in meta_text_encoders(family)]
+    encoders = [_to(e, half) for e in build_text_encoders(family)]
     tokens = torch.zeros(batch, TEXT_TOKENS, dtype=torch.long, device="meta")
     if not lora_rank:
         return _transient(encoders, lambda m: m(tokens, output_hidden_states=True))
@@ -458,12 +477,12 @@ def measure_text(family: str, batch: int, half: bool, lora_rank: int = 0) -> Tra
 
 
 @functools.cache
-def measure_sampling(family: str, resolution: int, half: bool) -> Transient:
+def measure_sampling(family: str, resolution: int, *, half: bool) -> Transient:
     """One denoising step of a validation image (batch 2 for classifier-free guidance), no
     gradients, LoRA weights aside (they are tiny)."""
     import torch
 
-    unet = _to(meta_unet(family), half)
+    unet = _to(build_unet(family), half)
     side = resolution // 8
     dtype = unet.dtype
     latents = torch.empty(2, load_arch(family)["unet"]["in_channels"], side, side,

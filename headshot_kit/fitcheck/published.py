@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..config import TrainConfig, get_preset
 from .gpus import GB, GPUS, Calibration
-from .measure import measure_step, trainable_sizes
+from .measure import StepSpec, measure_step, trainable_sizes
 from .plan import ADAM_TRAFFIC
 
 
@@ -123,11 +123,13 @@ def calibrate() -> Calibration:
 
     def flops(run: PublishedRun) -> int:  # fp32 runs the same ops as fp16, so the same FLOPs
         c = run.cfg
-        return measure_step(c.family, c.resolution, 2 * c.batch_size, True, "full").flops
+        return measure_step(StepSpec(c.family, c.resolution, 2 * c.batch_size, mode="full",
+                                     checkpointing=True)).flops
 
     tensor = (flops(two) - flops(one)) / (
         t4.fp16_tflops * 1e12 * (two.seconds_per_step - one.seconds_per_step))
-    sizes = trainable_sizes("sd15", "full", 4, tuple(one.cfg.target_modules), False)
+    sizes = trainable_sizes("sd15", "full", 4, tuple(one.cfg.target_modules),
+                            text_encoder=False)
     optimizer_s = sum(sizes) * ADAM_TRAFFIC["adamw8bit"] / (t4.bandwidth_gbs * GB)
     overhead = (one.seconds_per_step - optimizer_s
                 - flops(one) / (t4.fp16_tflops * 1e12 * tensor))
@@ -161,5 +163,5 @@ def _sampling_overhead(cal: Calibration) -> float:
     from .measure import measure_sampling
 
     t4 = GPUS["t4"]
-    flops = measure_sampling("sd15", 512, True).flops
+    flops = measure_sampling("sd15", 512, half=True).flops
     return 1 / SD15_T4_ITS - flops / (t4.fp16_tflops * 1e12 * cal.tensor_efficiency)

@@ -17,7 +17,7 @@ Re-run into the same folder, unchanged images keep their stars, and the user's f
 best/ stay.
 
 The parts: `styles` (the prompt library), `shots` (one image: its settings, the sampler, the
-LoRA, rendering, the PNG's parameters) and `compare` (X/Y grids over any two settings).
+LoRA, rendering, the PNG's parameters) and `grids` (X/Y grids over any two settings).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from ..lora import chosen_checkpoint, lora_weights, read_lora_record
 from ..records import manifest_path, read_manifest, write_manifest
 from ..storage import (WORKBENCH_MARKER, FolderLock, atomic_dir, copy_ranked, is_lock_file,
                        made_by, mark_folder, safetensors_digest)
-from .compare import (AXES, ComparePlan, base_vs_lora_grid, compare_grid, default_axis_values,
-                      parse_axis_values, plan_compare, render_plan)
+from .grids import (AXES, ComparePlan, base_vs_lora_grid, compare_grid, default_axis_values,
+                    parse_axis_values, plan_compare, render_plan)
 from .shots import (SAMPLERS, Shot, cell_text, check_generate, check_lora, describe_shot,
                     detail_shot, first_render, load_generate_pipeline, make_scheduler,
                     make_shot, pick_batch_size, read_parameters, render, render_batch, save_png,
@@ -156,7 +156,7 @@ def _write_pack(lora_dir, out_dir: Path, cfg: GenerateConfig, names: list[str],
             manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
             write_manifest(manifest, tmp)
             grid = image_grid(images, len(names), len(cfg.seeds), row_labels=names,
-                              col_labels=[str(s) for s in cfg.seeds], x_name="seed ",
+                              col_labels=[f"seed {s}" for s in cfg.seeds],
                               title=describe_shot(shots[0], skip=("style", "seed")))
             grid.save(tmp / "grid.png")
             save_config(cfg, tmp / "config.json", lora_sha256=digest,

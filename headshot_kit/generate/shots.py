@@ -26,8 +26,8 @@ from PIL import Image, PngImagePlugin
 
 from ..config import (DEFAULT_CLASS, DEFAULT_TOKEN, MAX_SIDE, MAX_STEPS, ConfigError,
                       GenerateConfig, agree, on_latent_grid, validate_generate)
-from ..facedetail import (FaceDetailResult, detail_faces, detail_parameters, image_to_image,
-                          read_detail_parameters)
+from ..facedetail import (FaceDetailResult, FacePass, detail_faces, detail_parameters,
+                          image_to_image, read_detail_parameters)
 from ..families import get_family
 from ..formats import lora_short_hash, lora_tag, model_short_hash, split_lora_tags
 from ..lora import (LORA_WEIGHTS, LoraFileError, check_lora_file, check_lora_loaded,
@@ -93,9 +93,9 @@ class Shot:
                            float(self.face_detail_padding) if strength else 0.0)
 
     @property
-    def lora(self) -> str:
-        """The LoRA's name: its UI file's (what `<lora:NAME:1>` names in A1111), else its
-        folder's."""
+    def lora_name(self) -> str:
+        """The LoRA's name (the manifest's "lora" column): its UI file's (what
+        `<lora:NAME:1>` names in A1111), else its folder's; "" for the base model."""
         if not self.lora_dir:
             return ""
         ui = ui_weights(self.lora_dir)
@@ -115,10 +115,10 @@ class Shot:
         fields["Model"] = self.model
         prompt = self.prompt
         if self.lora_dir:
-            prompt = f"{prompt} {lora_tag(self.lora, self.lora_scale)}"
+            prompt = f"{prompt} {lora_tag(self.lora_name, self.lora_scale)}"
             ui = ui_weights(self.lora_dir)
             if ui is not None:
-                fields["Lora hashes"] = f"{self.lora}: {lora_short_hash(ui)}"
+                fields["Lora hashes"] = f"{self.lora_name}: {lora_short_hash(ui)}"
         if self.fast_pack:
             fields["Fast pack"] = self.fast_pack
         fields.update(detail_parameters(self.face_detail_strength, self.face_detail_padding,
@@ -129,7 +129,7 @@ class Shot:
     def row(self) -> dict[str, Any]:
         row = asdict(self)
         del row["lora_dir"]
-        return {**row, "lora": self.lora}
+        return {**row, "lora": self.lora_name}
 
 
 def make_shot(cfg: GenerateConfig, style: Style, seed: int, lora_dir: str | Path | None,
@@ -397,11 +397,11 @@ def detail_shot(shot: Shot, image: Image.Image, pipe) -> FaceDetailResult:
     # A fresh scheduler of the shot's kind: a used one carries state from its last run.
     img2img.scheduler = make_scheduler(shot.scheduler, model_schedule(pipe))
     with torch.inference_mode():
-        return detail_faces(image, img2img, shot.prompt, seed=shot.seed,
-                            resolution=min(shot.width, shot.height), steps=shot.steps,
-                            strength=shot.face_detail_strength,
-                            padding=shot.face_detail_padding,
-                            negative_prompt=shot.negative_prompt, guidance=shot.guidance)
+        return detail_faces(image, img2img, FacePass(
+            shot.prompt, seed=shot.seed, resolution=min(shot.width, shot.height),
+            steps=shot.steps, strength=shot.face_detail_strength,
+            padding=shot.face_detail_padding, negative_prompt=shot.negative_prompt,
+            guidance=shot.guidance))
 
 
 def pick_batch_size(cfg: GenerateConfig, pipe) -> int:
@@ -531,7 +531,8 @@ def describe_shot(shot: Shot, skip: Sequence[str] = ()) -> str:
     elif not shot.lora_dir:
         lora = "base model"
     else:
-        lora = f"LoRA {shot.lora}" + ("" if "lora_scale" in skip else f" x{shot.lora_scale:g}")
+        lora = f"LoRA {shot.lora_name}" + ("" if "lora_scale" in skip
+                                           else f" x{shot.lora_scale:g}")
     parts = {"style": shot.style, "seed": f"seed {shot.seed}", "steps": f"{shot.steps} steps",
              "guidance": f"CFG {shot.guidance:g}", "scheduler": SAMPLERS[shot.scheduler].a1111,
              "lora": lora, "face_detail": face_detail_label(shot.face_detail_strength)

@@ -38,8 +38,8 @@ from ..config import ConfigError, DataError, PrepareConfig, on_latent_grid, save
 from ..storage import atomic_dir
 from .checks import check_duplicates, check_identity, examine_safely
 from .intake import gather
-from .report import (CHECKS, REPORT_COLUMNS, VERDICT_CSS, _other_file, advise, contact_sheet,
-                     make_report, name_outputs)
+from .report import (CHECKS, REPORT_COLUMNS, VERDICT_CSS, _other_file, advise, make_report,
+                     name_outputs, verdict_sheet)
 
 __all__ = ["CHECKS", "REPORT_COLUMNS", "PrepareResult", "prepare_photos"]
 
@@ -57,7 +57,8 @@ class PrepareResult:
     n_used: int
 
     @property
-    def contact_sheet(self) -> Path:
+    def contact_sheet_path(self) -> Path:
+        """The verdict sheet: every input as a thumbnail with its verdict."""
         return self.out_dir / "contact_sheet.png"
 
     def _repr_html_(self) -> str:
@@ -119,7 +120,7 @@ def prepare_photos(photos: str | Path | Iterable[str | Path], out_dir: str | Pat
                                             encoding="utf-8")
         report.to_csv(tmp / "report.csv", index=False)
         n_photos = sum(not _other_file(p) for p in found)  # notes beside them are no photos
-        contact_sheet(found, f"prepare: {n_used} of {n_photos} photos used").save(
+        verdict_sheet(found, f"prepare: {n_used} of {n_photos} photos used").save(
             tmp / "contact_sheet.png", compress_level=PNG_LEVEL)
         save_config(cfg, tmp / "config.json", n_inputs=len(found), n_used=n_used)
     return PrepareResult(out_dir=out_dir, report=report, advice=advice, n_used=n_used)

@@ -114,7 +114,7 @@ def _other_file(photo: Photo) -> bool:
     return read is not None and read.label == "not a photo"
 
 
-def contact_sheet(photos: list[Photo], title: str, cols: int = 5) -> Image.Image:
+def verdict_sheet(photos: list[Photo], title: str, cols: int = 5) -> Image.Image:
     """Every input as a thumbnail (face box white, crop square in the verdict's colour), a
     status bar, its name and one badge per flagged check."""
     cards = []
@@ -128,4 +128,4 @@ def contact_sheet(photos: list[Photo], title: str, cols: int = 5) -> Image.Image
                           banner=({"pass": "USED", "warn": "USED - CHECK",
                                    "fail": "SKIPPED"}[worst], color),
                           badges=flagged or [("all checks pass", VERDICT_COLORS["pass"])]))
-    return images.contact_sheet(cards, cols=cols, cell=THUMB_SIDE + 12, title=title)
+    return images.card_sheet(cards, cols=cols, cell=THUMB_SIDE + 12, title=title)

@@ -18,6 +18,12 @@ from ..storage import atomic_write_text
 if TYPE_CHECKING:
     from . import TrainResult
 
+# The settings that name a run in its UI file's name, with the photos: what the weights are (the
+# base model, the LoRA's shape, the resolution and the prior). A resumed run keeps its name:
+# none of these is among the settings a resumed run may change (checkpoints.FREE_ON_RESUME).
+NAME_SETTINGS = ("model", "family", "rank", "alpha", "target_modules", "train_text_encoder",
+                 "resolution", "prior_preservation")
+
 
 def lora_file_name(cfg: TrainConfig, token: str, data_dir: str | Path,
                    step: int | None = None) -> str:
@@ -30,14 +36,13 @@ def lora_file_name(cfg: TrainConfig, token: str, data_dir: str | Path,
     import hashlib
 
     from ..config import config_hash
-    from .checkpoints import RESUME_KEYS
 
     digest = hashlib.sha256()
     for path in sorted(Path(data_dir).rglob("*")):
         if path.is_file():
             digest.update(path.relative_to(data_dir).as_posix().encode())
             digest.update(hashlib.sha256(path.read_bytes()).digest())
-    settings = {k: to_dict(cfg)[k] for k in RESUME_KEYS}
+    settings = {k: to_dict(cfg)[k] for k in NAME_SETTINGS}
     run = config_hash({"data": digest.hexdigest(), **settings})[:8]
     name = f"{safe_name(token)}-{run}"
     return name if step is None else f"{name}-step{step}"

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import ConfigError, TrainConfig, config_hash, to_dict
+from ..config import ConfigError, TrainConfig, to_dict
 
 if TYPE_CHECKING:
     from . import Trainer
@@ -26,13 +26,10 @@ STATE_TENSORS, STATE_JSON, META = "state.safetensors", "state.json", "meta.json"
 class CheckpointUnreadable(ValueError):
     """A checkpoint's files are cut short or damaged; an older one may still be good."""
 
-# Settings a checkpoint must share with the run that resumes it: anything else can change
-# (e.g. more steps). The optimizer that ran is checked too (its state fits no other).
-RESUME_KEYS = ("model", "family", "rank", "alpha", "target_modules", "train_text_encoder",
-               "resolution", "prior_preservation")
 
-
-# Settings a resumed run may change: none of them shapes the weights already trained.
+# Settings a resumed run may change: none of them shapes the weights already trained. Every
+# other setting must be the checkpoint's (check_resume), and so must the optimizer that ran (its
+# state fits no other).
 FREE_ON_RESUME = ("steps", "resume", "checkpoint_dir", "checkpoint_every", "checkpoints_keep",
                   "validate_every", "validation_prompts", "validation_seeds", "validation_steps",
                   "max_bad_steps", "force_fit", "device", "class_dir")
@@ -208,7 +205,6 @@ def save_checkpoint(trainer: Trainer) -> Path:
             (tmp / "meta.json").write_text(json.dumps({
                 "step": t.step, "config": to_dict(t.cfg),
                 "optimizer_used": t.optimizer_name,
-                "resume_hash": config_hash({k: to_dict(t.cfg)[k] for k in RESUME_KEYS}),
                 "data_dir": str(t.data_dir), "data_fingerprint": t.data_fingerprint,
             }, indent=2, default=str) + "\n")
         found = list_checkpoints(t.checkpoint_dir)

@@ -34,12 +34,25 @@ def fresh_accelerator(dtype: torch.dtype, device: str):
     diverged fp16 run in fp32. A run here is always a single process: each starts clean.
     """
     from accelerate import Accelerator
+
+    _forget_accelerate_state()
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
+    return Accelerator(mixed_precision=precision, cpu=device == "cpu")
+
+
+def _forget_accelerate_state() -> None:
+    """Drop accelerate's per-process state, so that the next Accelerator may take another
+    precision.
+
+    accelerate (to 1.x) has no public call for this. `_reset_state` is private, but it is the
+    one accelerate's own test base class (AccelerateTestCase.tearDown) and transformers'
+    TrainingArguments call for the same need; tests/test_accelerate_state.py checks that a second
+    run in the same process still changes precision. Nothing else in the package touches it.
+    """
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
-    return Accelerator(mixed_precision=precision, cpu=device == "cpu")
 
 
 def build(trainer: Trainer, device: str) -> None:
