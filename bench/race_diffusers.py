@@ -16,7 +16,7 @@ Our side is `headshot_kit.train.Trainer` with the tiny preset's settings but the
 no validation, one checkpoint at the end, as a finished run always writes).
 
 Each run is its own process, timed from start to exit (imports and model loading included),
-with its own peak RSS; three runs a side, alternating, medians. The target: our wall time at
+with its own peak resident memory; three runs a side, alternating, medians. The target: our wall time at
 most 0.75x theirs, our peak memory no more than theirs.
 
 Their script imports torchvision (for its transforms). Where the venv has none that loads
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import runpy
 import statistics
 import subprocess
@@ -70,6 +69,16 @@ def find_script(given: str | None) -> Path:
 _KEEP = []
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (VmHWM). Not getrusage's
+    ru_maxrss: Linux starts a new program's count at the size of the process that launched
+    it (this runner, with torch and diffusers imported), so both sides would read at least
+    the runner's size."""
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kb / 1024
+
+
 def _torchvision_ops_declared() -> None:
     """Declare torchvision::nms and ::qnms when torchvision's compiled ops did not load, so its
     import (which registers fake kernels for them) succeeds; nothing here calls them."""
@@ -98,7 +107,7 @@ def run_theirs(script: str, args: list[str]) -> None:
     try:
         runpy.run_path(script, run_name="__main__")
     finally:
-        print("PEAK_RSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print("PEAK_RSS_MB", peak_rss_mb())
 
 
 def _stub_tracker_if_needed(args: list[str]) -> None:
@@ -150,7 +159,7 @@ def run_ours(data: str, out: str, steps: int) -> None:
     try:
         train_lora(data, out, cfg, progress=False)
     finally:
-        print("PEAK_RSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print("PEAK_RSS_MB", peak_rss_mb())
 
 
 def child(cmd: list[str], extra_path: str | None) -> dict:
