@@ -51,3 +51,24 @@ def test_freed_heap_memory_goes_back_to_the_system():
     after = _resident_mb()
     assert before - after > 100, (before, after)
     del pin
+
+
+def test_a_training_run_never_imports_pandas(prepared_dataset, tmp_path):
+    """pandas alone holds 29 MB: a run writes its metrics and card without it, and makes its
+    table only when asked (TrainResult.metrics)."""
+    import subprocess
+
+    script = f"""
+import dataclasses, sys
+from headshot_kit.config import get_preset
+from headshot_kit.train import train_lora
+cfg = dataclasses.replace(get_preset("tiny").train, steps=2, validate_every=0, device="cpu")
+result = train_lora({str(prepared_dataset)!r}, {str(tmp_path / "lora")!r}, cfg, progress=False)
+assert (result.out_dir / "metrics.csv").is_file() and (result.out_dir / "loss.png").is_file()
+print("PANDAS", "pandas" in sys.modules)
+print("ROWS", len(result.metrics))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "PANDAS False" in out.stdout  # before anyone asked for the table
+    assert "ROWS 2" in out.stdout
