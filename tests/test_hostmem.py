@@ -72,3 +72,34 @@ print("ROWS", len(result.metrics))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "PANDAS False" in out.stdout  # before anyone asked for the table
     assert "ROWS 2" in out.stdout
+
+
+def test_closing_a_cpu_run_frees_its_models_without_a_full_collection(prepared_dataset,
+                                                                     tmp_path):
+    """Reference counting frees what a finished run held; a full collection (accelerate's
+    free_memory runs one) would walk every object the process has, for nothing."""
+    import dataclasses
+
+    from headshot_kit.config import get_preset
+    from headshot_kit.train import Trainer
+
+    cfg = dataclasses.replace(get_preset("tiny").train, steps=1, validate_every=0,
+                              checkpoint_every=0, device="cpu")
+    trainer = Trainer(prepared_dataset, tmp_path / "lora", cfg, progress=False)
+    trainer.run()
+    held = [weakref.ref(x) for x in (trainer.pipe.unet, trainer.pipe.vae, trainer.optimizer)]
+    full = []
+
+    def count(phase, info):
+        if phase == "start" and info["generation"] == 2:
+            full.append(info)
+
+    gc.callbacks.append(count)
+    gc.disable()  # nothing but close() may collect meanwhile
+    try:
+        trainer.close()
+        assert full == []
+        assert [ref() for ref in held] == [None, None, None]
+    finally:
+        gc.enable()
+        gc.callbacks.remove(count)
