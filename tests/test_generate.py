@@ -416,6 +416,25 @@ def test_regenerating_keeps_stars_picks_and_unchanged_images(pipe, lora_dir, cfg
     assert (out / "favourites" / "01_corporate_seed1.png").is_file()
 
 
+def test_a_pack_whose_record_is_damaged_is_rendered_again_in_full(pipe, lora_dir, cfg,
+                                                                   tmp_path, monkeypatch):
+    """A config.json cut short, holding something else than a record, or not text at all
+    tells nothing about which images the same settings made: all are rendered again, and the
+    record is written anew."""
+    out = tmp_path / "pack"
+    gen.generate_pack(lora_dir, out, cfg, pipe=pipe, progress=False)
+    rendered = []
+    real_render = gen.render_batch
+    monkeypatch.setattr(gen, "render_batch",
+                        lambda shots, pipe: rendered.extend(shots) or real_render(shots, pipe))
+    for damage in (b'{"lora_sha256": "ab', b"[]", b"\xff\xfe\x00"):
+        (out / "config.json").write_bytes(damage)
+        rendered.clear()
+        again = gen.generate_pack(lora_dir, out, cfg, pipe=pipe, progress=False)
+        assert len(rendered) == len(again.manifest) == 4, damage
+        assert json.loads((out / "config.json").read_text())["config_type"] == "GenerateConfig"
+
+
 def test_a_token_set_at_prepare_reaches_every_prompt(tmp_path, obama_photos, pipe):
     from headshot_kit.prepare import prepare_photos
     from headshot_kit.train import train_lora

@@ -98,6 +98,17 @@ def test_the_lora_record_is_written_and_read_in_lora_only():
     assert writers == []
 
 
+def test_a_stages_record_is_parsed_by_read_record_only():
+    """storage.read_record reads every stage's config.json: {} when there is none, and a
+    damaged one (cut short, not a record, not text) named in one line."""
+    parsers = sorted(f"{module}: {ast.unparse(node)}" for module, tree in _modules().items()
+                     for node in ast.walk(tree)
+                     if isinstance(node, ast.Call)
+                     and ast.unparse(node.func) in ("json.loads", "json.load")
+                     and ("config.json" in ast.unparse(node) or "LORA_RECORD" in ast.unparse(node)))
+    assert parsers == []
+
+
 def _literals(tree: ast.AST) -> list[tuple]:
     """Every tuple, list or set of constants written in the code."""
     return [tuple(e.value for e in n.elts) for n in ast.walk(tree)

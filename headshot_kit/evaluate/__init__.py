@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -55,12 +54,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import faces
-from ..config import ConfigError, EvaluateConfig, save_config
+from ..config import ConfigError, DataError, EvaluateConfig, save_config
 from ..images import load_image
 from ..lora import chosen_checkpoint
 from ..quality import Metric, quality_metrics
 from ..records import manifest_path, read_manifest
-from ..storage import atomic_write_text, check_own_folder, copy_ranked, mark_folder
+from ..storage import (atomic_write_text, check_own_folder, copy_ranked, mark_folder,
+                       read_record)
 from ..workspace import SCORES
 from .band import Band, band_counts, reference_band
 from .clip import ClipScorer, clip_or_note
@@ -303,9 +303,9 @@ def _checkpoint_choice(images: Path) -> dict:
     """When the images are a generate stage's pack rendered with a checkpoint that training
     chose by likeness: that LoRA folder's record of the choice (step, likeness, chosen_by)."""
     try:
-        lora_dir = json.loads((images / "config.json").read_text()).get("lora_dir")
-    except (OSError, ValueError):
-        return {}
+        lora_dir = read_record(images / "config.json").get("lora_dir")
+    except DataError:
+        return {}  # a damaged record names no LoRA: the report goes without the note
     return chosen_checkpoint(lora_dir) if lora_dir else {}
 
 

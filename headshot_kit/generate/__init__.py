@@ -23,7 +23,6 @@ LoRA, rendering, the PNG's parameters) and `grids` (X/Y grids over any two setti
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from contextlib import ExitStack
@@ -34,14 +33,14 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 from PIL import Image
 
-from ..config import ConfigError, GenerateConfig, save_config
+from ..config import ConfigError, DataError, GenerateConfig, save_config
 from ..facedetail import pass_steps
 from ..images import image_grid
 from ..layout import MANIFEST
 from ..lora import chosen_checkpoint, lora_weights, read_lora_record
 from ..records import manifest_path, read_manifest, write_manifest
 from ..storage import (WORKBENCH_MARKER, FolderLock, atomic_dir, copy_ranked, is_lock_file,
-                       made_by, mark_folder, safetensors_digest)
+                       made_by, mark_folder, read_record, safetensors_digest)
 from .grids import (AXES, ComparePlan, base_vs_lora_grid, compare_grid, default_axis_values,
                     parse_axis_values, plan_compare, render_plan)
 from .shots import (SAMPLERS, Shot, cell_text, check_generate, check_lora, describe_shot,
@@ -195,11 +194,11 @@ def check_pack_folder(out_dir: Path) -> None:
     if not held or made_by(out_dir) == "generate":
         return
     try:  # a pack written before packs carried the workbench's marker
-        if json.loads((out_dir / "config.json").read_text()).get(
+        if read_record(out_dir / "config.json").get(
                 "config_type") == "GenerateConfig" and manifest_path(out_dir).is_file():
             return
-    except (OSError, ValueError, AttributeError):
-        pass
+    except DataError:
+        pass  # a damaged record cannot tell: refused like any other file
     raise ConfigError(f"out_dir {out_dir} already holds files that are not a generated pack "
                       f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}), and the pack "
                       "would replace them; choose an empty or new folder (e.g. "
@@ -304,10 +303,10 @@ def _unchanged(out_dir: Path, digest: str,
     """The images of the pack already in `out_dir` that the same LoRA weights and settings
     made: their files and manifest rows (the star, the face-detail note)."""
     try:
-        config = json.loads((out_dir / "config.json").read_text())
+        config = read_record(out_dir / "config.json")
         manifest = load_manifest(out_dir)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+    except (FileNotFoundError, DataError):
+        return {}  # nothing known to be reusable: every image is rendered again
     if config.get("lora_sha256") != digest:
         return {}
     # A manifest from before a Shot field existed made its images with the field's default
@@ -332,8 +331,8 @@ def _released_stars(out_dir: Path, digest: str, kept: Mapping[str, Any]) -> str:
     or left out): how many lose their star and why; "" when every star stays."""
     try:
         old = load_manifest(out_dir)
-        config = json.loads((out_dir / "config.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        config = read_record(out_dir / "config.json")
+    except (FileNotFoundError, DataError):
         return ""
     lost = [f for f in old.loc[old["starred"], "file"] if f not in kept]
     if not lost:
