@@ -304,8 +304,8 @@ def _checkpoint_choice(images: Path) -> dict:
     chose by likeness: that LoRA folder's record of the choice (step, likeness, chosen_by)."""
     try:
         lora_dir = read_record(images / "config.json").get("lora_dir")
-    except DataError:
-        return {}  # a damaged record names no LoRA: the report goes without the note
+    except (OSError, DataError):
+        return {}  # an unreadable or damaged record names no LoRA: no note in the report
     return chosen_checkpoint(lora_dir) if lora_dir else {}
 
 

@@ -197,8 +197,8 @@ def check_pack_folder(out_dir: Path) -> None:
         if read_record(out_dir / "config.json").get(
                 "config_type") == "GenerateConfig" and manifest_path(out_dir).is_file():
             return
-    except DataError:
-        pass  # a damaged record cannot tell: refused like any other file
+    except (OSError, DataError):
+        pass  # an unreadable or damaged record cannot tell: refused like any other file
     raise ConfigError(f"out_dir {out_dir} already holds files that are not a generated pack "
                       f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}), and the pack "
                       "would replace them; choose an empty or new folder (e.g. "
