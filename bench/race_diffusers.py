@@ -184,6 +184,8 @@ def run_floor(model: str, images: str, out: str, steps: int) -> None:
     from PIL import Image
     from safetensors.torch import save_file
 
+    from headshot_kit.config_checks import UNET_TARGETS  # our layers (diffusers' script's too)
+
     try:
         pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
         unet, scheduler = pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config)
@@ -202,7 +204,7 @@ def run_floor(model: str, images: str, out: str, steps: int) -> None:
         unet.requires_grad_(False)
         torch.manual_seed(0)
         unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian",
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+                                    target_modules=list(UNET_TARGETS)))
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=LR)
         unet.train()

@@ -149,8 +149,8 @@ class Trainer:
         """
         # The accelerator holds the prepared UNet and optimizer too, and goes with the rest.
         # Not through its free_memory(): that runs a full collection of its own (a third of a
-        # second on the CPU, more on a busy Colab host) before the rest is let go, and
-        # reference counting alone frees these models.
+        # second after a tiny CPU run) before the rest is let go, and reference counting alone
+        # frees these models.
         for name in ("accelerator", "pipe", "unet", "optimizer", "lr_scheduler", "params",
                      "inputs", "cached_cond", "weights", "noise_scheduler"):
             self.__dict__.pop(name, None)
